@@ -1,0 +1,64 @@
+"""Norms of many tensors at once, computed with fused ``torch._foreach_*`` kernels on the device."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def _by_device(tensors: Sequence[Tensor]) -> dict[torch.device, list[int]]:
+    groups: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(t.device, []).append(i)
+    return groups
+
+
+def tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
+    """Per-tensor p-norms ``‖t_i‖_p = (Σ_j |t_ij|^p)^(1/p)`` as one float32 vector.
+
+    ``norm_type`` may be ``inf`` (max-abs) or ``0`` (count of non-zeros). Uses one fused
+    ``torch._foreach_norm`` launch per device; the result lives on the first tensor's device and nothing
+    is copied to the host. Non-finite entries propagate (a NaN anywhere makes that tensor's norm NaN).
+
+    >>> tensor_norms([torch.ones(4), torch.full((2,), 3.0)])
+    tensor([2.0000, 4.2426])
+    """
+    if len(tensors) == 0:
+        return torch.zeros(0)
+    out_device = tensors[0].device
+    groups = _by_device(tensors)
+    if len(groups) == 1:
+        return torch.stack(torch._foreach_norm(list(tensors), norm_type)).float()
+    out = torch.empty(len(tensors), dtype=torch.float32, device=out_device)
+    for idx in groups.values():
+        norms = torch._foreach_norm([tensors[i] for i in idx], norm_type)
+        out[torch.tensor(idx, device=out_device)] = torch.stack(norms).float().to(out_device)
+    return out
+
+
+def total_norm(norms: Tensor, norm_type: float = 2.0) -> Tensor:
+    """Combine per-tensor norms into the norm of all tensors concatenated.
+
+    For finite p: ``(Σ_i ‖t_i‖_p^p)^(1/p)``; for ``p = inf``: ``max_i ‖t_i‖_inf``. Matches
+    ``torch.nn.utils.clip_grad_norm_``'s total norm.
+    """
+    if norms.numel() == 0:
+        return torch.zeros((), dtype=torch.float32, device=norms.device)
+    if math.isinf(norm_type):
+        return norms.max()
+    return torch.linalg.vector_norm(norms, norm_type)
+
+
+def nonfinite_counts(tensors: Sequence[Tensor]) -> Tensor:
+    """Number of NaN/Inf entries in each tensor, as a float32 vector, with two fused kernels.
+
+    ``t - t`` is exactly 0 for every finite entry and NaN for NaN and ±Inf, and the 0-"norm" counts the
+    entries that are not 0 (NaN != 0), so ``‖t - t‖_0`` is the non-finite count without a Python loop.
+    """
+    if len(tensors) == 0:
+        return torch.zeros(0)
+    diffs = torch._foreach_sub(list(tensors), list(tensors))
+    return tensor_norms(diffs, 0.0)
