@@ -1,0 +1,189 @@
+"""gradguard under torch.distributed: 2 ranks on CPU with gloo, compared with a single-process reference.
+
+Each test spawns two processes (``torch.multiprocessing``) that join a gloo process group through a file
+store in ``tmp_path``; each rank trains on its half of a global batch and writes what it measured to a
+file; the parent compares the ranks with each other and with the reference computed on the concatenated
+batch. Spawning costs a few seconds, so one spawn checks several things at once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from gradguard.stats import tensor_norms
+from gradguard.stats.distributed import (
+    allreduce_mean,
+    allreduce_norms,
+    global_norms,
+    local_tensors,
+    shard_group,
+    sharded_mask,
+)
+
+WORLD = 2
+RTOL = 1e-5
+#: Seconds before a spawned run counts as deadlocked (a healthy one takes a few seconds).
+DEADLINE_S = 90.0
+
+
+# ----------------------------------------------------------------------------------------------- harness
+
+
+def _entry(rank: int, fn: Callable[[int], dict[str, Any]], store: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
+    )
+    try:
+        result = fn(rank)
+    finally:
+        dist.destroy_process_group()
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def run_ranks(fn: Callable[[int], dict[str, Any]], tmp_path: Path) -> list[dict[str, Any]]:
+    """Run ``fn(rank)`` on :data:`WORLD` gloo ranks; fail (instead of hanging) if they do not finish."""
+    ctx = mp.start_processes(
+        _entry,
+        args=(fn, str(tmp_path / "store"), str(tmp_path)),
+        nprocs=WORLD,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + DEADLINE_S
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail(f"ranks did not finish within {DEADLINE_S} s: deadlock")
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+def make_mlp() -> nn.Sequential:
+    """Tiny MLP whose layer widths (16 and 3 rows) split unevenly over two ranks under FSDP (8/8, 2/1)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def global_batch(n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same global batch on every rank; rank r trains on rows ``r::WORLD``."""
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(n, 6, generator=gen), torch.randn(n, 3, generator=gen)
+
+
+def reference_grad_norms() -> tuple[dict[str, float], float]:
+    """Per-parameter gradient norms and the loss of one backward on the concatenated batch, one process."""
+    model = make_mlp()
+    x, y = global_batch()
+    loss = nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    names = [n for n, _ in model.named_parameters()]
+    norms = tensor_norms([p.grad for _, p in model.named_parameters()]).tolist()
+    return dict(zip(names, norms, strict=True)), float(loss.detach())
+
+
+def rel_err(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+# ------------------------------------------------------------------------------------- stats: DDP, FSDP2
+
+
+def _stats_worker(rank: int) -> dict[str, Any]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    x, y = global_batch()
+    xs, ys = x[rank::WORLD], y[rank::WORLD]
+    out: dict[str, Any] = {}
+
+    # DDP: gradients are averaged in backward, so local norms are already global; no collective needed.
+    ddp = DistributedDataParallel(make_mlp())
+    loss = nn.functional.mse_loss(ddp(xs), ys)
+    loss.backward()
+    params = list(ddp.module.named_parameters())
+    out["ddp_mask"] = sharded_mask([p.grad for _, p in params])
+    out["ddp"] = dict(zip([n for n, _ in params], global_norms([p.grad for _, p in params]).tolist(), strict=True))
+    out["ddp_loss"] = float(allreduce_mean(loss.detach()))
+
+    # FSDP2: gradients are DTensor shards; one all-reduce of stacked squared local norms.
+    model = make_mlp()
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for layer in (model[0], model[2], model[4]):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    loss = nn.functional.mse_loss(model(xs), ys)
+    loss.backward()
+    params = list(model.named_parameters())
+    grads = [p.grad for _, p in params]
+    out["fsdp_mask"] = sharded_mask(grads)
+    out["fsdp_local_numel"] = [t.numel() for t in local_tensors(grads)]
+    out["fsdp_group_is_mesh"] = shard_group(grads) is mesh.get_group()
+    out["fsdp"] = dict(zip([n for n, _ in params], global_norms(grads).tolist(), strict=True))
+    local = tensor_norms(local_tensors(grads), math.inf)
+    out["fsdp_inf"] = allreduce_norms(local, math.inf, sharded=out["fsdp_mask"]).tolist()
+    out["fsdp_inf_ref"] = [float(p.grad.full_tensor().abs().max()) for _, p in params]
+    out["fsdp_l1"] = allreduce_norms(tensor_norms(local_tensors(grads), 1.0), 1.0).tolist()
+    out["fsdp_l1_ref"] = [float(p.grad.full_tensor().abs().sum()) for _, p in params]
+
+    # Replicated entries are counted once, not world_size times.
+    out["replicated"] = allreduce_norms(torch.tensor([3.0, 4.0]), 2.0, sharded=[False, True]).tolist()
+    # A NaN on one rank reaches every rank.
+    out["nan"] = allreduce_norms(torch.tensor([float("nan") if rank == 1 else 1.0, 2.0]), 2.0).tolist()
+    return out
+
+
+def test_norms_under_ddp_and_fsdp_equal_single_process_reference(tmp_path: Path) -> None:
+    ranks = run_ranks(_stats_worker, tmp_path)
+    ref, ref_loss = reference_grad_norms()
+    for r in ranks:
+        assert r["ddp_mask"] == [False] * len(ref)
+        for name, value in ref.items():
+            assert rel_err(r["ddp"][name], value) < RTOL, (name, r["ddp"][name], value)
+            assert rel_err(r["fsdp"][name], value) < RTOL, (name, r["fsdp"][name], value)
+        assert rel_err(r["ddp_loss"], ref_loss) < RTOL
+        assert r["fsdp_mask"] == [True] * len(ref)
+        assert r["fsdp_group_is_mesh"]
+        for got, want in zip(r["fsdp_inf"], r["fsdp_inf_ref"], strict=True):
+            assert rel_err(got, want) < RTOL
+        for got, want in zip(r["fsdp_l1"], r["fsdp_l1_ref"], strict=True):
+            assert rel_err(got, want) < RTOL
+        assert r["replicated"] == pytest.approx([3.0, math.sqrt(4.0**2 * WORLD)], rel=RTOL)
+        assert math.isnan(r["nan"][0]) and r["nan"][1] == pytest.approx(math.sqrt(8.0), rel=RTOL)
+    # Shards really are local: 16x6 weight in 8+8 rows, 3-row output layer in 2+1 rows.
+    assert [r["fsdp_local_numel"][0] for r in ranks] == [48, 48]
+    assert [r["fsdp_local_numel"][4] for r in ranks] == [32, 16]
+    # Every rank holds exactly the same numbers.
+    assert ranks[0]["ddp"] == ranks[1]["ddp"] and ranks[0]["fsdp"] == ranks[1]["fsdp"]
+
+
+def test_allreduce_norms_is_identity_without_process_group() -> None:
+    norms = torch.tensor([1.0, 2.0])
+    assert allreduce_norms(norms, 2.0) is norms
+    assert allreduce_mean(norms) is norms
+
+
+def test_allreduce_norms_rejects_bad_input() -> None:
+    from gradguard.errors import ConfigError, InputError
+
+    with pytest.raises(InputError, match="list"):
+        allreduce_norms([1.0], 2.0)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="-1"):
+        allreduce_norms(torch.ones(2), -1.0)
+    with pytest.raises(ConfigError, match="1-D"):
+        allreduce_norms(torch.ones(2, 2), 2.0)
+
+
