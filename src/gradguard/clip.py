@@ -1,0 +1,561 @@
+"""Gradient clipping policies: objects with explicit state that measure, clip in place, and report.
+
+Every policy is called on a parameter iterable after ``loss.backward()`` and before ``optimizer.step()``::
+
+    policy = gg.clip.ZClip()
+    result = policy(model.parameters())   # ClipResult(norm_before, norm_after, threshold, clipped)
+
+Measuring and acting happen in one call and the measurement is returned, never thrown away (STYLE.md,
+principle 3). Every decision stays on the device: a policy never calls ``.item()`` and never branches in
+Python on a tensor value, so it adds no host synchronisation to a training step. The only Python branches
+are on host-side counters (e.g. "is this still ZClip's warm-up?"), which the host knows without asking
+the device.
+
+Non-finite gradients: the clipping arithmetic matches PyTorch (a NaN norm makes every gradient NaN, an Inf
+norm zeroes the finite entries), but a non-finite norm is never written into a policy's history, so one bad
+step does not poison later thresholds. :class:`gradguard.Guard` skips such steps anyway.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from gradguard.errors import ConfigError, InputError, check_choice, check_number
+from gradguard.stats import tensor_norms, total_norm
+
+__all__ = [
+    "AGC",
+    "POLICIES",
+    "AutoClip",
+    "ClipNorm",
+    "ClipPolicy",
+    "ClipResult",
+    "ClipValue",
+    "PolicyInfo",
+    "ZClip",
+    "make_policy",
+]
+
+#: Added to a norm before dividing by it, exactly as ``torch.nn.utils.clip_grad_norm_`` does.
+NORM_EPS = 1e-6
+
+
+class ClipResult(NamedTuple):
+    """What a policy measured and did, as 0-d tensors on the gradients' device (nothing synced).
+
+    Attributes:
+        norm_before: global norm of the gradients before clipping (the policy's ``norm_type``, 2 by default).
+        norm_after: global norm after clipping.
+        threshold: the limit applied this step: a norm for norm-based policies (``inf`` = no limit), the
+            element bound ``c`` for :class:`ClipValue`, the ratio λ for :class:`AGC`, and the largest
+            per-tensor limit for per-tensor policies.
+        clipped: bool, True when any gradient was changed; also True when the norm is not finite (the
+            gradients could not be bounded), so a NaN never reads as "nothing to do".
+    """
+
+    norm_before: Tensor
+    norm_after: Tensor
+    threshold: Tensor
+    clipped: Tensor
+
+
+def _collect(parameters: Iterable[Tensor] | Tensor) -> list[Tensor]:
+    """Materialise ``parameters`` once, refusing what cannot be clipped.
+
+    An empty iterable is an error rather than a silent no-op: the usual cause is a generator such as
+    ``model.parameters()`` that was already consumed by an earlier pass.
+    """
+    if isinstance(parameters, Tensor):
+        return [parameters]
+    if not isinstance(parameters, Iterable):
+        raise InputError(f"parameters must be a tensor or an iterable of tensors, got {type(parameters).__name__}")
+    params = list(parameters)
+    if not params:
+        raise ConfigError(
+            "parameters is empty; a generator such as model.parameters() can be iterated only once — "
+            "pass model.parameters() afresh each call, or list(model.parameters())"
+        )
+    for p in params:
+        if not isinstance(p, Tensor):
+            raise InputError(f"parameters must hold tensors, got an element of type {type(p).__name__}")
+    return params
+
+
+def _grads(parameters: Iterable[Tensor] | Tensor) -> list[Tensor]:
+    return [p.grad for p in _collect(parameters) if p.grad is not None]
+
+
+def _empty_result(norm_type: float, threshold: float) -> ClipResult:
+    zero = torch.zeros(())
+    return ClipResult(zero, zero.clone(), torch.tensor(float(threshold)), torch.tensor(False))
+
+
+def _check_norm_type(norm_type: float) -> float:
+    if isinstance(norm_type, bool) or not isinstance(norm_type, int | float) or not norm_type > 0:
+        raise ConfigError(f"norm_type={norm_type!r} is not allowed; use a number > 0 or float('inf')")
+    return float(norm_type)
+
+
+def _coef(norm: Tensor, limit: Tensor | float) -> tuple[Tensor, Tensor]:
+    """Scale factor ``c / (‖g‖ + 1e-6)`` where ``‖g‖`` exceeds the limit c, else exactly 1; and the flag.
+
+    PyTorch uses ``min(1, c / (‖g‖ + 1e-6))``, which also shrinks norms in the band (c − 1e-6, c] by up
+    to 1e-6/c relative; taking 1 there makes clipping idempotent (clipping twice changes nothing) and is
+    otherwise identical. A NaN norm counts as over the limit so the factor is NaN, as in PyTorch.
+    """
+    over = ~(norm <= limit)
+    return torch.where(over, limit / (norm + NORM_EPS), torch.ones_like(norm)), over
+
+
+def _scale_(grads: list[Tensor], coefs: Tensor) -> None:
+    """Multiply each gradient by its coefficient (a vector with one entry per gradient), fused."""
+    torch._foreach_mul_(grads, list(coefs.to(grads[0].device).unbind()))
+
+
+class ClipPolicy:
+    """Base class: ``__call__(parameters) -> ClipResult``, ``state_dict()``, ``load_state_dict()``."""
+
+    #: Registry name (see :data:`POLICIES`).
+    name: str = ""
+
+    def __call__(self, parameters: Iterable[Tensor] | Tensor) -> ClipResult:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """Explicit state: options and any history, as plain values and tensors."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+
+class ClipValue(ClipPolicy):
+    """Element-wise clipping ``g ← clamp(g, −c, c)`` (SEEDS S0.4; Keras ``clipvalue``).
+
+    Same arithmetic as ``torch.nn.utils.clip_grad_value_`` (NaN stays NaN, ±Inf becomes ±c).
+    ``threshold`` in the result is ``c``; ``clipped`` is True when some ``|g| > c``; the norms are
+    ``norm_type`` norms of all gradients before and after.
+
+    >>> w = torch.nn.Parameter(torch.zeros(3)); w.grad = torch.tensor([-3.0, 0.2, 5.0])
+    >>> ClipValue(1.0)([w]).clipped, w.grad
+    (tensor(True), tensor([-1.0000,  0.2000,  1.0000]))
+    """
+
+    name = "value"
+
+    def __init__(self, clip_value: float, norm_type: float = 2.0) -> None:
+        self.clip_value = float(check_number("clip_value", clip_value, low=0.0, low_inclusive=False))
+        self.norm_type = _check_norm_type(norm_type)
+
+    def __call__(self, parameters: Iterable[Tensor] | Tensor) -> ClipResult:
+        grads = _grads(parameters)
+        if not grads:
+            return _empty_result(self.norm_type, self.clip_value)
+        before = total_norm(tensor_norms(grads, self.norm_type), self.norm_type)
+        peak = tensor_norms(grads, math.inf).max()
+        torch._foreach_clamp_min_(grads, -self.clip_value)
+        torch._foreach_clamp_max_(grads, self.clip_value)
+        after = total_norm(tensor_norms(grads, self.norm_type), self.norm_type)
+        threshold = torch.full((), self.clip_value, device=before.device)
+        return ClipResult(before, after, threshold, ~(peak <= self.clip_value))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"clip_value": self.clip_value, "norm_type": self.norm_type}
+
+
+class ClipNorm(ClipPolicy):
+    """Norm clipping ``g ← g · min(1, c / (‖g‖_p + 1e-6))`` (Pascanu et al. 2013).
+
+    ``per="global"``: one norm over all gradients, as ``torch.nn.utils.clip_grad_norm_`` and Keras
+    ``global_clipnorm``; results are identical to torch's for every ``norm_type`` including ``inf`` and
+    non-finite gradients (see :func:`_coef` for the one 1e-6-wide band where this is idempotent and torch
+    is not). ``per="tensor"``: each tensor is clipped by its own norm, as Keras ``clipnorm``
+    (SEEDS S0.4), which changes the direction of the overall update but keeps one exploding layer from
+    shrinking the others' steps.
+
+    Args:
+        max_norm: c > 0.
+        norm_type: p (``float('inf')`` for the max-norm).
+        per: ``"global"`` or ``"tensor"``.
+    """
+
+    name = "norm"
+
+    def __init__(self, max_norm: float, norm_type: float = 2.0, per: str = "global") -> None:
+        self.max_norm = float(check_number("max_norm", max_norm, low=0.0, low_inclusive=False))
+        self.norm_type = _check_norm_type(norm_type)
+        self.per = check_choice("per", per, ("global", "tensor"))
+
+    def __call__(self, parameters: Iterable[Tensor] | Tensor) -> ClipResult:
+        grads = _grads(parameters)
+        if not grads:
+            return _empty_result(self.norm_type, self.max_norm)
+        norms = tensor_norms(grads, self.norm_type)
+        before = total_norm(norms, self.norm_type)
+        if self.per == "global":
+            # Multiply unconditionally, as torch does: an `if clipped:` would force a device sync.
+            coef, clipped = _coef(before, self.max_norm)
+            torch._foreach_mul_(grads, coef.to(grads[0].device))
+            after = before * coef
+        else:
+            coefs, over = _coef(norms, self.max_norm)
+            _scale_(grads, coefs)
+            after = total_norm(norms * coefs, self.norm_type)
+            clipped = over.any()
+        threshold = torch.full((), self.max_norm, device=before.device)
+        return ClipResult(before, after, threshold, clipped)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"max_norm": self.max_norm, "norm_type": self.norm_type, "per": self.per}
+
+
+class _History:
+    """Norm history on the device: ``(rows, columns)`` of float32, empty or non-finite slots are NaN.
+
+    ``capacity=None`` grows without bound (doubling, decided on the host-side count, so no sync). The
+    write position is a host counter, like :class:`gradguard.stats.RingBuffer`, which this generalises to
+    one column per tensor and to unbounded length.
+    """
+
+    def __init__(self, capacity: int | None) -> None:
+        self.capacity = capacity
+        self.values: Tensor | None = None
+        self.pushes = 0
+
+    def push(self, row: Tensor) -> None:
+        row = row.detach().float().reshape(-1)
+        row = torch.where(row.isfinite(), row, torch.full_like(row, math.nan))
+        if self.values is None or self.values.shape[1] != row.numel():
+            rows = self.capacity if self.capacity is not None else 64
+            self.values = torch.full((rows, row.numel()), math.nan, device=row.device)
+            self.pushes = 0
+        elif self.capacity is None and self.pushes >= self.values.shape[0]:
+            grown = torch.full_like(self.values, math.nan)
+            self.values = torch.cat([self.values, grown])
+        self.values[self.pushes % self.values.shape[0]] = row
+        self.pushes += 1
+
+    def quantile(self, q: float) -> Tensor:
+        """Per-column q-quantile (linear interpolation, as ``numpy.percentile``) over the finite entries."""
+        assert self.values is not None
+        filled = self.values if self.capacity is not None else self.values[: max(self.pushes, 1)]
+        return torch.nanquantile(filled, q, dim=0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"values": None if self.values is None else self.values.clone(), "pushes": self.pushes}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        values = state["values"]
+        self.values = None if values is None else values.clone()
+        self.pushes = int(state["pushes"])
+
+
+class AutoClip(ClipPolicy):
+    """AutoClip (Seetharaman et al. 2020): clip to the p-th percentile of the history of gradient norms.
+
+    Default (the paper and its reference code): each step appends the current global 2-norm to the
+    history, then clips to ``percentile(history, p)``, so the current norm takes part in its own
+    threshold and the first step is never clipped (the percentile of one value is itself). ``history=None``
+    keeps every step, as the paper does; an integer keeps the last ``history`` steps.
+
+    ``include_current=False`` and ``per="tensor"`` give the semantics of the ``autoclip`` package's
+    ``QuantileClip`` (see :meth:`quantile_clip`): the threshold is the quantile of the *previous* norms
+    only (no clipping at all on the first step), and with ``per="tensor"`` each tensor keeps its own
+    history and threshold. The difference matters after a jump: the paper's rule lets a spike raise its
+    own threshold a little, QuantileClip's does not.
+
+    Non-finite norms are not recorded; an all-empty history gives no limit (``threshold = inf``).
+
+    Args:
+        percentile: p in [0, 100].
+        history: number of past norms kept (``None``: all).
+        include_current: the paper's rule (True) or QuantileClip's (False).
+        per: ``"global"`` or ``"tensor"``.
+    """
+
+    name = "autoclip"
+
+    def __init__(
+        self,
+        percentile: float = 10.0,
+        history: int | None = None,
+        include_current: bool = True,
+        per: str = "global",
+    ) -> None:
+        self.percentile = float(check_number("percentile", percentile, low=0.0, high=100.0))
+        if history is not None:
+            check_number("history", history, low=1, integer=True)
+        self.history = history
+        self.include_current = bool(include_current)
+        self.per = check_choice("per", per, ("global", "tensor"))
+        self._history = _History(history)
+
+    @classmethod
+    def quantile_clip(
+        cls, quantile: float = 0.9, history_length: int = 1000, global_threshold: bool = False
+    ) -> AutoClip:
+        """The ``autoclip`` package's ``QuantileClip(quantile, history_length, global_threshold)``."""
+        check_number("quantile", quantile, low=0.0, high=1.0)
+        return cls(
+            percentile=100.0 * quantile,
+            history=history_length,
+            include_current=False,
+            per="global" if global_threshold else "tensor",
+        )
+
+    def __call__(self, parameters: Iterable[Tensor] | Tensor) -> ClipResult:
+        grads = _grads(parameters)
+        if not grads:
+            return _empty_result(2.0, math.inf)
+        norms = tensor_norms(grads, 2.0)
+        before = total_norm(norms, 2.0)
+        current = before.reshape(1) if self.per == "global" else norms
+        q = self.percentile / 100.0
+        if self.include_current:
+            self._history.push(current)
+            limit = self._history.quantile(q)
+        elif self._history.pushes == 0:
+            limit = torch.full_like(current, math.inf)
+            self._history.push(current)
+        else:
+            limit = self._history.quantile(q)
+            self._history.push(current)
+        limit = torch.where(limit.isnan(), torch.full_like(limit, math.inf), limit)
+        coefs, over = _coef(current, limit)
+        if self.per == "global":
+            torch._foreach_mul_(grads, coefs[0].to(grads[0].device))
+            after = before * coefs[0]
+        else:
+            _scale_(grads, coefs)
+            after = total_norm(norms * coefs, 2.0)
+        return ClipResult(before, after, limit.max(), over.any())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "percentile": self.percentile,
+            "history": self.history,
+            "include_current": self.include_current,
+            "per": self.per,
+            "norms": self._history.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._history.load_state_dict(state["norms"])
+
+
+def _unit_norms(t: Tensor) -> Tensor:
+    """Norm of each output unit: over all dims but the first (PyTorch's out-first layout); whole tensor if ndim ≤ 1."""
+    if t.ndim <= 1:
+        return torch.linalg.vector_norm(t)
+    return torch.linalg.vector_norm(t, dim=tuple(range(1, t.ndim)), keepdim=True)
+
+
+class AGC(ClipPolicy):
+    """Adaptive gradient clipping, unit-wise (Brock, De, Smith & Simonyan 2021, NFNets).
+
+    For each unit i (one output row of a Linear weight, one filter of a Conv weight; a whole bias or
+    other 1-d tensor is one unit)::
+
+        if ‖G_i‖ / max(‖W_i‖, eps) > λ:   G_i ← λ · max(‖W_i‖, eps) / ‖G_i‖ · G_i
+
+    The paper does not clip the final linear layer; pass it in ``exclude`` (modules or parameters), e.g.
+    ``AGC(0.01, exclude=[model.head])``. Excluded parameters are neither measured nor clipped.
+
+    ``threshold`` in the result is λ; norms are global 2-norms of the included gradients.
+
+    Args:
+        clip_factor: λ > 0 (0.01 in the paper for batch 4096; larger for small batches).
+        eps: floor on the weight norm, so zero-initialised units can still move.
+        exclude: modules or parameters to leave alone.
+    """
+
+    name = "agc"
+
+    def __init__(
+        self, clip_factor: float = 0.01, eps: float = 1e-3, exclude: Iterable[nn.Module | Tensor] = ()
+    ) -> None:
+        self.clip_factor = float(check_number("clip_factor", clip_factor, low=0.0, low_inclusive=False))
+        self.eps = float(check_number("eps", eps, low=0.0))
+        self._excluded: set[int] = set()
+        for item in exclude:
+            if isinstance(item, nn.Module):
+                self._excluded.update(id(p) for p in item.parameters())
+            elif isinstance(item, Tensor):
+                self._excluded.add(id(item))
+            else:
+                raise InputError(f"exclude must hold modules or parameters, got {type(item).__name__}")
+
+    def __call__(self, parameters: Iterable[Tensor] | Tensor) -> ClipResult:
+        params = [p for p in _collect(parameters) if p.grad is not None and id(p) not in self._excluded]
+        if not params:
+            return _empty_result(2.0, self.clip_factor)
+        grads = [p.grad for p in params]
+        before = total_norm(tensor_norms(grads, 2.0), 2.0)  # type: ignore[arg-type]
+        flags = []
+        # Unit norms have per-tensor shapes, so this is a Python loop over tensors (not values): no sync.
+        for p in params:
+            g = p.grad
+            assert g is not None
+            limit = _unit_norms(p.detach()).clamp(min=self.eps) * self.clip_factor
+            gnorm = _unit_norms(g)
+            over = ~(gnorm <= limit)
+            g.mul_(torch.where(over, limit / gnorm.clamp(min=NORM_EPS), torch.ones_like(gnorm)))
+            flags.append(over.any())
+        after = total_norm(tensor_norms(grads, 2.0), 2.0)  # type: ignore[arg-type]
+        threshold = torch.full((), self.clip_factor, device=before.device)
+        return ClipResult(before, after, threshold, torch.stack(flags).any())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"clip_factor": self.clip_factor, "eps": self.eps}
+
+
+class ZClip(ClipPolicy):
+    """ZClip (Kumar et al. 2025): clip when the gradient norm is a z-score outlier of its EMA statistics.
+
+    Thresholds equal the ``zclip`` 1.0.0 package's step for step, with its defaults:
+
+    * warm-up (first ``warmup_steps`` calls): record the global 2-norm ``g``; clip to ``max_grad_norm``
+      only. At the end of warm-up μ = mean and σ² = population variance of the recorded norms.
+    * afterwards ``z = (g − μ) / (σ + eps)``. If ``z > z_thresh`` the step is a spike and the adaptive
+      limit is ``μ + z_thresh·σ / (z / z_thresh)`` times ``clip_factor`` (``clip_option="adaptive_scaling"``)
+      or ``μ`` (``"mean"``); ``mode="percentile"`` always limits to ``μ + z_thresh·σ``.
+    * the limit applied is ``min(adaptive limit, max_grad_norm)`` (no adaptive limit when not a spike).
+    * then ``μ ← α μ + (1−α) x``, ``σ² ← α σ² + (1−α)(x − μ)²`` with the *updated* μ, where x is the
+      adaptive limit on a spike and g otherwise (not updated on a spike if ``skip_update_on_spike``).
+
+    Two deliberate differences from the package: the statistics live on the device as float64 tensors
+    (no ``.item()``), and a non-finite norm is neither recorded in warm-up nor folded into μ, σ² (the
+    package would make them NaN for the rest of the run). ``threshold`` in the result is the limit
+    applied (``inf`` when none).
+    """
+
+    name = "zclip"
+
+    def __init__(
+        self,
+        alpha: float = 0.97,
+        z_thresh: float = 2.5,
+        max_grad_norm: float | None = 1.0,
+        eps: float = 1e-6,
+        warmup_steps: int = 25,
+        mode: str = "zscore",
+        clip_option: str = "adaptive_scaling",
+        clip_factor: float = 1.0,
+        skip_update_on_spike: bool = False,
+    ) -> None:
+        self.alpha = float(check_number("alpha", alpha, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False))
+        self.z_thresh = float(check_number("z_thresh", z_thresh, low=0.0, low_inclusive=False))
+        if max_grad_norm is not None:
+            check_number("max_grad_norm", max_grad_norm, low=0.0, low_inclusive=False)
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.eps = float(check_number("eps", eps, low=0.0))
+        self.warmup_steps = int(check_number("warmup_steps", warmup_steps, low=1, integer=True))
+        self.mode = check_choice("mode", mode, ("zscore", "percentile"))
+        self.clip_option = check_choice("clip_option", clip_option, ("adaptive_scaling", "mean"))
+        self.clip_factor = float(check_number("clip_factor", clip_factor, low=0.0, low_inclusive=False))
+        self.skip_update_on_spike = bool(skip_update_on_spike)
+        self.steps = 0
+        self._warmup: Tensor | None = None
+        self.mean: Tensor | None = None
+        self.var: Tensor | None = None
+
+    def _limit(self, g: Tensor) -> tuple[Tensor, Tensor]:
+        """(adaptive limit or inf, spike flag) for norm ``g`` given the current μ, σ²."""
+        assert self.mean is not None and self.var is not None
+        std = self.var.sqrt()
+        inf = torch.full_like(g, math.inf)
+        if self.mode == "percentile":
+            limit = self.mean + self.z_thresh * std
+            spike = g > limit
+        else:
+            z = (g - self.mean) / (std + self.eps)
+            spike = z > self.z_thresh
+            if self.clip_option == "adaptive_scaling":
+                limit = (self.mean + self.z_thresh * std / (z / self.z_thresh)) * self.clip_factor
+            else:
+                limit = self.mean
+        return torch.where(spike, limit, inf), spike
+
+    def __call__(self, parameters: Iterable[Tensor] | Tensor) -> ClipResult:
+        grads = _grads(parameters)
+        cap = math.inf if self.max_grad_norm is None else self.max_grad_norm
+        if not grads:
+            return _empty_result(2.0, cap)
+        before = total_norm(tensor_norms(grads, 2.0), 2.0)
+        g = before.double()
+        finite = g.isfinite()
+        step = self.steps
+        self.steps += 1
+        if step < self.warmup_steps:
+            if self._warmup is None:
+                self._warmup = torch.full((self.warmup_steps,), math.nan, dtype=torch.float64, device=g.device)
+            self._warmup[step] = torch.where(finite, g, torch.full_like(g, math.nan))
+            if step + 1 == self.warmup_steps:
+                self.mean = torch.nanmean(self._warmup)
+                self.var = torch.nanmean((self._warmup - self.mean) ** 2)
+                self._warmup = None
+            limit = torch.full_like(g, cap)
+            spike = torch.zeros((), dtype=torch.bool, device=g.device)
+        else:
+            adaptive, spike = self._limit(g)
+            limit = adaptive.clamp(max=cap)
+            x = torch.where(spike, adaptive, g)
+            update = finite & ~spike if self.skip_update_on_spike else finite
+            assert self.mean is not None and self.var is not None
+            new_mean = self.alpha * self.mean + (1 - self.alpha) * x
+            new_var = self.alpha * self.var + (1 - self.alpha) * (x - new_mean) ** 2
+            self.mean = torch.where(update, new_mean, self.mean)
+            self.var = torch.where(update, new_var, self.var)
+        # Same rule as the package: scale by limit/(g + 1e-6) only when g exceeds the limit.
+        over = g > limit
+        coef = torch.where(over, limit / (g + NORM_EPS), torch.ones_like(g))
+        torch._foreach_mul_(grads, coef.to(grads[0].dtype).to(grads[0].device))
+        after = before * coef.to(before.dtype)
+        return ClipResult(before, after, limit.to(before.dtype), over | ~finite)
+
+    def state_dict(self) -> dict[str, Any]:
+        def copy(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.clone()
+
+        return {"steps": self.steps, "warmup": copy(self._warmup), "mean": copy(self.mean), "var": copy(self.var)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.steps = int(state["steps"])
+        for key, attr in (("warmup", "_warmup"), ("mean", "mean"), ("var", "var")):
+            value = state[key]
+            setattr(self, attr, None if value is None else value.clone())
+
+
+@dataclass(frozen=True)
+class PolicyInfo:
+    """Registry record of a clipping policy, so the CLI and the lab can list and build them by name."""
+
+    name: str
+    factory: Callable[..., ClipPolicy]
+    summary: str
+    reference: str
+
+
+#: Every clipping policy by name (read-only).
+POLICIES: Mapping[str, PolicyInfo] = MappingProxyType(
+    {
+        "value": PolicyInfo("value", ClipValue, "element-wise clamp to [-c, c]", "Keras clipvalue; SEEDS S0.4"),
+        "norm": PolicyInfo("norm", ClipNorm, "global or per-tensor p-norm", "Pascanu et al. 2013"),
+        "autoclip": PolicyInfo("autoclip", AutoClip, "percentile of the norm history", "Seetharaman et al. 2020"),
+        "agc": PolicyInfo("agc", AGC, "unit-wise gradient/weight norm ratio", "Brock et al. 2021"),
+        "zclip": PolicyInfo("zclip", ZClip, "EMA z-score of the global norm", "Kumar et al. 2025"),
+    }
+)
+
+
+def make_policy(name: str, **options: Any) -> ClipPolicy:
+    """Build a registered policy by name, e.g. ``make_policy("norm", max_norm=1.0)``."""
+    check_choice("clip policy", name, POLICIES)
+    return POLICIES[name].factory(**options)
