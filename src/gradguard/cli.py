@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from gradguard import __version__
 from gradguard.errors import GradGuardError
+from gradguard.lab import command as lab_command
 
 #: Exit codes: 0 success, 1 a checked claim or verdict failed, 2 bad usage or bad input.
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     # Sub-commands register here (one line each).
+    lab_command.register(sub)
     return parser
 
 
