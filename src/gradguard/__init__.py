@@ -6,6 +6,7 @@ The public API is exactly what ``__all__`` lists.
 from gradguard import nn, stats
 from gradguard.errors import ConfigError, GradGuardError, InputError, StateError
 from gradguard.findings import KINDS, SEVERITIES, Finding
+from gradguard.preflight import ProbeReport, probe
 
 __version__ = "0.1.0"
 
@@ -16,8 +17,10 @@ __all__ = [
     "Finding",
     "GradGuardError",
     "InputError",
+    "ProbeReport",
     "StateError",
     "__version__",
     "nn",
+    "probe",
     "stats",
 ]

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from gradguard import __version__
 from gradguard.errors import GradGuardError
 from gradguard.lab import command as lab_command
+from gradguard.preflight import command as probe_command
 
 #: Exit codes: 0 success, 1 a checked claim or verdict failed, 2 bad usage or bad input.
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     # Sub-commands register here (one line each).
     lab_command.register(sub)
+    probe_command.register(sub)
     return parser
 
 

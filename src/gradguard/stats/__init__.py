@@ -7,14 +7,22 @@ whether) to synchronise.
 from gradguard.stats.activations import activation_summary, saturation_kind, unit_activity
 from gradguard.stats.norms import nonfinite_counts, tensor_norms, total_norm
 from gradguard.stats.robust import RingBuffer, robust_zscore
+from gradguard.stats.spectral import activation_derivative, scaled_spectral_radius, spectral_radius
+from gradguard.stats.temporal import gradient_horizon, growth_factor, time_step_norms
 
 __all__ = [
     "RingBuffer",
+    "activation_derivative",
     "activation_summary",
+    "gradient_horizon",
+    "growth_factor",
     "nonfinite_counts",
     "robust_zscore",
     "saturation_kind",
+    "scaled_spectral_radius",
+    "spectral_radius",
     "tensor_norms",
+    "time_step_norms",
     "total_norm",
     "unit_activity",
 ]

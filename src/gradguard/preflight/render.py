@@ -1,0 +1,185 @@
+"""Showing a :class:`~gradguard.preflight.core.ProbeReport`: Markdown tables and a self-contained HTML page.
+
+Rendering only: every number shown was measured by the probe. Plots are drawn with matplotlib's Agg
+backend into PNG bytes embedded as ``data:`` URIs, so the page needs no other file and no network.
+Every string that comes from the user's model (module names, messages quoting them) is escaped with
+``html.escape``.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gradguard.preflight.core import ProbeReport
+
+_COLUMNS = ("#", "module", "type", "mean", "std", "std gain", "zero", "sat", "dead", "nonfinite",
+            "‖∂L/∂y‖ rms", "grad gain", "‖W‖", "‖∂L/∂W‖")
+
+
+def _g(x: float | None) -> str:
+    if x is None:
+        return ""
+    if isinstance(x, float) and math.isnan(x):
+        return "–"
+    return f"{x:.3g}"
+
+
+def _pct(x: float) -> str:
+    return "–" if math.isnan(x) else f"{x:.0%}"
+
+
+def layer_cells(report: ProbeReport) -> list[list[str]]:
+    """One list of display strings per layer row, in :data:`_COLUMNS` order."""
+    return [
+        [str(r.index), r.label, r.type, _g(r.mean), _g(r.std), _g(r.std_gain), _pct(r.frac_zero),
+         _pct(r.frac_saturated) if r.saturation else "–", _pct(r.dead_frac), _g(r.nonfinite), _g(r.grad_rms),
+         _g(r.grad_gain), _g(r.param_norm), _g(r.param_grad_norm)]
+        for r in report.layers
+    ]
+
+
+def _md_escape(s: str) -> str:
+    return s.replace("|", "\\|").replace("\n", " ")
+
+
+def report_markdown(report: ProbeReport) -> str:
+    """Per-layer table, time/recurrent profiles and findings as Markdown."""
+    lines = [f"# Probe report (loss: {report.loss_kind} = {_g(report.loss)})", "", "## Layers (execution order)", ""]
+    lines.append("| " + " | ".join(_COLUMNS) + " |")
+    lines.append("|" + "---|" * len(_COLUMNS))
+    for cells in layer_cells(report):
+        lines.append("| " + " | ".join(_md_escape(c) for c in cells) + " |")
+    if report.time is not None:
+        t = report.time
+        reach = "reaches the first step" if t.reaches_start else f"{t.horizon:.1f} steps back"
+        lines += ["", "## Gradient through time at the input", "",
+                  f"- steps: {len(t.norms)} (time_dim {t.time_dim}); peak at step {t.peak_step}",
+                  f"- per-step growth factor: {_g(t.growth)}; horizon (1e-3 of peak): {reach}"]
+    if report.recurrent:
+        lines += ["", "## Recurrent modules (unrolled)", "",
+                  "| module | cell | steps | growth/step | horizon | ρ(W_hh) | ρ·mean f' | gate mean | note |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for p in report.recurrent:
+            horizon = "–" if math.isnan(p.horizon) else (f"≥ {p.horizon:.0f} (all)" if p.reaches_start
+                                                          else f"{p.horizon:.1f}")
+            gate = f"{p.gate_name}: " + ", ".join(_g(v) for v in p.gate_mean) if p.gate_name else "–"
+            rho = ", ".join(_g(v) for v in p.spectral_radius) or "–"
+            srho = ", ".join(_g(v) for v in p.scaled_radius) or "–"
+            cells = [p.module or "(model)", f"{p.cell} ({p.nonlinearity})", str(p.steps), _g(p.growth), horizon,
+                     rho, srho, gate, p.note]
+            lines.append("| " + " | ".join(_md_escape(c) for c in cells) + " |")
+    lines += ["", "## Findings", ""]
+    if not report.findings:
+        lines.append("No findings.")
+    for f in report.findings:
+        where = f"`{f.module}`" if f.module else "model"
+        lines.append(f"- **{f.severity} · {f.kind}** at {_md_escape(where)}: {_md_escape(f.message)}  ")
+        lines.append(f"  Remedy: {_md_escape(f.advice)}")
+    return "\n".join(lines) + "\n"
+
+
+def _png(fig: object) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=96, bbox_inches="tight")  # type: ignore[attr-defined]
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _positive(values: list[float]) -> list[float]:
+    return [v if math.isfinite(v) and v > 0 else math.nan for v in values]
+
+
+def plots(report: ProbeReport) -> dict[str, str]:
+    """Base64 PNGs: ``layers`` (forward std and backward gradient RMS per layer, log scale) and ``time``."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    out: dict[str, str] = {}
+    if report.layers:
+        fig = Figure(figsize=(max(6.0, 0.35 * len(report.layers)), 3.6))
+        ax = fig.subplots()
+        xs = list(range(len(report.layers)))
+        ax.plot(xs, _positive([r.std for r in report.layers]), "o-", label="forward std of output")
+        ax.plot(xs, _positive([r.grad_rms for r in report.layers]), "s-", label="backward ‖∂L/∂y‖ rms")
+        ax.set_yscale("log")
+        ax.set_xticks(xs)
+        ax.set_xticklabels([r.label for r in report.layers], rotation=60, fontsize=7)
+        ax.set_xlabel("module (execution order)")
+        ax.legend(fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+        out["layers"] = _png(fig)
+    series: list[tuple[str, list[float]]] = []
+    if report.time is not None:
+        series.append(("‖∂L/∂x_t‖ at the input", report.time.norms))
+    for p in report.recurrent:
+        if p.last_norms:
+            series.append((f"{p.module or '(model)'}: last step's gradient at h_t", p.last_norms))
+            for k, hn in enumerate(p.hidden_norms):
+                series.append((f"{p.module or '(model)'}: ‖∂L/∂h_t‖ layer {k}", hn))
+    if series:
+        fig = Figure(figsize=(6.5, 3.6))
+        ax = fig.subplots()
+        for label, values in series:
+            ax.plot(range(len(values)), _positive(list(values)), label=label)
+        ax.set_yscale("log")
+        ax.set_xlabel("time step t")
+        ax.set_ylabel("gradient norm")
+        ax.legend(fontsize=7)
+        ax.grid(True, which="both", alpha=0.3)
+        out["time"] = _png(fig)
+    return out
+
+
+_CSS = """body{font-family:sans-serif;margin:2em;max-width:80em}table{border-collapse:collapse;font-size:0.85em}
+td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}td:nth-child(2),td:nth-child(3){text-align:left}
+.error{color:#b00020}.warning{color:#a05a00}.info{color:#555}"""
+
+
+def report_html(report: ProbeReport) -> str:
+    """The whole report as one HTML string with embedded PNG plots."""
+    e = html.escape
+    parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>gradguard probe</title>",
+             f"<style>{_CSS}</style></head><body>",
+             f"<h1>Probe report</h1><p>loss: {e(report.loss_kind)} = {e(_g(report.loss))}</p>", "<h2>Findings</h2>"]
+    if not report.findings:
+        parts.append("<p>No findings.</p>")
+    else:
+        parts.append("<ul>")
+        for f in report.findings:
+            parts.append(f"<li class='{e(f.severity)}'><b>{e(f.severity)} · {e(f.kind)}</b> at "
+                         f"<code>{e(f.module or '(model)')}</code>: {e(f.message)}<br>Remedy: {e(f.advice)}</li>")
+        parts.append("</ul>")
+    images = plots(report)
+    parts.append("<h2>Layers (execution order)</h2>")
+    if "layers" in images:
+        parts.append(f"<img alt='per-layer forward std and gradient norm' src='data:image/png;base64,"
+                     f"{images['layers']}'>")
+    parts.append("<table><tr>" + "".join(f"<th>{e(c)}</th>" for c in _COLUMNS) + "</tr>")
+    for cells in layer_cells(report):
+        parts.append("<tr>" + "".join(f"<td>{e(c)}</td>" for c in cells) + "</tr>")
+    parts.append("</table>")
+    if "time" in images:
+        parts.append("<h2>Gradient through time</h2>")
+        parts.append(f"<img alt='gradient norm per time step' src='data:image/png;base64,{images['time']}'>")
+    if report.recurrent or report.time is not None:
+        md = report_markdown(report)
+        section = md[md.find("## Gradient through time"):] if report.time is not None else ""
+        rec = md[md.find("## Recurrent modules"):md.find("## Findings")] if report.recurrent else ""
+        text = (section.split("## Recurrent modules")[0].split("## Findings")[0] + rec).strip()
+        parts.append(f"<pre>{e(text)}</pre>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_html(report: ProbeReport, path: Path) -> Path:
+    """Write :func:`report_html` to ``path`` (parent folders are created)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(report_html(report), encoding="utf-8")
+    return path
