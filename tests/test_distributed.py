@@ -28,6 +28,7 @@ from gradguard.stats.distributed import (
     allreduce_norms,
     global_norms,
     local_tensors,
+    make_reduce_fn,
     shard_group,
     sharded_mask,
 )
@@ -139,6 +140,13 @@ def _stats_worker(rank: int) -> dict[str, Any]:
     out["fsdp_l1"] = allreduce_norms(tensor_norms(local_tensors(grads), 1.0), 1.0).tolist()
     out["fsdp_l1_ref"] = [float(p.grad.full_tensor().abs().sum()) for _, p in params]
 
+    # The monitor's reduction hook: a (rows, k·n) block of squared local norms, one all-reduce.
+    sq = tensor_norms(local_tensors(grads)).pow(2)
+    reduce = make_reduce_fn([p for _, p in params])
+    assert reduce is not None and make_reduce_fn(list(ddp.module.parameters())) is None
+    block = reduce(torch.stack([torch.cat([sq, 4 * sq]), torch.cat([sq, sq])]))
+    out["fsdp_block"] = block.sqrt().tolist()
+
     # Replicated entries are counted once, not world_size times.
     out["replicated"] = allreduce_norms(torch.tensor([3.0, 4.0]), 2.0, sharded=[False, True]).tolist()
     # A NaN on one rank reaches every rank.
@@ -156,6 +164,11 @@ def test_norms_under_ddp_and_fsdp_equal_single_process_reference(tmp_path: Path)
             assert rel_err(r["fsdp"][name], value) < RTOL, (name, r["fsdp"][name], value)
         assert rel_err(r["ddp_loss"], ref_loss) < RTOL
         assert r["fsdp_mask"] == [True] * len(ref)
+        n = len(ref)
+        for row, scale in zip(r["fsdp_block"], ([1.0, 2.0], [1.0, 1.0]), strict=True):
+            for k in range(2):
+                for got, want in zip(row[k * n : (k + 1) * n], ref.values(), strict=True):
+                    assert rel_err(got, scale[k] * want) < RTOL
         assert r["fsdp_group_is_mesh"]
         for got, want in zip(r["fsdp_inf"], r["fsdp_inf_ref"], strict=True):
             assert rel_err(got, want) < RTOL

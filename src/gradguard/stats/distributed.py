@@ -18,7 +18,7 @@ so callers decide when (on the logging schedule) to pay for it.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -215,6 +215,39 @@ def global_norms(tensors: Sequence[Tensor], p: float = 2.0, group: Any = None) -
     return allreduce_norms(norms, p, group, sharded=mask)
 
 
+def make_reduce_fn(tensors: Sequence[Tensor], group: Any = None) -> Callable[[Tensor], Tensor] | None:
+    """A reduction for blocks of stacked per-tensor **squared** norms, for ``gg.watch(..., reduce_fn=...)``.
+
+    The returned function takes a float tensor of shape ``(rows, k · n)`` — ``rows`` logged steps, ``k``
+    statistics side by side, ``n = len(tensors)`` columns each, in the order of ``tensors`` — and returns the
+    same block summed over the ranks of ``group`` with **one** all-reduce, replicated columns counted once
+    (see :func:`allreduce_norms`). ``None`` is returned when no tensor is sharded (single process, DDP):
+    then local squared norms are already global and no collective is needed.
+
+    Args:
+        tensors: the parameters (or gradients) the block's columns describe; DTensor-ness decides which
+            columns are sharded.
+        group: process group; ``None`` uses :func:`shard_group` of the tensors.
+    """
+    mask_list = sharded_mask(tensors)
+    if not any(mask_list):
+        return None
+    grp = shard_group(tensors) if group is None else group
+    n = len(mask_list)
+
+    def reduce(block: Tensor) -> Tensor:
+        if block.dim() != 2 or block.shape[1] % n:
+            raise ConfigError(f"expected a (rows, k·{n}) block of squared norms, got shape {tuple(block.shape)}")
+        mask = torch.as_tensor(mask_list, dtype=torch.bool, device=block.device).repeat(block.shape[1] // n)
+        flat = block.float()
+        if torch.distributed.is_initialized() and torch.distributed.get_rank(grp) != 0:
+            flat = torch.where(mask, flat, torch.zeros_like(flat))
+        (out,) = allreduce_sum_packed([flat], grp)
+        return out
+
+    return reduce
+
+
 def allreduce_mean(values: Tensor, group: Any = None) -> Tensor:
     """Mean over the ranks of ``group`` (one all-reduce); the input unchanged when not distributed.
 
@@ -242,6 +275,7 @@ __all__ = [
     "is_dtensor",
     "local_tensor",
     "local_tensors",
+    "make_reduce_fn",
     "shard_group",
     "sharded_mask",
 ]
