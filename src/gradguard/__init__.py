@@ -3,9 +3,11 @@
 The public API is exactly what ``__all__`` lists.
 """
 
-from gradguard import nn, stats
+from gradguard import clip, init, nn, stats
 from gradguard.errors import ConfigError, GradGuardError, InputError, StateError
 from gradguard.findings import KINDS, SEVERITIES, Finding
+from gradguard.monitor import Monitor, watch
+from gradguard.penalty import l2_penalty
 from gradguard.preflight import ProbeReport, probe
 
 __version__ = "0.1.0"
@@ -17,10 +19,15 @@ __all__ = [
     "Finding",
     "GradGuardError",
     "InputError",
+    "Monitor",
     "ProbeReport",
     "StateError",
     "__version__",
+    "clip",
+    "init",
+    "l2_penalty",
     "nn",
     "probe",
     "stats",
+    "watch",
 ]

@@ -1,0 +1,49 @@
+"""Dead units: ReLU outputs that were never positive over a window of sampled steps.
+
+A unit whose count of positive outputs stays 0 for every input of :data:`MIN_SAMPLES` sampled batches
+gets no gradient through the ReLU and cannot recover by itself (SEEDS S2.3). Reported as ``error`` when a
+whole layer is dead (the signal is cut), ``warning`` from :data:`WARN_FRACTION`, ``info`` from
+:data:`INFO_FRACTION` (He-initialised ReLU nets routinely carry a few dead units).
+"""
+
+from __future__ import annotations
+
+from gradguard.detect.base import Observation, fmt
+from gradguard.findings import Finding
+
+MIN_SAMPLES = 3
+INFO_FRACTION = 0.1
+WARN_FRACTION = 0.5
+
+
+def detect(obs: Observation) -> list[Finding]:
+    """One ``dead_units`` finding per ReLU-like module with a large share of never-firing units."""
+    out = []
+    for name, counts in obs.dead_window.items():
+        samples = obs.dead_samples.get(name, 0)
+        if samples < MIN_SAMPLES or counts.numel() == 0 or obs.new == 0:
+            continue
+        dead = int((counts == 0).sum())
+        units = counts.numel()
+        frac = dead / units
+        if frac < INFO_FRACTION:
+            continue
+        severity = "error" if dead == units else "warning" if frac >= WARN_FRACTION else "info"
+        out.append(
+            Finding(
+                kind="dead_units",
+                module=name,
+                step=obs.step,
+                severity=severity,
+                message=(
+                    f"{dead} of {units} units ({fmt(100 * frac)}%) of `{name}` never fired (output > 0) in the "
+                    f"last {samples} sampled batches."
+                ),
+                advice=(
+                    "Re-initialise with gg.init.apply(model, 'he_normal') and small positive biases, lower the "
+                    "learning rate, or use an activation that cannot die (torch.nn.LeakyReLU(0.01), nn.ELU)."
+                ),
+                evidence={"dead": dead, "units": units, "fraction": frac, "samples": samples},
+            )
+        )
+    return out

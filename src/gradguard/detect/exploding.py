@@ -1,0 +1,198 @@
+"""Exploding gradients (and activations): growth against the tensor's own history, along depth or time.
+
+Three relative tests, none against an absolute norm:
+
+1. *Growth in time.* The global gradient norm of the latest steps against the median of its own window:
+   flagged when it is ≥ :data:`GROWTH` times the median **and** its robust z-score (median/MAD) is
+   ≥ :data:`Z_MIN`. Both are needed: z alone fires on tiny wiggles of a very flat window, the ratio alone
+   on the natural decay-then-rise of early training. The tensors that grew most are named.
+2. *Growth along depth.* Per-element gradient RMS ‖g‖/√n of the weight tensors, input layer against output
+   layer: ≥ :data:`DEPTH_RATIO` means each layer's Jacobian multiplies the backward signal by more than 1
+   (SEEDS S1.1, S1.3).
+3. *Growth through time* (recurrent modules). RMS of the output h_t at each time step: last against first
+   ≥ :data:`DEPTH_RATIO` while exceeding 1 — a bounded (tanh/sigmoid) cell cannot do this, an unbounded
+   ReLU recurrence whose Jacobian has spectral radius > 1 does (SEEDS S0.8, S3.1); its BPTT gradients
+   grow by the same factor.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+
+import torch
+
+from gradguard.detect.base import Observation, ParamInfo, finite, finite_values, fmt
+from gradguard.findings import Finding
+from gradguard.stats import robust_zscore
+
+#: Minimum growth factor over the window median. A healthy run's gradient norm moves within a factor of
+#: a few (mini-batch noise, learning-rate warm-up); an order of magnitude in a few steps is not noise.
+GROWTH = 10.0
+#: Minimum robust z-score (≈ σ units) so that a factor of 10 inside an already noisy window is not flagged.
+Z_MIN = 6.0
+#: Finite values needed before a window's median/MAD is trusted.
+MIN_WINDOW = 10
+#: Steps averaged (median) at the end of the new rows, so one outlier batch is a spike, not an explosion.
+RECENT = 3
+#: Three orders of magnitude between the ends of the network (or of the sequence).
+DEPTH_RATIO = 1e3
+
+ADVICE = (
+    "Clip the gradient with gg.clip.ClipNorm(1.0) (or element-wise gg.clip.ClipValue(1.0)), guard the "
+    "optimizer with gg.Guard(model, opt), and lower the learning rate"
+)
+
+
+def detect(obs: Observation) -> list[Finding]:
+    """Exploding findings from growth in time, along depth and through time."""
+    out = []
+    f = _growth_in_time(obs)
+    if f is not None:
+        out.append(f)
+    f = _growth_along_depth(obs)
+    if f is not None:
+        out.append(f)
+    out.extend(_growth_through_time(obs))
+    return out
+
+
+def _growth_in_time(obs: Observation) -> Finding | None:
+    window = finite_values(obs.old_rows, "grad_norm")[-200:]
+    recent = finite_values(obs.new_rows, "grad_norm")[-RECENT:]
+    if len(window) < MIN_WINDOW or len(recent) < min(RECENT, max(obs.new, 1)):
+        return None
+    latest = statistics.median(recent)
+    base = statistics.median(window)
+    if not base > 0:
+        return None
+    z = float(robust_zscore(torch.tensor(latest), torch.tensor(window)))
+    ratio = latest / base
+    if ratio < GROWTH or z < Z_MIN:
+        return None
+    grown = _grown_tensors(obs, len(window))
+    top = grown[:3]
+    names = ", ".join(f"{p.name} ×{fmt(r)}" for p, r in top) if top else "every tensor"
+    module = top[0][0].module if top else ""
+    return Finding(
+        kind="exploding",
+        module=module,
+        step=obs.step,
+        severity="error" if ratio >= 1e3 else "warning",
+        message=(
+            f"The global gradient norm grew ×{fmt(ratio)} over its median of the previous {len(window)} steps "
+            f"({fmt(base)} → {fmt(latest)}, robust z = {fmt(z)}); largest growth: {names}."
+        ),
+        advice=ADVICE + ".",
+        evidence={
+            "grad_norm": latest,
+            "window_median": base,
+            "ratio": ratio,
+            "zscore": z,
+            "grown": {p.name: r for p, r in top},
+        },
+    )
+
+
+def _grown_tensors(obs: Observation, n_old: int) -> list[tuple[ParamInfo, float]]:
+    grown = []
+    for p in obs.params:
+        key = f"grad_norm/{p.name}"
+        old = finite_values(obs.old_rows, key)[-n_old:]
+        new = finite_values(obs.new_rows, key)[-RECENT:]
+        if len(old) < MIN_WINDOW or not new:
+            continue
+        base = statistics.median(old)
+        if base > 0:
+            grown.append((p, statistics.median(new) / base))
+    grown.sort(key=lambda t: -t[1])
+    return [(p, r) for p, r in grown if r >= GROWTH]
+
+
+def depth_profile(obs: Observation) -> list[tuple[str, float]]:
+    """Per module, in forward order, the median per-element gradient RMS of its weight tensors (ndim ≥ 2).
+
+    Uses the latest rows (up to 20) with a finite value, so a NaN step is skipped, never averaged in.
+    Modules with an exactly zero gradient are left out: that is dead units or an unused layer, not a
+    vanishing signal.
+    """
+    order = {name: i for i, name in enumerate(obs.depth)}
+    per_module: dict[str, list[float]] = {}
+    for p in obs.params:
+        if p.ndim < 2 or p.module not in order:
+            continue
+        vals = finite_values(obs.rows, f"grad_norm/{p.name}")[-20:]
+        if not vals:
+            continue
+        rms = statistics.median(vals) / p.numel**0.5
+        if rms > 0:
+            per_module.setdefault(p.module, []).append(rms)
+    prof = [(m, statistics.median(v)) for m, v in per_module.items()]
+    prof.sort(key=lambda t: order[t[0]])
+    return prof
+
+
+def _growth_along_depth(obs: Observation) -> Finding | None:
+    prof = depth_profile(obs)
+    if len(prof) < 3 or obs.new == 0:
+        return None
+    (first, g_first), (last, g_last) = prof[0], prof[-1]
+    ratio = g_first / g_last
+    if ratio < DEPTH_RATIO:
+        return None
+    return Finding(
+        kind="exploding",
+        module=first,
+        step=obs.step,
+        severity="warning",
+        message=(
+            f"Gradients grow ×{fmt(ratio)} from the output layer `{last}` (RMS {fmt(g_last)}) to the input layer "
+            f"`{first}` (RMS {fmt(g_first)}) across {len(prof)} layers."
+        ),
+        advice=(
+            "Re-initialise with gg.init.apply(model, 'he_normal') (ReLU) or 'xavier_uniform' (tanh/sigmoid) so "
+            f"each layer keeps the variance; add BatchNorm; {ADVICE[0].lower() + ADVICE[1:]}."
+        ),
+        evidence={"ratio": ratio, "profile": dict(prof)},
+    )
+
+
+def _growth_through_time(obs: Observation) -> list[Finding]:
+    out = []
+    for name, prof in obs.time_forward.items():
+        values: Sequence[float] = [float(v) for v in prof]
+        if len(values) < 2 or obs.new == 0:
+            continue
+        first = next((v for v in values if finite(v) and v > 0), None)
+        last = values[-1]
+        if first is None:
+            continue
+        peak = max((v for v in values if finite(v)), default=0.0)
+        grows = (not finite(last)) or last / first >= DEPTH_RATIO
+        if not grows or peak <= 1.0:
+            continue
+        ratio = last / first if finite(last) else float("inf")
+        grad = obs.time_grad.get(name)
+        evidence: dict[str, object] = {"ratio": ratio, "first": first, "last": last, "steps": len(values)}
+        if grad is not None:
+            evidence["grad_per_step"] = [float(g) for g in grad]
+        out.append(
+            Finding(
+                kind="exploding",
+                module=name,
+                step=obs.step,
+                severity="error" if not finite(last) else "warning",
+                message=(
+                    f"The output of `{name}` grows ×{fmt(ratio)} over {len(values)} time steps (RMS {fmt(first)} at "
+                    f"t=0 → {fmt(last)} at t={len(values) - 1}): the recurrence amplifies, so its gradients through "
+                    "time explode too."
+                ),
+                advice=(
+                    "Use a bounded cell activation (tanh, the default) or keep the recurrent weights near the "
+                    "identity (IRNN: gg.init.apply(model, 'orthogonal') with gain ≤ 1); "
+                    + ADVICE[0].lower() + ADVICE[1:] + "."
+                ),
+                evidence=evidence,
+            )
+        )
+    return out

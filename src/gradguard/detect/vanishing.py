@@ -1,0 +1,75 @@
+"""Vanishing gradients: where along the depth the backward signal collapses.
+
+The test is relative along the depth: the per-element gradient RMS ‖g‖/√n of the input-side layer's
+weights against the output layer's (see :func:`gradguard.detect.exploding.depth_profile`). When it is
+≤ 1/:data:`~gradguard.detect.exploding.DEPTH_RATIO` (three orders of magnitude), the first layers learn
+a thousand times slower than the last under SGD (SEEDS S1.1, S2.1). The update ratio ‖Δw‖/‖w‖ is reported
+beside it: Karpathy's rule of thumb is ≈ 1e-3 per step for a layer that learns at a healthy pace; a
+layer far below it has stopped changing (SEEDS S4.5). Adaptive optimisers rescale the step, so the
+update ratio is evidence, not the trigger.
+
+A NaN is never "vanishing": non-finite and exactly-zero gradients are excluded from the profile
+(zero is dead units or an unused layer, reported by their own rules).
+"""
+
+from __future__ import annotations
+
+from gradguard.detect.base import Observation, finite_values, fmt
+from gradguard.detect.exploding import DEPTH_RATIO, depth_profile
+from gradguard.findings import Finding
+
+#: The healthy update-to-weight ratio per step (Karpathy, "A Recipe for Training Neural Networks").
+HEALTHY_UPDATE_RATIO = 1e-3
+
+
+def _update_ratio(obs: Observation, module: str) -> float | None:
+    vals = [
+        v
+        for p in obs.params
+        if p.module == module and p.ndim >= 2
+        for v in finite_values(obs.rows, f"update_ratio/{p.name}")[-5:]
+    ]
+    return sorted(vals)[len(vals) // 2] if vals else None
+
+
+def detect(obs: Observation) -> list[Finding]:
+    """A ``vanishing`` finding at the layer with the smallest gradient when the depth ratio collapses."""
+    prof = depth_profile(obs)
+    if len(prof) < 3 or obs.new == 0:
+        return []
+    (first, g_first), (last, g_last) = prof[0], prof[-1]
+    ratio = g_first / g_last
+    if ratio > 1.0 / DEPTH_RATIO:
+        return []
+    weakest, g_weak = min(prof, key=lambda t: t[1])
+    ur_first, ur_last = _update_ratio(obs, weakest), _update_ratio(obs, last)
+    updates = ""
+    if ur_first is not None and ur_last is not None:
+        updates = (
+            f"; update ratios ‖Δw‖/‖w‖ {fmt(ur_first)} there vs {fmt(ur_last)} at the output "
+            f"(healthy ≈ {HEALTHY_UPDATE_RATIO:g})"
+        )
+    return [
+        Finding(
+            kind="vanishing",
+            module=weakest,
+            step=obs.step,
+            severity="warning",
+            message=(
+                f"Gradients shrink ×{fmt(ratio)} from the output layer `{last}` (RMS {fmt(g_last)}) to the input "
+                f"layer `{first}` (RMS {fmt(g_first)}) across {len(prof)} layers; weakest at `{weakest}` "
+                f"(RMS {fmt(g_weak)}){updates}."
+            ),
+            advice=(
+                "Re-initialise with gg.init.apply(model, 'xavier_uniform') for sigmoid/tanh or "
+                "gg.init.apply(model, 'he_normal') with ReLU, replace sigmoid by ReLU/ELU, add BatchNorm "
+                "(torch.nn.BatchNorm1d) before each activation, or add residual connections."
+            ),
+            evidence={
+                "ratio": ratio,
+                "profile": dict(prof),
+                "update_ratio_weakest": ur_first,
+                "update_ratio_output": ur_last,
+            },
+        )
+    ]

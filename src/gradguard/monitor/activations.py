@@ -1,0 +1,154 @@
+"""Forward hooks that summarise module outputs on sampled steps only.
+
+The hooks are attached right before a sampled step's forward pass and removed after its ``mon.step()``,
+so a non-sampled step runs the model with no gradguard hook at all except the root's replay hooks.
+Inside a hook nothing is synchronised: summaries are device tensors collected for the next fetch.
+
+Evaluation passes are skipped: a call made under ``torch.no_grad()`` or while the root module is in
+``eval()`` mode is not a training step and would bias the statistics (e.g. dropout off, no BN noise).
+A module called several times in one forward contributes one summary per call; they are pooled on fetch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from gradguard.stats import activation_summary, saturation_kind, unit_activity
+from gradguard.stats.activations import SUMMARY_FIELDS
+
+#: Modules whose outputs can "die" (exactly zero for every input); unit activity is tracked for them.
+_RELU_LIKE = (nn.ReLU, nn.ReLU6)
+#: Recurrent modules whose first output is a (batch, time, features) or (time, batch, features) sequence.
+_RECURRENT = (nn.RNN, nn.LSTM, nn.GRU)
+
+
+def is_recurrent(module: nn.Module) -> bool:
+    """True for ``nn.RNN``/``nn.LSTM``/``nn.GRU`` and gradguard's ``nn.LSTM``."""
+    from gradguard.nn import LSTM
+
+    return isinstance(module, (*_RECURRENT, LSTM))
+
+
+def unit_dim_for(x: Tensor) -> int:
+    """Channel dim for 4-d/5-d (conv) outputs, the last dim otherwise (features of Linear / RNN outputs)."""
+    return 1 if x.dim() in (4, 5) else -1
+
+
+@dataclass
+class Sample:
+    """Device tensors gathered during one sampled step, per module name."""
+
+    step: int
+    summaries: dict[str, list[Tensor]] = field(default_factory=dict)
+    activity: dict[str, Tensor] = field(default_factory=dict)
+    time_forward: dict[str, Tensor] = field(default_factory=dict)
+    time_grad: dict[str, Tensor] = field(default_factory=dict)
+    order: list[str] = field(default_factory=list)
+
+
+class ActivationTap:
+    """Attach/detach forward hooks on every named submodule for sampled steps.
+
+    Args:
+        root: the watched model (its ``training`` flag decides whether a call is a training pass).
+        modules: ``{qualified name: module}`` to summarise.
+    """
+
+    def __init__(self, root: nn.Module, modules: Mapping[str, nn.Module]) -> None:
+        self.root = root
+        self.modules = dict(modules)
+        self.kinds = {name: saturation_kind(m) for name, m in self.modules.items()}
+        self.handles: list[RemovableHandle] = []
+        self.current: Sample | None = None
+
+    @property
+    def armed(self) -> bool:
+        return bool(self.handles)
+
+    def arm(self, step: int) -> None:
+        """Attach the hooks for the forward pass of ``step``."""
+        if self.armed:
+            self.disarm()
+        self.current = Sample(step=step)
+        for name, module in self.modules.items():
+            self.handles.append(module.register_forward_hook(self._make_hook(name, module)))
+
+    def disarm(self) -> Sample | None:
+        """Remove the hooks and hand over what they gathered (``None`` if nothing was gathered)."""
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        sample, self.current = self.current, None
+        if sample is None or not sample.summaries:
+            return None
+        return sample
+
+    def _make_hook(self, name: str, module: nn.Module):
+        recurrent = is_recurrent(module)
+        relu_like = isinstance(module, _RELU_LIKE)
+        kind = self.kinds[name]
+        batch_first = bool(getattr(module, "batch_first", False))
+
+        def hook(mod: nn.Module, args: tuple[object, ...], output: object) -> None:
+            sample = self.current
+            if sample is None or not torch.is_grad_enabled() or not self.root.training:
+                return
+            out = output[0] if isinstance(output, tuple | list) and output else output
+            if not isinstance(out, Tensor) or not out.is_floating_point() or out.numel() == 0:
+                return
+            sample.summaries.setdefault(name, []).append(activation_summary(out, kind))
+            if name not in sample.order:
+                sample.order.append(name)
+            if relu_like:
+                act = unit_activity(out, unit_dim_for(out))
+                prev = sample.activity.get(name)
+                sample.activity[name] = act if prev is None or prev.shape != act.shape else prev + act
+            if recurrent and out.dim() == 3:
+                self._time_profiles(sample, name, out, batch_first)
+
+        return hook
+
+    @staticmethod
+    def _time_profiles(sample: Sample, name: str, out: Tensor, batch_first: bool) -> None:
+        # RMS over batch and features at each time step t: ‖h_t‖ / √(B·H). A ReLU recurrence whose
+        # Jacobian has spectral radius > 1 makes this grow geometrically with t (SEEDS S0.8, S3.1).
+        reduce = (0, 2) if batch_first else (1, 2)
+        sample.time_forward[name] = out.detach().float().pow(2).mean(dim=reduce).sqrt()
+        if out.requires_grad:
+
+            def grad_hook(g: Tensor) -> None:
+                # Per-time-step gradient norm of the output sequence, ‖∂L/∂h_t‖ over batch and features.
+                prof = g.detach().float().pow(2).sum(dim=reduce).sqrt()
+                prev = sample.time_grad.get(name)
+                sample.time_grad[name] = prof if prev is None or prev.shape != prof.shape else prev + prof
+
+            out.register_hook(grad_hook)
+
+
+def pool_summaries(vectors: list[Tensor]) -> dict[str, float]:
+    """Combine per-call :func:`activation_summary` vectors of one module into one (host floats).
+
+    Means and fractions are weighted by element counts; the std is pooled through E[x²] = std² + mean².
+    """
+    stacked = torch.stack(vectors).double().cpu()
+    f = {name: stacked[:, i] for i, name in enumerate(SUMMARY_FIELDS)}
+    numel = f["numel"]
+    finite = (numel - f["nonfinite"]).clamp(min=0)
+    n_fin = float(finite.sum())
+    total = float(numel.sum())
+    w = finite / max(n_fin, 1.0)
+    mean = float((w * f["mean"]).sum())
+    second = float((w * (f["std"] ** 2 + f["mean"] ** 2)).sum())
+    return {
+        "mean": mean,
+        "std": max(second - mean * mean, 0.0) ** 0.5,
+        "frac_zero": float((f["frac_zero"] * numel).sum()) / max(total, 1.0),
+        "frac_saturated": float((f["frac_saturated"] * finite).sum()) / max(n_fin, 1.0),
+        "nonfinite": float(f["nonfinite"].sum()),
+        "numel": total,
+    }

@@ -1,0 +1,536 @@
+"""``gg.watch(model)``: the training monitor.
+
+Data flows one way: hooks and per-step fused statistics (device) → fetched on the logging schedule
+(host) → detection rules → findings → sinks. The steady state costs one fused norm over the gradients
+per step (see :mod:`gradguard.monitor.params`); activation hooks exist only on sampled steps
+(:mod:`gradguard.monitor.activations`); provenance of a NaN/Inf is found by replaying the step
+(:mod:`gradguard.monitor.provenance`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gradguard.detect import Observation, ParamInfo, run_rules
+from gradguard.detect.base import Origin
+from gradguard.errors import ConfigError, InputError, StateError, check_number
+from gradguard.findings import KINDS, Finding
+from gradguard.monitor.activations import ActivationTap, Sample, pool_summaries
+from gradguard.monitor.params import ParamStats, ReduceFn, RowMeta
+from gradguard.monitor.provenance import Call, localize, tensors_in
+from gradguard.monitor.schedule import Schedule, every
+from gradguard.sinks.base import Sink
+from gradguard.sinks.console import ConsoleSink
+from gradguard.sinks.jsonl import JsonlSink
+
+#: Option names accepted by :func:`watch`, with their defaults.
+DEFAULTS: dict[str, Any] = {
+    "log_every": 10,
+    "sample_every": 10,
+    "window": 200,
+    "dead_window": 5,
+    "log_dir": None,
+    "console": True,
+    "sinks": (),
+    "replay": True,
+    "reduce_fn": None,
+    "max_calls": 8,
+}
+
+
+class Monitor:
+    """Watches one model during training; create it with :func:`watch`.
+
+    Usage (``mon.step`` after ``backward()`` and before ``optimizer.step()``)::
+
+        mon = gg.watch(model)
+        for x, y in data:
+            opt.zero_grad()
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            mon.step(loss)
+            opt.step()
+        print(mon.summary())
+
+    See :func:`watch` for the options.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        log_every: int = 10,
+        sample_every: int = 10,
+        window: int = 200,
+        dead_window: int = 5,
+        log_dir: str | os.PathLike[str] | None = None,
+        console: bool = True,
+        sinks: Iterable[Sink] = (),
+        replay: bool = True,
+        reduce_fn: ReduceFn | None = None,
+        max_calls: int = 8,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise InputError(f"watch() needs a torch.nn.Module, got {type(model).__name__}: {model!r:.80}")
+        check_number("log_every", log_every, low=1, integer=True)
+        check_number("sample_every", sample_every, low=1, integer=True)
+        check_number("window", window, low=10, integer=True)
+        check_number("dead_window", dead_window, low=1, integer=True)
+        check_number("max_calls", max_calls, low=1, integer=True)
+        for name, flag in (("console", console), ("replay", replay)):
+            if not isinstance(flag, bool):
+                raise InputError(f"{name}={flag!r} must be True or False")
+        if reduce_fn is not None and not callable(reduce_fn):
+            raise InputError(f"reduce_fn={reduce_fn!r} must be a callable Tensor -> Tensor or None")
+        if log_dir is not None and not isinstance(log_dir, str | os.PathLike):
+            raise InputError(f"log_dir={log_dir!r} must be a path (str or os.PathLike) or None")
+        sink_list = list(sinks)
+        for s in sink_list:
+            if not isinstance(s, Sink):
+                raise InputError(f"sinks must hold gradguard.sinks.Sink instances, got {type(s).__name__}")
+        named = list(model.named_parameters())
+        if not named:
+            raise ConfigError(
+                f"watch() got a {type(model).__name__} with no parameters; allowed: a module with at least one "
+                "parameter (there is no gradient to watch)"
+            )
+        self.model = model
+        self.log_every = log_every
+        self.sample_every: Schedule = every(sample_every)
+        self.replay_enabled = replay
+        self.max_calls = max_calls
+
+        owner: dict[int, str] = {}
+        for mname, m in model.named_modules():
+            for _, p in m.named_parameters(recurse=False):
+                owner.setdefault(id(p), mname)
+        self.params = [
+            ParamInfo(name=n, module=owner.get(id(p), ""), ndim=p.dim(), numel=p.numel()) for n, p in named
+        ]
+        self._stats = ParamStats([p for _, p in named], rows=log_every, reduce_fn=reduce_fn)
+        self._tap = ActivationTap(model, {n: m for n, m in model.named_modules() if n != ""})
+
+        self.sinks: list[Sink] = []
+        if log_dir is not None:
+            self.sinks.append(JsonlSink(log_dir))
+        if console:
+            self.sinks.append(ConsoleSink())
+        self.sinks.extend(sink_list)
+
+        self._step = 0
+        self._rows: list[dict[str, Any]] = []
+        self._window: deque[dict[str, Any]] = deque(maxlen=window + log_every)
+        self._findings: dict[tuple[str, str], Finding] = {}
+        self._samples: list[Sample] = []
+        self._dead: dict[str, deque[Tensor]] = {}
+        self._dead_window = dead_window
+        self._latest_act: dict[str, dict[str, float]] = {}
+        self._time_forward: dict[str, Tensor] = {}
+        self._time_grad: dict[str, Tensor] = {}
+        self._depth: list[str] = []
+        self._calls: list[Call] = []
+        self._replaying = False
+        self._bad_episode = False
+        self._origin: tuple[int, Origin | None, dict[str, float]] | None = None
+        self._closed = False
+        self._root_handles = [
+            model.register_forward_pre_hook(self._root_pre, with_kwargs=True),
+            model.register_forward_hook(self._root_post),
+        ]
+        if self.sample_every(0):
+            self._tap.arm(0)
+
+    # ----------------------------------------------------------------- replay recording (root hooks)
+    def _training_call(self) -> bool:
+        return self.replay_enabled and not self._replaying and torch.is_grad_enabled() and self.model.training
+
+    def _root_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        # Keep *references* to the inputs and the RNG state before the forward: enough to replay the
+        # step bit-for-bit (dropout masks included) if a NaN/Inf is flagged. No copy, no sync.
+        if not self._training_call():
+            return
+        cuda = None
+        if any(t.is_cuda for t in tensors_in((args, kwargs))):
+            cuda = torch.cuda.get_rng_state_all()
+        if len(self._calls) >= self.max_calls:
+            self._calls.pop(0)
+        self._calls.append(Call(args=args, kwargs=dict(kwargs), rng_cpu=torch.get_rng_state(), rng_cuda=cuda))
+
+    def _root_post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        # Remember the gradient that reaches each output: replaying the backward from it needs no loss_fn.
+        if not self._training_call() or not self._calls:
+            return
+        call = self._calls[-1]
+        outs = list(tensors_in(output))
+        call.output_grads = [None] * len(outs)
+        for i, t in enumerate(outs):
+            if t.requires_grad:
+                t.register_hook(self._keep_grad(call, i))
+
+    @staticmethod
+    def _keep_grad(call: Call, i: int):
+        def hook(g: Tensor) -> None:
+            call.output_grads[i] = g.detach()
+
+        return hook
+
+    # ----------------------------------------------------------------- the per-step entry point
+    def step(self, loss: Tensor | None = None) -> None:
+        """Record this step's statistics. Call after ``loss.backward()`` and before ``optimizer.step()``.
+
+        Args:
+            loss: the scalar loss tensor of this step (optional; enables loss-spike detection).
+
+        Raises:
+            StateError: after :meth:`close`.
+            InputError: ``loss`` is not a tensor.
+            ConfigError: ``loss`` has more than one element.
+        """
+        if self._closed:
+            raise StateError("Monitor.step() called after close(); create a new monitor with gg.watch(model)")
+        if loss is not None:
+            if not isinstance(loss, Tensor):
+                raise InputError(f"loss={loss!r:.60} must be a scalar torch.Tensor or None, got {type(loss).__name__}")
+            if loss.numel() != 1:
+                raise ConfigError(
+                    f"loss must be a scalar tensor (1 element), got shape {tuple(loss.shape)}; "
+                    "reduce it first (e.g. loss.mean())"
+                )
+        step = self._step
+        params = self._stats.params
+        first = next((p.grad for p in params if p.grad is not None), None)
+        if first is None:
+            self._no_gradients(step)
+            return
+        if self._stats.device is not None and first.device != self._stats.device:
+            self._flush()  # the model moved: read the old device's rows before re-allocating
+        self._stats.ensure_device(first.device)
+        detail = self.sample_every(step)
+        meta, bad = self._stats.record(step, loss, detail)
+        if self.sample_every(step + 1):
+            self._stats.snapshot(step)  # weights before the optimizer step feed the next update ratio
+        sample = self._tap.disarm()
+        if sample is not None:
+            self._samples.append(sample)
+        force = False
+        if first.device.type == "cpu":
+            # Reading a CPU tensor is a memory load, not a device synchronisation, so the non-finite flag
+            # is checked at every step and a NaN is localised on the very step it appears. On
+            # accelerators the flag waits for the logging schedule (see _flush).
+            force = self._check_nonfinite(meta, bool(bad), loss)
+        if self.sample_every(step + 1):
+            self._tap.arm(step + 1)
+        self._step += 1
+        if force or self._stats.pending() >= self.log_every:
+            self._flush()
+        self._calls.clear()
+
+    def _check_nonfinite(self, meta: RowMeta, flagged: bool, loss: Tensor | None) -> bool:
+        """Replay the step once per non-finite episode; True when the caller must flush now."""
+        if not flagged:
+            self._bad_episode = False
+            return False
+        if self._bad_episode:
+            return False
+        self._bad_episode = True
+        self._stats.count_nonfinite(meta)
+        origin = None
+        if self.replay_enabled and self._calls:
+            loss_value = float(loss.detach().float()) if loss is not None else None
+            self._replaying = True
+            try:
+                origin = localize(self.model, self._calls, loss_value)
+            finally:
+                self._replaying = False
+        counts: dict[str, float] = {}
+        if meta.nonfinite_counts is not None:
+            for j, c in zip(meta.present, meta.nonfinite_counts.tolist(), strict=True):
+                counts[self.params[j].name] = c
+        self._origin = (meta.step, origin, counts)
+        return True
+
+    def _no_gradients(self, step: int) -> None:
+        self._tap.disarm()
+        if self.sample_every(step + 1):
+            self._tap.arm(step + 1)
+        self._step += 1
+        self._calls.clear()
+        self._update_finding(
+            Finding(
+                kind="vanishing",
+                module="",
+                step=step,
+                severity="info",
+                message=f"mon.step() at step {step} found no gradient on any of the {len(self.params)} parameters; "
+                "nothing was recorded for this step.",
+                advice="Call loss.backward() before mon.step(), and mon.step() before optimizer.zero_grad().",
+                evidence={"parameters": len(self.params)},
+            )
+        )
+
+    # ----------------------------------------------------------------- logging schedule
+    def _flush(self) -> None:
+        metas, host = self._stats.fetch()
+        samples, self._samples = self._samples, []
+        if not metas and not samples:
+            return
+        new_rows = [self._row(i, m, host) for i, m in enumerate(metas)]
+        by_step = {r["step"]: r for r in new_rows}
+        for sample in samples:
+            self._absorb_sample(sample, by_step.get(sample.step))
+        if self._origin is None and any(self._row_bad(r) for r in new_rows) and not self._bad_episode:
+            # Accelerator path: the flag is read here, on the logging schedule.
+            bad_meta = next(m for m, r in zip(metas, new_rows, strict=True) if self._row_bad(r))
+            self._bad_episode = True
+            origin = None
+            if self.replay_enabled and self._calls:
+                self._replaying = True
+                try:
+                    origin = localize(self.model, self._calls, None)
+                finally:
+                    self._replaying = False
+            self._origin = (bad_meta.step, origin, {})
+        elif not any(self._row_bad(r) for r in new_rows):
+            self._bad_episode = False
+        self._rows.extend(new_rows)
+        self._window.extend(new_rows)
+        for sink in self.sinks:
+            for r in new_rows:
+                sink.on_step(r)
+            for name, prof in self._time_forward.items():
+                if samples:
+                    sink.on_histogram(samples[-1].step, f"time_forward/{name}", prof)
+        nonfinite_step, origin, counts = self._origin if self._origin else (None, None, {})
+        self._origin = None
+        if not new_rows:
+            return
+        obs = Observation(
+            step=new_rows[-1]["step"],
+            rows=list(self._window),
+            new=len(new_rows),
+            params=self.params,
+            depth=self._depth,
+            activations=self._latest_act,
+            saturation_kinds={n: k for n, k in self._tap.kinds.items() if k is not None},
+            dead_window={n: torch.stack(list(d)).sum(0) for n, d in self._dead.items() if d},
+            dead_samples={n: len(d) for n, d in self._dead.items()},
+            time_forward=self._time_forward,
+            time_grad=self._time_grad,
+            origin=origin,
+            nonfinite_step=nonfinite_step,
+            nonfinite_counts=counts,
+        )
+        for f in run_rules(obs):
+            self._update_finding(f)
+
+    @staticmethod
+    def _row_bad(row: Mapping[str, Any]) -> bool:
+        loss = row.get("loss")
+        return not math.isfinite(row["grad_norm"]) or (loss is not None and not math.isfinite(loss))
+
+    def _row(self, i: int, meta: RowMeta, host: Mapping[str, Tensor]) -> dict[str, Any]:
+        gsq = host["grad_sq"][i].double()
+        present = list(meta.present)
+        row: dict[str, Any] = {
+            "step": meta.step,
+            "loss": float(host["loss"][i]) if meta.has_loss else None,
+            "grad_norm": math.sqrt(float(gsq[present].sum())),
+        }
+        counts = meta.nonfinite_counts.tolist() if meta.nonfinite_counts is not None else None
+        for k, j in enumerate(present):
+            name = self.params[j].name
+            g = float(gsq[j])
+            row[f"grad_norm/{name}"] = math.sqrt(g)
+            if counts is not None:
+                row[f"nonfinite/{name}"] = float(counts[k])
+            else:
+                # Exact counts cost two passes, so they are taken only on flagged steps; a finite norm
+                # proves the count is 0, a non-finite one (seen only on accelerators) means "some".
+                row[f"nonfinite/{name}"] = 0.0 if math.isfinite(g) else float("nan")
+        if meta.detail:
+            wsq, dsq, gmax = host["weight_sq"][i].double(), host["delta_sq"][i].double(), host["grad_max"][i]
+            for j, info in enumerate(self.params):
+                w = math.sqrt(float(wsq[j]))
+                row[f"weight_norm/{info.name}"] = w
+                if j in meta.present:
+                    row[f"grad_max/{info.name}"] = float(gmax[j])
+                d = float(dsq[j])
+                if math.isfinite(d):
+                    # ‖Δw‖/‖w‖ of the optimizer step just taken (Karpathy's ≈1e-3 rule of thumb).
+                    row[f"update_ratio/{info.name}"] = math.sqrt(d) / w if w > 0 else float("inf")
+        return row
+
+    def _absorb_sample(self, sample: Sample, row: dict[str, Any] | None) -> None:
+        if sample.order:
+            self._depth = list(sample.order)
+        for name, vectors in sample.summaries.items():
+            pooled = pool_summaries(vectors)
+            self._latest_act[name] = pooled
+            if row is not None:
+                for field, value in pooled.items():
+                    row[f"act/{name}/{field}"] = value
+            act = sample.activity.get(name)
+            if act is not None and pooled["nonfinite"] == 0:
+                # A NaN output is "not > 0" everywhere; counting it would call live units dead.
+                self._dead.setdefault(name, deque(maxlen=self._dead_window)).append(act.cpu())
+        for name, prof in sample.time_forward.items():
+            self._time_forward[name] = prof.cpu()
+        for name, prof in sample.time_grad.items():
+            self._time_grad[name] = prof.cpu()
+
+    def _update_finding(self, finding: Finding) -> None:
+        old = self._findings.get(finding.key)
+        self._findings[finding.key] = finding
+        if old is None or (old.severity, old.message) != (finding.severity, finding.message):
+            for sink in self.sinks:
+                sink.on_finding(finding)
+
+    # ----------------------------------------------------------------- public read side
+    def report(self, finding: Finding) -> None:
+        """Add a finding produced elsewhere (Guard, integrations) to this monitor's findings and sinks."""
+        if not isinstance(finding, Finding):
+            raise InputError(f"report() needs a gradguard.Finding, got {type(finding).__name__}")
+        self._update_finding(finding)
+
+    @property
+    def step_count(self) -> int:
+        """Number of ``step()`` calls so far (the next step's index)."""
+        return self._step
+
+    @property
+    def findings(self) -> list[Finding]:
+        """Deduplicated findings (one per kind and module, newest state), worst first. Fetches pending stats."""
+        self._flush()
+        return sorted(self._findings.values(), key=lambda f: (-f.rank, KINDS.index(f.kind), f.module))
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """One dict per recorded step (``step``, ``loss``, ``grad_norm``, ``grad_norm/<param>``, ...).
+
+        Keys: ``grad_norm/<p>`` and ``nonfinite/<p>`` every step for each parameter that had a gradient;
+        on sampled steps also ``grad_max/<p>``, ``weight_norm/<p>``, ``update_ratio/<p>`` (from the second
+        sampled step on) and ``act/<module>/<field>`` for the fields of
+        :data:`gradguard.stats.activations.SUMMARY_FIELDS`. ``loss`` is ``None`` when ``step()`` got no loss.
+        Reading it fetches whatever is still pending on the device.
+        """
+        self._flush()
+        return list(self._rows)
+
+    @property
+    def time_profiles(self) -> dict[str, dict[str, Tensor]]:
+        """Latest per-time-step profiles of recurrent modules: ``{"forward"|"grad": {module: vector}}``."""
+        self._flush()
+        return {"forward": dict(self._time_forward), "grad": dict(self._time_grad)}
+
+    def summary(self) -> str:
+        """A per-layer table (latest and median gradient norm, weight norm, update ratio) and the findings."""
+        findings = self.findings
+        rows = list(self._window)
+        lines = [f"gradguard monitor: {self._step} steps, {len(self.params)} parameter tensors"]
+        header = f"{'parameter':40s} {'grad norm':>11s} {'median':>11s} {'weight norm':>11s} {'update ratio':>12s}"
+        lines += [header, "-" * len(header)]
+        for p in self.params:
+            fin = sorted(float(r[key]) for r in rows if _isfinite(r.get(key := f"grad_norm/{p.name}")))
+            last = _last(rows, f"grad_norm/{p.name}")
+            med = fin[len(fin) // 2] if fin else float("nan")
+            w = _last(rows, f"weight_norm/{p.name}")
+            u = _last(rows, f"update_ratio/{p.name}")
+            lines.append(f"{p.name[:40]:40s} {_num(last):>11s} {_num(med):>11s} {_num(w):>11s} {_num(u):>12s}")
+        lines.append("")
+        if not findings:
+            lines.append("No findings.")
+        for f in findings:
+            where = f"`{f.module}`" if f.module else "model"
+            lines.append(f"[{f.severity}] {f.kind} at {where} (step {f.step}): {f.message}")
+            lines.append(f"    advice: {f.advice}")
+        return "\n".join(lines)
+
+    # ----------------------------------------------------------------- lifecycle
+    def close(self) -> None:
+        """Fetch what is pending, remove every hook and close the sinks. Idempotent."""
+        if self._closed:
+            return
+        self._flush()
+        for h in self._root_handles:
+            h.remove()
+        self._root_handles.clear()
+        self._tap.disarm()
+        self._calls.clear()
+        for sink in self.sinks:
+            sink.close()
+        self._closed = True
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # best effort: never leave hooks on a model whose monitor is gone
+        try:
+            if not self._closed:
+                for h in self._root_handles:
+                    h.remove()
+                self._tap.disarm()
+        except Exception:
+            pass
+
+
+def _last(rows: Sequence[Mapping[str, Any]], key: str) -> float:
+    for r in reversed(rows):
+        v = r.get(key)
+        if v is not None:
+            return float(v)
+    return float("nan")
+
+
+def _isfinite(x: Any) -> bool:
+    return isinstance(x, float | int) and math.isfinite(x)
+
+
+def _num(x: float) -> str:
+    return "-" if x != x else f"{x:.3g}"
+
+
+def watch(model: nn.Module, **options: Any) -> Monitor:
+    """Attach a :class:`Monitor` to ``model``; usable as ``with gg.watch(model) as mon:``.
+
+    Per step (fused ``torch._foreach_norm``, kept on the device): per-parameter gradient L2 norm, the
+    global norm ‖g‖ = (Σ_i ‖g_i‖²)^½ and a NaN/Inf flag. On sampled steps also max|g|, ‖w‖, the update
+    ratio ‖Δw‖/‖w‖ and per-module output summaries (mean, std, fraction of zeros / saturated, non-finite
+    count, per-unit activity, per-time-step profiles of recurrent modules). Statistics reach the host on
+    the logging schedule or when ``history``/``findings``/``summary()`` is read.
+
+    Options:
+        log_every (int, 10): steps between fetches (detection and sinks run then).
+        sample_every (int, 10): steps between sampled steps (activation hooks, detail statistics).
+        window (int ≥ 10, 200): steps of history the rules look back on.
+        dead_window (int, 5): sampled steps over which a unit must never fire to be called dead.
+        log_dir (path, None): also append history and findings to ``<log_dir>/metrics.jsonl``.
+        console (bool, True): print each new finding once (rich).
+        sinks (iterable of gradguard.sinks.Sink, ()): extra sinks.
+        replay (bool, True): keep references to the last inputs and replay a step that produced NaN/Inf
+            to name the module that produced it.
+        reduce_fn (callable, None): applied on each fetch to stacked per-tensor *squared* norms of shape
+            (rows, n_params) before they become norms; e.g. an all-reduce(SUM) across FSDP shards.
+        max_calls (int, 8): training forwards per step kept for replay (gradient accumulation).
+
+    Raises:
+        InputError: ``model`` is not an ``nn.Module`` or an option has the wrong type.
+        ConfigError: unknown option name, value out of range, or a model without parameters.
+    """
+    unknown = sorted(set(options) - set(DEFAULTS))
+    if unknown:
+        raise ConfigError(f"unknown watch() option(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(DEFAULTS)}")
+    return Monitor(model, **options)

@@ -1,0 +1,241 @@
+"""Where a NaN/Inf was born: replay the recorded step under localisation hooks.
+
+Nothing here runs in the steady state. The monitor keeps references to the last training forward's
+inputs, the RNG state before it, and the gradient that reached the model's outputs in the backward pass.
+Once a non-finite value is flagged, :func:`localize` re-runs that forward and backward with hooks on every
+module and names the *producer*:
+
+- forward: the first module (in completion order, so the innermost) whose inputs and parameters were
+  finite but whose output was not; a module whose input already held the NaN only passes it on and is
+  never blamed;
+- backward: the first module whose output gradient was finite but whose input gradient or own parameter
+  gradient was not (e.g. ``sqrt`` at 0: finite forward, infinite derivative);
+- the loss: model outputs finite but the loss (or the gradient the loss sent back) not → module ``""``.
+
+The backward is replayed with ``torch.autograd.grad`` seeded with the recorded output gradients, so the
+loss function need not be known and ``.grad`` is untouched. Buffers (e.g. BatchNorm running stats) and
+the RNG state are restored afterwards, so the replay leaves no trace on the model.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gradguard.detect.base import Origin
+
+
+@dataclass
+class Call:
+    """One recorded training forward of the root module."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    rng_cpu: Tensor
+    rng_cuda: list[Tensor] | None = None
+    output_grads: list[Tensor | None] = field(default_factory=list)
+
+
+def tensors_in(obj: Any) -> Iterator[Tensor]:
+    """Every tensor inside nested tuples/lists/dicts (module inputs and outputs)."""
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, tuple | list):
+        for o in obj:
+            yield from tensors_in(o)
+    elif isinstance(obj, Mapping):
+        for o in obj.values():
+            yield from tensors_in(o)
+
+
+def _nonfinite(ts: Sequence[Tensor]) -> int:
+    return int(sum(int((~torch.isfinite(t.detach())).sum()) for t in ts if t.is_floating_point()))
+
+
+class _Recorder:
+    """Hooks for one replay; every result is a host int, synchronising freely (this is the slow path)."""
+
+    def __init__(self, modules: Mapping[str, nn.Module]) -> None:
+        self.modules = modules
+        self.seq = itertools.count()
+        self.forward_bad: list[tuple[int, str, dict[str, Any]]] = []
+        self.grad_out_bad: dict[tuple[str, int], int] = {}
+        self.grad_out_seen: set[tuple[str, int]] = set()
+        self.backward_bad: list[tuple[int, str, int, dict[str, Any]]] = []
+        self.param_grad_bad: dict[str, tuple[int, int]] = {}
+        self.calls: dict[str, int] = {}
+        self.handles: list[Any] = []
+        self._inputs_finite: dict[str, list[bool]] = {}
+
+    def attach(self) -> None:
+        for name, m in self.modules.items():
+            self.handles.append(m.register_forward_pre_hook(self._pre(name), with_kwargs=True))
+            self.handles.append(m.register_forward_hook(self._post(name), with_kwargs=True))
+            for pname, p in m.named_parameters(recurse=False):
+                if p.requires_grad:
+                    self.handles.append(p.register_hook(self._param_hook(name, pname)))
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def _pre(self, name: str):
+        def pre(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            call = self.calls.get(name, 0)
+            self.calls[name] = call + 1
+            ins = list(tensors_in((args, kwargs)))
+            # Input finiteness is read here, before the module runs, because in-place modules
+            # (nn.ReLU(inplace=True)) overwrite their input.
+            self._inputs_finite.setdefault(name, []).append(_nonfinite(ins) == 0)
+            for t in ins:
+                if t.requires_grad:
+                    t.register_hook(self._grad_in_hook(name, call))
+
+        return pre
+
+    def _post(self, name: str):
+        def post(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            call = self.calls[name] - 1
+            inputs_ok = self._inputs_finite[name].pop()
+            outs = list(tensors_in(output))
+            bad_out = _nonfinite(outs)
+            own = [p for _, p in mod.named_parameters(recurse=False)]
+            bad_params = _nonfinite(own)
+            if inputs_ok and bad_out:
+                total = sum(t.numel() for t in outs)
+                self.forward_bad.append(
+                    (next(self.seq), name, {"call": call, "nonfinite": bad_out, "numel": total,
+                                            "nonfinite_params": bad_params})
+                )
+            for t in outs:
+                if t.requires_grad:
+                    t.register_hook(self._grad_out_hook(name, call))
+
+        return post
+
+    def _grad_out_hook(self, name: str, call: int):
+        def hook(g: Tensor) -> None:
+            key = (name, call)
+            self.grad_out_seen.add(key)
+            self.grad_out_bad[key] = self.grad_out_bad.get(key, 0) + _nonfinite([g])
+
+        return hook
+
+    def _grad_in_hook(self, name: str, call: int):
+        def hook(g: Tensor) -> None:
+            bad = _nonfinite([g])
+            if bad:
+                self.backward_bad.append((next(self.seq), name, call, {"nonfinite": bad, "numel": g.numel()}))
+
+        return hook
+
+    def _param_hook(self, name: str, pname: str):
+        def hook(g: Tensor) -> None:
+            bad = _nonfinite([g])
+            if bad and name not in self.param_grad_bad:
+                self.param_grad_bad[name] = (next(self.seq), bad)
+
+        return hook
+
+
+def _innermost(candidates: list[tuple[int, str]]) -> tuple[int, str]:
+    """Earliest candidate, but a descendant beats its ancestor (a container shares its child's tensors)."""
+    names = {n for _, n in candidates}
+    leaves = [(s, n) for s, n in candidates if not any(o != n and (n == "" or o.startswith(n + ".")) for o in names)]
+    return min(leaves or candidates)
+
+
+def _snapshot_buffers(model: nn.Module) -> list[tuple[Tensor, Tensor]]:
+    return [(b, b.detach().clone()) for b in model.buffers()]
+
+
+def localize(model: nn.Module, calls: Sequence[Call], loss_value: float | None) -> Origin | None:
+    """Replay ``calls`` (the step's training forwards) and return the producer of the first NaN/Inf.
+
+    ``loss_value`` is the recorded loss (``None`` if unknown). Returns ``None`` when the replay is
+    entirely finite (e.g. the inputs were overwritten in place since the step).
+    """
+    modules = {name: m for name, m in model.named_modules()}
+    buffers = _snapshot_buffers(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for call in calls:
+            devices = [torch.cuda.current_device()] if call.rng_cuda is not None else []
+            with torch.random.fork_rng(devices=devices), torch.enable_grad():
+                torch.set_rng_state(call.rng_cpu)
+                if call.rng_cuda is not None:
+                    torch.cuda.set_rng_state_all(call.rng_cuda)
+                origin = _replay_one(model, modules, params, call, loss_value)
+            if origin is not None:
+                return origin
+        return None
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+
+
+def _replay_one(
+    model: nn.Module, modules: Mapping[str, nn.Module], params: Sequence[Tensor], call: Call, loss_value: float | None
+) -> Origin | None:
+    rec = _Recorder(modules)
+    rec.attach()
+    try:
+        output = model(*call.args, **call.kwargs)
+        if rec.forward_bad:
+            seq, name = _innermost([(s, n) for s, n, _ in rec.forward_bad])
+            ev = next(e for s, n, e in rec.forward_bad if s == seq and n == name)
+            what = (
+                f"its inputs were finite but its output held {ev['nonfinite']} non-finite of {ev['numel']} values"
+            )
+            if ev["nonfinite_params"]:
+                what += f" (its own parameters already held {ev['nonfinite_params']} non-finite values)"
+            return Origin(name, "forward", what, ev)
+        outs = [t for t in tensors_in(output)]
+        if loss_value is not None and not _is_finite(loss_value):
+            return Origin("", "forward", f"the model's outputs were finite but the loss was {loss_value}",
+                          {"loss": loss_value})
+        grads = call.output_grads
+        pairs = [(o, g) for o, g in zip(outs, grads, strict=False) if g is not None and o.requires_grad]
+        if not pairs:
+            return None
+        bad_seed = _nonfinite([g for _, g in pairs])
+        if bad_seed:
+            return Origin(
+                "", "backward",
+                f"the model's outputs were finite but the gradient the loss sent back held {bad_seed} "
+                "non-finite values",
+                {"nonfinite": bad_seed},
+            )
+        torch.autograd.grad(
+            [o for o, _ in pairs], params, grad_outputs=[g for _, g in pairs], allow_unused=True
+        )
+        candidates: list[tuple[int, str, dict[str, Any]]] = []
+        for seq, name, call_idx, ev in rec.backward_bad:
+            key = (name, call_idx)
+            if key in rec.grad_out_seen and rec.grad_out_bad.get(key, 0) == 0:
+                candidates.append((seq, name, {**ev, "where": "input gradient"}))
+        for name, (seq, bad) in rec.param_grad_bad.items():
+            seen = [k for k in rec.grad_out_seen if k[0] == name]
+            if seen and all(rec.grad_out_bad.get(k, 0) == 0 for k in seen):
+                candidates.append((seq, name, {"nonfinite": bad, "where": "parameter gradient"}))
+        if not candidates:
+            return None
+        seq, name = _innermost([(s, n) for s, n, _ in candidates])
+        ev = next(e for s, n, e in candidates if s == seq and n == name)
+        what = (
+            f"its output gradient was finite but its {ev['where']} held {ev['nonfinite']} non-finite values"
+        )
+        return Origin(name, "backward", what, ev)
+    finally:
+        rec.detach()
+
+
+def _is_finite(x: float) -> bool:
+    return x == x and abs(x) != float("inf")
