@@ -33,7 +33,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
 
 reliability: $(STAMP)
-	$(PY) -m gradguard.reliability
+	$(PY) reliability/run.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
