@@ -127,7 +127,9 @@ def plots(report: ProbeReport) -> dict[str, str]:
         fig = Figure(figsize=(6.5, 3.6))
         ax = fig.subplots()
         for label, values in series:
-            ax.plot(range(len(values)), _positive(list(values)), label=label)
+            # The last-step profile often lies on top of ‖∂L/∂h_t‖ (many-to-one models): dash it.
+            style = "--" if "last step" in label else "-"
+            ax.plot(range(len(values)), _positive(list(values)), style, label=label)
         ax.set_yscale("log")
         ax.set_xlabel("time step t")
         ax.set_ylabel("gradient norm")

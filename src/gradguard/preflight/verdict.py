@@ -68,7 +68,8 @@ def _nonfinite(rows: Sequence[LayerRow], loss: float) -> list[Finding]:
     for i, r in enumerate(rows):
         if r.nonfinite > 0:
             prev = rows[i - 1] if i > 0 else None
-            grew = (f"; the previous output `{prev.label}` was finite with std {_fmt(prev.std)}" if prev else "")
+            scale = f" with std {_fmt(prev.std)}" if prev and math.isfinite(prev.std) else ""
+            grew = f"; the previous output `{prev.label}` was finite{scale}" if prev else ""
             return [Finding(
                 kind="nonfinite", module=r.name, step=0, severity="error",
                 message=(f"The forward output of `{r.label}` holds {int(r.nonfinite)} non-finite values of "
@@ -125,6 +126,20 @@ def _depth(rows: Sequence[LayerRow]) -> list[Finding]:
                      f"{_names([r for r, _ in high])}."),
             advice=f"{_init_advice(rows)}; {_NORM}; {_CLIP}.",
             evidence={"reference": ref.label, "layers": [r.label for r, _ in high], "attenuation": evidence_all},
+        ))
+    # Forward growth of the activations through the hidden layers (the output layer is left out: its
+    # width and role differ). Backward explosion is the usual consequence; report it once.
+    hidden = [r for r in weighted[:-1] if math.isfinite(r.std) and r.std > 0]
+    if not high and len(hidden) >= 3 and hidden[-1].std / hidden[0].std > EXPLODE_WARNING:
+        growth = hidden[-1].std / hidden[0].std
+        per_layer = growth ** (1.0 / (len(hidden) - 1))
+        out.append(Finding(
+            kind="exploding", module=hidden[0].name, step=0,
+            severity="error" if growth > EXPLODE_ERROR else "warning",
+            message=(f"The activations grow {_fmt(growth)} × from `{hidden[0].label}` (std {_fmt(hidden[0].std)}) to "
+                     f"`{hidden[-1].label}` (std {_fmt(hidden[-1].std)}), about {_fmt(per_layer)} × per layer."),
+            advice=f"{_init_advice(rows)}; {_NORM}; {_CLIP}.",
+            evidence={"layers": {r.label: r.std for r in hidden}, "growth": growth, "per_layer": per_layer},
         ))
     return out
 
