@@ -10,12 +10,12 @@ import torch
 
 pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
 
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from gradguard.errors import ConfigError, InputError  # noqa: E402
-from gradguard.findings import Finding  # noqa: E402
-from gradguard.sinks.base import Sink  # noqa: E402
-from gradguard.sinks.tensorboard import TensorBoardSink, read_scalars  # noqa: E402
+from gradguard.errors import ConfigError, InputError
+from gradguard.findings import Finding
+from gradguard.sinks.base import Sink
+from gradguard.sinks.tensorboard import TensorBoardSink, read_scalars
 
 
 def _accumulator(log_dir: Path) -> EventAccumulator:
