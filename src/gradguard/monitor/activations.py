@@ -28,10 +28,13 @@ _RECURRENT = (nn.RNN, nn.LSTM, nn.GRU)
 
 
 def is_recurrent(module: nn.Module) -> bool:
-    """True for ``nn.RNN``/``nn.LSTM``/``nn.GRU`` and gradguard's ``nn.LSTM``."""
+    """True for ``nn.RNN``/``nn.LSTM``/``nn.GRU``, gradguard's ``nn.LSTM``, and modules that declare
+    ``gradguard_recurrent = True`` (e.g. the mirrors of Keras LSTM/GRU layers in
+    :mod:`gradguard.integrations.keras`)."""
     from gradguard.nn import LSTM
 
-    return isinstance(module, (*_RECURRENT, LSTM))
+    # integrations (issue 6): duck-typed marker, so framework adapters need no torch RNN base class.
+    return isinstance(module, (*_RECURRENT, LSTM)) or bool(getattr(module, "gradguard_recurrent", False))
 
 
 def unit_dim_for(x: Tensor) -> int:
