@@ -18,6 +18,7 @@ from matplotlib.figure import Figure as MplFigure
 from gradguard.report.figures import Figure, Panel, Series
 
 PANEL_SIZE = (6.0, 4.0)  # inches per panel
+WIDE_PANEL_WIDTH = 9.0
 DPI = 100
 
 
@@ -83,7 +84,8 @@ def render_png(figure: Figure) -> bytes:
     n = max(len(figure.panels), 1)
     ncols = min(figure.ncols, n)
     nrows = math.ceil(n / ncols)
-    fig = MplFigure(figsize=(PANEL_SIZE[0] * ncols, PANEL_SIZE[1] * nrows + 0.4), dpi=DPI, layout="constrained")
+    width = PANEL_SIZE[0] * ncols if ncols > 1 else WIDE_PANEL_WIDTH  # a lone panel gets room for its legend
+    fig = MplFigure(figsize=(width, PANEL_SIZE[1] * nrows + 0.4), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax, panel in zip(axes.flat, figure.panels, strict=False):
