@@ -9,10 +9,12 @@ Measured on CPU (20-layer MLP, width 256): L2 norms 0.24 ms, max-abs by ``_forea
 by a loop of ``aminmax`` 0.2 ms, exact non-finite counts 3.4 ms — so the exact counts are computed only on
 steps whose flag is raised, never in the steady state.
 
-Distributed training: norms of sharded parameters are partial. ``reduce_fn`` (if given) receives every
-block of stacked per-tensor *squared* norms, shape ``(rows, n_params)``, on the logging schedule — right
-before they are turned into norms — and must return the globally reduced block (e.g. an all-reduce with
-``SUM`` across FSDP shards). It is called once per fetch, not per step.
+Distributed training: norms of sharded parameters are partial. ``reduce_fn`` (if given) receives the
+stacked per-tensor *squared* norms as one block of shape ``(rows, 3 · n_params)`` — gradient, weight and
+update (Δw) squared norms side by side, columns in ``named_parameters()`` order, NaN where not measured —
+on the logging schedule, right before they become norms, and must return the globally reduced block
+(e.g. one all-reduce with ``SUM`` across FSDP shards: ``gradguard.stats.distributed.make_reduce_fn``).
+It is called once per fetch, not per step. Max-abs values stay local to the rank.
 """
 
 from __future__ import annotations
@@ -62,9 +64,9 @@ class ParamStats:
         n, p = self.rows, len(self.params)
         nan = float("nan")
         self.device = device
-        self.grad_sq = torch.full((n, p), nan, device=device)
-        self.weight_sq = torch.full((n, p), nan, device=device)
-        self.delta_sq = torch.full((n, p), nan, device=device)
+        self.grad_n = torch.full((n, p), nan, device=device)
+        self.weight_n = torch.full((n, p), nan, device=device)
+        self.delta_n = torch.full((n, p), nan, device=device)
         self.grad_max = torch.full((n, p), nan, device=device)
         self.loss = torch.full((n,), nan, device=device)
         self.bad = torch.zeros((n,), dtype=torch.bool, device=device)
@@ -99,12 +101,14 @@ class ParamStats:
         grads = [self.params[i].grad for i in present]
         row = len(self.meta)
         norms = tensor_norms(grads, 2.0)  # type: ignore[arg-type]
-        sq = norms * norms
+        # Norms, not squares, are buffered: a float32 square overflows for norms > 1.8e19, which an
+        # exploding run reaches long before its gradients hold an actual Inf. Squares are formed in
+        # float64 on fetch.
         if len(present) == len(self.params):
-            self.grad_sq[row].copy_(sq)
+            self.grad_n[row].copy_(norms)
         else:
-            self.grad_sq[row].index_copy_(0, self._index(present), sq)
-        bad = ~torch.isfinite(sq.sum())
+            self.grad_n[row].index_copy_(0, self._index(present), norms)
+        bad = ~torch.isfinite(norms).all()
         if loss is not None:
             lv = loss.detach().reshape(()).float()
             self.loss[row].copy_(lv)
@@ -122,12 +126,10 @@ class ParamStats:
         idx = self._index(present)
         self.grad_max[row].index_copy_(0, idx, mx)
         weights = [p.detach() for p in self.params]
-        w = tensor_norms(weights, 2.0)
-        self.weight_sq[row].copy_(w * w)
+        self.weight_n[row].copy_(tensor_norms(weights, 2.0))
         if self._snapshot is not None and self._snapshot_step == step - 1:
             torch._foreach_sub_(self._snapshot, weights)
-            d = tensor_norms(self._snapshot, 2.0)
-            self.delta_sq[row].copy_(d * d)
+            self.delta_n[row].copy_(tensor_norms(self._snapshot, 2.0))
         self._snapshot_step = -1
 
     def snapshot(self, step: int) -> None:
@@ -153,12 +155,16 @@ class ParamStats:
         meta, self.meta = self.meta, []
         if n == 0 or self.device is None:
             return meta, {}
-        blocks = {"grad_sq": self.grad_sq[:n], "weight_sq": self.weight_sq[:n], "delta_sq": self.delta_sq[:n]}
-        if self.reduce_fn is not None:
-            blocks = {k: self.reduce_fn(v) for k, v in blocks.items()}
-        packed = torch.cat([blocks["grad_sq"], blocks["weight_sq"], blocks["delta_sq"], self.grad_max[:n]], dim=1)
+        # One (rows, 3·P) block of squared norms: a distributed reduce_fn reduces it with one collective.
+        norms = torch.cat([self.grad_n[:n], self.weight_n[:n], self.delta_n[:n], self.grad_max[:n]], dim=1)
         # copy=True: on CPU .cpu() would alias the buffers that are reset just below.
-        host = packed.float().to("cpu", copy=True)
+        host = norms.to("cpu", copy=True).double()
+        p3 = 3 * len(self.params)
+        if self.reduce_fn is None:
+            host[:, :p3] = host[:, :p3] ** 2
+        else:
+            dev = norms[:, :p3].double() if norms.device.type == "cuda" else norms[:, :p3]
+            host[:, :p3] = self.reduce_fn(dev * dev).to("cpu").double()
         loss = self.loss[:n].float().to("cpu", copy=True)
         p = len(self.params)
         out = {
@@ -169,7 +175,7 @@ class ParamStats:
             "loss": loss,
         }
         # Reset the rows just read so stale values never leak into a later step.
-        for t in (self.grad_sq, self.weight_sq, self.delta_sq, self.grad_max):
+        for t in (self.grad_n, self.weight_n, self.delta_n, self.grad_max):
             t[:n].fill_(float("nan"))
         self.loss[:n].fill_(float("nan"))
         return meta, out
