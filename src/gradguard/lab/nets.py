@@ -115,10 +115,13 @@ def train_classifier(
     generator: torch.Generator,
     eval_every: int,
     progress: Callable[[float], None] = lambda f: None,
+    after_backward: Callable[[Tensor], None] = lambda loss: None,
 ) -> History:
     """Plain cross-entropy training for ``steps`` mini-batches, evaluating test accuracy every ``eval_every``.
 
-    The lab logs every step, so reading the loss and gradient norm each step is its logging schedule.
+    ``after_backward(loss)`` runs between ``backward()`` and ``optimizer.step()`` (where ``Monitor.step``
+    belongs). The lab logs every step, so reading the loss and gradient norm each step is its logging
+    schedule.
     """
     history = History()
     stream = batches(data, batch, generator)
@@ -129,6 +132,7 @@ def train_classifier(
         loss.backward()
         history.loss.append(float(loss.detach()))
         history.grad_norm.append(grad_norm(model))
+        after_backward(loss)
         optimizer.step()
         if step % eval_every == 0 or step == steps:
             history.eval_step.append(step)

@@ -27,7 +27,8 @@ def _floats(values: list[Any]) -> np.ndarray:
     return np.array([math.nan if v is None else float(v) for v in values], dtype=float)
 
 
-def _draw_series(ax: Axes, s: Series, yscale: str) -> None:
+def _draw_series(ax: Axes, s: Series, yscale: str, slot: tuple[int, int] = (0, 1)) -> None:
+    """Draw one series; ``slot`` = (index, count) of bar series on the panel, to set grouped bars side by side."""
     kw: dict[str, Any] = {"label": s.label or None, "alpha": s.alpha}
     if s.color:
         kw["color"] = s.color
@@ -46,8 +47,11 @@ def _draw_series(ax: Axes, s: Series, yscale: str) -> None:
     elif s.kind == "bar":
         y = _floats(s.y)
         ticks = s.ticks or [str(i) for i in range(len(y))]
-        ax.bar(range(len(y)), np.nan_to_num(y, nan=0.0), tick_label=ticks, **kw)
-        ax.tick_params(axis="x", labelrotation=30)
+        index, count = slot
+        width = 0.8 / count
+        pos = np.arange(len(y)) - 0.4 + width * (index + 0.5)
+        ax.bar(pos, np.nan_to_num(y, nan=0.0), width=width, **kw)
+        ax.set_xticks(range(len(y)), ticks, rotation=30, ha="right")
     elif s.kind == "heatmap":
         z = np.array([_floats(row) for row in (s.z or [])])
         image = ax.imshow(z, aspect="auto", cmap="viridis")
@@ -66,13 +70,17 @@ def _draw_series(ax: Axes, s: Series, yscale: str) -> None:
 
 
 def _draw_panel(ax: Axes, panel: Panel) -> None:
+    bars = [s for s in panel.series if s.kind == "bar"]
     for s in panel.series:
-        _draw_series(ax, s, panel.yscale)
+        slot = (bars.index(s), len(bars)) if s.kind == "bar" else (0, 1)
+        _draw_series(ax, s, panel.yscale, slot)
     ax.set_title(panel.title, fontsize=10)
     ax.set_xlabel(panel.xlabel)
     ax.set_ylabel(panel.ylabel)
-    if not any(s.kind == "heatmap" for s in panel.series):
+    categorical = any(s.kind in ("heatmap", "bar") for s in panel.series)
+    if not categorical:
         ax.set_xscale(panel.xscale)
+    if not any(s.kind == "heatmap" for s in panel.series):
         ax.set_yscale(panel.yscale)
         ax.grid(True, which="major", alpha=0.3)
     if panel.legend and any(s.label for s in panel.series):
