@@ -10,7 +10,9 @@ fewer epochs.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -43,6 +45,10 @@ def _he_init(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+def _scaled(progress: Callable[[float], None], k: int, n: int, fraction: float) -> None:
+    progress((k + fraction) / n)  # run k of n is ``fraction`` done
+
+
 def epochs_to(history: History, steps_per_epoch: int, target: float) -> float:
     """First epoch (1-based) whose end-of-epoch test accuracy reaches ``target``; ``inf`` if none."""
     for step, acc in zip(history.eval_step, history.test_accuracy, strict=True):
@@ -63,7 +69,7 @@ def run(ctx: RunContext) -> Result:
         histories[name] = train_classifier(
             model, data, torch.optim.SGD(model.parameters(), lr=lr), steps=epochs * steps_per_epoch, batch=BATCH,
             generator=torch.Generator().manual_seed(ctx.seed), eval_every=steps_per_epoch,
-            progress=lambda f, k=k: ctx.progress((k + f) / len(VARIANTS)),
+            progress=functools.partial(_scaled, ctx.progress, k, len(VARIANTS)),
         )
     bn_layer = nn.BatchNorm1d(4, momentum=0.1)
     n_params, n_buffers = len(list(bn_layer.parameters())), len([b for b in bn_layer.buffers() if b.dim() == 1])

@@ -24,8 +24,9 @@ DEPTH, WIDTH, BATCH = 50, 64, 256
 
 def _layer_grad_norms(activation: str, residual: bool, x: torch.Tensor, y: torch.Tensor) -> list[float]:
     model = DeepMLP(x.shape[1], 10, [WIDTH] * DEPTH, activation, residual=residual)
-    F.cross_entropy(model(x), y).backward()
-    return [float(lin.weight.grad.norm()) for lin in model.hidden]  # type: ignore[union-attr]
+    weights = [lin.weight for lin in model.hidden if isinstance(lin, torch.nn.Linear)]
+    grads = torch.autograd.grad(F.cross_entropy(model(x), y), weights)
+    return [float(g.norm()) for g in grads]
 
 
 def run(ctx: RunContext) -> Result:

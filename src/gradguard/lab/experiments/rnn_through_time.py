@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+import gradguard as gg
 from gradguard.lab import claims as C
 from gradguard.lab.experiment import ExperimentInfo, Result, RunContext
 from gradguard.report.figures import Figure, Panel, Series
@@ -97,16 +98,10 @@ def run(ctx: RunContext) -> Result:
         "ReLU RNN (PyTorch init)": nn.RNN(INPUTS, HIDDEN, nonlinearity="relu", batch_first=True),
         "IRNN (ReLU, W_hh = I)": nn.RNN(INPUTS, HIDDEN, nonlinearity="relu", batch_first=True),
     }
-    with torch.no_grad():
-        irnn = models["IRNN (ReLU, W_hh = I)"]
-        irnn.weight_hh_l0.copy_(torch.eye(HIDDEN))
-        irnn.bias_hh_l0.zero_()
-        irnn.bias_ih_l0.zero_()
+    gg.init.apply(models["IRNN (ReLU, W_hh = I)"], "identity")  # W_hh = I, biases 0
     for b in FORGET_BIASES:
         lstm = nn.LSTM(INPUTS, HIDDEN, batch_first=True)
-        with torch.no_grad():  # gate order i, f, g, o: the forget bias is the second quarter
-            lstm.bias_ih_l0[HIDDEN:2 * HIDDEN].fill_(b)
-            lstm.bias_hh_l0[HIDDEN:2 * HIDDEN].zero_()
+        gg.init.apply(lstm, "lstm_forget_bias", value=b)  # effective forget-gate bias b, other weights default
         models[f"LSTM, forget bias {b:g}"] = lstm
     reach = Panel(f"input gradient against lag (relative to its largest); dotted: the {HORIZON_DROP:g} line",
                   "lag T − 1 − t (steps back from the output)", "‖∂L/∂x_t‖ / max_t (log scale)", [], yscale="log")
