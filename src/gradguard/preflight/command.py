@@ -98,8 +98,8 @@ def _loss_for(kind: str, output: Any, gen: torch.Generator) -> tuple[Tensor | No
         raise ConfigError(f"--loss {kind}: the model output holds no floating-point tensor")
     y = tensors[0]
     if kind == "mse":
-        target = torch.randn(tuple(y.shape), generator=gen).to(y.device, y.dtype)
-        return target, lambda out, tgt: F.mse_loss(_float_tensors(out)[0], tgt)
+        # Floating targets of the output's shape: probe() itself uses MSE on the first output tensor.
+        return torch.randn(tuple(y.shape), generator=gen).to(y.device, y.dtype), None
     if y.dim() < 1 or y.shape[-1] < 2:
         raise ConfigError(f"--loss ce needs class scores in the last output dimension, got shape {tuple(y.shape)}")
     classes = y.shape[-1]
