@@ -222,9 +222,14 @@ def _replay_one(
             if key in rec.grad_out_seen and rec.grad_out_bad.get(key, 0) == 0:
                 candidates.append((seq, name, {**ev, "where": "input gradient"}))
         for name, (seq, bad) in rec.param_grad_bad.items():
-            seen = [k for k in rec.grad_out_seen if k[0] == name]
+            # A child whose forward never runs (nn.MultiheadAttention reads out_proj.weight directly)
+            # has no output gradient of its own: its nearest ancestor that did run answers for it.
+            owner = name
+            while owner and not any(k[0] == owner for k in rec.grad_out_seen):
+                owner = owner.rpartition(".")[0]
+            seen = [k for k in rec.grad_out_seen if k[0] == owner]
             if seen and all(rec.grad_out_bad.get(k, 0) == 0 for k in seen):
-                candidates.append((seq, name, {"nonfinite": bad, "where": "parameter gradient"}))
+                candidates.append((seq, owner, {"nonfinite": bad, "where": "parameter gradient"}))
         if not candidates:
             return None
         seq, name = _innermost([(s, n) for s, n, _ in candidates])
