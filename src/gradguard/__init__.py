@@ -6,6 +6,7 @@ The public API is exactly what ``__all__`` lists.
 from gradguard import clip, init, nn, stats
 from gradguard.errors import ConfigError, GradGuardError, InputError, StateError
 from gradguard.findings import KINDS, SEVERITIES, Finding
+from gradguard.guard import Guard, GuardEvent
 from gradguard.monitor import Monitor, watch
 from gradguard.penalty import l2_penalty
 from gradguard.preflight import ProbeReport, probe
@@ -18,6 +19,8 @@ __all__ = [
     "ConfigError",
     "Finding",
     "GradGuardError",
+    "Guard",
+    "GuardEvent",
     "InputError",
     "Monitor",
     "ProbeReport",

@@ -1,0 +1,501 @@
+"""``Guard``: a guarded optimizer step that skips bad updates, rolls back, and backs off the learning rate.
+
+::
+
+    guard = gg.Guard(model, optimizer)            # defaults: ZClip clipping, z > 6 spike skips, rollback
+    for x, y in data:
+        optimizer.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        applied = guard.step(loss)                # replaces optimizer.step(); False when skipped
+
+What one ``step(loss)`` does, in order:
+
+1. with a ``GradScaler``: ``scaler.unscale_(optimizer)``, so clipping and measuring see true gradients;
+2. the clipping policy measures and clips (``ClipResult``), or, without one, the global 2-norm is measured;
+3. the loss and gradient norm are compared with their recent history by a robust z-score
+   (median/MAD over the last ``window`` applied steps, :func:`gradguard.stats.robust_zscore`);
+4. **the one host synchronisation of the step**: a single small vector (loss, norm, threshold, clipped,
+   z-scores, spike flags, the scaler's found-inf) is fetched with one ``.tolist()``. Whether to update
+   must be decided on the host (the optimizer step is host code), so one fetch per step is the minimum;
+   everything before it is queued device work, and nothing else in the step reads a device value;
+5. the update is applied (``optimizer.step()`` under the current LR factor; with a scaler, then
+   ``scaler.update()``), or skipped, when the loss or any gradient is non-finite, or the loss or the
+   gradient norm spikes (z > ``spike_z`` and more than ``spike_min_excess`` above the median);
+6. after ``rollback_after`` consecutive skips, the model (parameters and buffers), optimizer, scaler,
+   scheduler, clipping policy and the guard's own windows are restored bit-exactly to the last snapshot
+   (taken every ``snapshot_every`` consecutive good steps, and once at construction), and the LR is
+   multiplied by ``backoff``; the factor then grows back to 1 geometrically over ``recover_steps`` good
+   steps. The LR factor is applied only around ``optimizer.step()`` (the group's ``lr`` is restored right
+   after), so any ``torch.optim.lr_scheduler`` keeps its own schedule untouched.
+
+Default choices and why:
+
+* ``spike_z=6, window=128``: OLMo-core's ``SkipStepOptimizer`` skips a step whose loss or gradient norm is
+  more than 6 standard deviations above the mean of the last 128 steps. gradguard uses the same numbers
+  with median/MAD instead of mean/std, because a spike inflates the std and hides the next one; a robust
+  z of 6 is as rare as a Gaussian 6σ event (≈1e-9) on well-behaved noise.
+* ``min_history=16``: OLMo-core waits for half its window (64) because a mean/std estimate from few
+  points is fragile; the median/MAD is already stable with 16, and explosions in short runs (SEEDS S0)
+  often happen before step 64. Non-finite values are caught from the first step regardless.
+* ``spike_min_excess=0.1``: a plateau where the MAD is ~0 would otherwise turn a 1-ulp wobble into an
+  infinite z-score; a spike must also exceed the median by 10%.
+* ``rollback_after=5``: one bad batch is a skip; a bad *state* fails every batch. Five skips in a row
+  happen by chance with probability p⁵ when batches are independently bad with probability p (0.2% even
+  for p = 0.3, against 2.7% for three in a row), so transient faults rarely cost a rollback and an LR cut,
+  while a truly broken state wastes only five forward/backward passes before it is undone.
+* ``backoff=0.5``, ``recover_steps=100``: halve the LR after a rollback, regain it over ~100 good steps.
+* clipping by :class:`gradguard.clip.ZClip` with the ``zclip`` package's defaults.
+
+Events: every intervention is a :class:`GuardEvent` in ``guard.events`` (the last ``max_events``), and,
+with ``monitor=`` a :class:`gradguard.Monitor`, is also reported as a :class:`gradguard.Finding`: kind
+``"nonfinite"`` for non-finite skips, ``"loss_spike"`` for spike skips, ``"exploding"`` for rollbacks
+caused by growth and for clips where the gradient norm was ≥ ``clip_report_ratio`` × the threshold.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gradguard.clip import POLICIES, ClipPolicy, make_policy
+from gradguard.errors import ConfigError, InputError, check_number
+from gradguard.findings import Finding
+from gradguard.stats import RingBuffer, robust_zscore, tensor_norms, total_norm
+
+__all__ = ["ACTIONS", "Guard", "GuardEvent"]
+
+#: Actions a :class:`GuardEvent` can record.
+ACTIONS = ("skip", "clip", "rollback", "lr_backoff", "lr_restored", "reset_window")
+
+# Positions in the vector fetched once per step.
+_LOSS, _NORM, _THRESH, _CLIPPED, _ZLOSS, _ZNORM, _LSPIKE, _NSPIKE, _FOUND_INF, _AFTER = range(10)
+
+
+@dataclass(frozen=True)
+class GuardEvent:
+    """One intervention of a :class:`Guard`.
+
+    Attributes:
+        step: index of the ``guard.step()`` call (0-based).
+        action: one of :data:`ACTIONS`.
+        reason: why: ``nonfinite_loss``, ``nonfinite_grad``, ``amp_overflow``, ``loss_spike``,
+            ``grad_spike``, ``clipped``, ``repeated_skips``, ``recovered``, ``rollback_loop``.
+        numbers: the measurements behind it (loss, grad_norm, threshold, z-scores, lr_factor ...).
+    """
+
+    step: int
+    action: str
+    reason: str
+    numbers: Mapping[str, float] = field(default_factory=dict)
+
+
+class Guard:
+    """Guarded optimizer step: skip non-finite or spiking updates, roll back, back off the LR.
+
+    See the module documentation for the exact procedure and the reasons for each default.
+
+    Args:
+        model: the model being trained (its parameters and buffers are snapshotted).
+        optimizer: any ``torch.optim.Optimizer``; its parameters are the ones clipped.
+        clip: a :class:`gradguard.clip.ClipPolicy`, a registry name (``"zclip"``, ``"norm"`` ... with
+            default options), or ``None`` for no clipping (the norm is still measured). Default ``"zclip"``.
+        monitor: a :class:`gradguard.Monitor` (anything with ``report(Finding)``) to receive findings.
+        scaler: a ``torch.amp.GradScaler``; the guard then unscales, steps and updates it.
+        scheduler: an LR scheduler to include in snapshots (keep calling ``scheduler.step()`` yourself).
+        spike_z: robust z-score above which a loss or gradient norm is a spike.
+        window: number of recent applied steps the z-score is computed over.
+        min_history: applied steps needed before spikes are judged.
+        spike_min_excess: a spike must also exceed the window's median by this fraction of it.
+        rollback_after: consecutive skips that trigger a rollback.
+        snapshot_every: consecutive good steps between snapshots.
+        backoff: LR multiplier applied at each rollback.
+        recover_steps: good steps over which the LR factor grows back to 1.
+        min_lr_factor: floor of the LR factor.
+        snapshot_dir: directory for an on-disk snapshot (``torch.save``; restored with
+            ``torch.load(weights_only=True)``); ``None`` keeps it in memory on the tensors' own devices.
+        max_events: how many recent events ``events`` keeps.
+        clip_report_ratio: clips with ``norm ≥ ratio × threshold`` are also reported as findings.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        clip: ClipPolicy | str | None = "zclip",
+        monitor: Any = None,
+        scaler: Any = None,
+        scheduler: Any = None,
+        *,
+        spike_z: float = 6.0,
+        window: int = 128,
+        min_history: int = 16,
+        spike_min_excess: float = 0.1,
+        rollback_after: int = 5,
+        snapshot_every: int = 50,
+        backoff: float = 0.5,
+        recover_steps: int = 100,
+        min_lr_factor: float = 1e-4,
+        snapshot_dir: str | os.PathLike[str] | None = None,
+        max_events: int = 10_000,
+        clip_report_ratio: float = 10.0,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise InputError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if isinstance(clip, str):
+            clip = _policy_by_name(clip)
+        if clip is not None and not isinstance(clip, ClipPolicy):
+            raise InputError(f"clip must be a gradguard.clip policy, a name or None, got {type(clip).__name__}")
+        if monitor is not None and not callable(getattr(monitor, "report", None)):
+            raise InputError(f"monitor must have a report(Finding) method (gg.watch), got {type(monitor).__name__}")
+        for name, obj, needed in (("scaler", scaler, "unscale_"), ("scheduler", scheduler, "state_dict")):
+            if obj is not None and not callable(getattr(obj, needed, None)):
+                raise InputError(f"{name} has no {needed}() method, got {type(obj).__name__}")
+        self.model = model
+        self.optimizer = optimizer
+        self.clip = clip
+        self.monitor = monitor
+        self.scaler = scaler
+        self.scheduler = scheduler
+        self.spike_z = float(check_number("spike_z", spike_z, low=0.0, low_inclusive=False))
+        self.window = int(check_number("window", window, low=2, integer=True))
+        self.min_history = int(check_number("min_history", min_history, low=2, high=self.window, integer=True))
+        self.spike_min_excess = float(check_number("spike_min_excess", spike_min_excess, low=0.0))
+        self.rollback_after = int(check_number("rollback_after", rollback_after, low=1, integer=True))
+        self.snapshot_every = int(check_number("snapshot_every", snapshot_every, low=1, integer=True))
+        self.backoff = float(check_number("backoff", backoff, low=0.0, high=1.0, low_inclusive=False))
+        self.recover_steps = int(check_number("recover_steps", recover_steps, low=1, integer=True))
+        self.min_lr_factor = float(check_number("min_lr_factor", min_lr_factor, low=0.0, high=1.0, low_inclusive=False))
+        self.clip_report_ratio = float(check_number("clip_report_ratio", clip_report_ratio, low=1.0))
+        check_number("max_events", max_events, low=1, integer=True)
+        self.snapshot_path = None if snapshot_dir is None else Path(snapshot_dir) / "gradguard_guard_snapshot.pt"
+        if self.snapshot_path is not None:
+            self.snapshot_path.parent.mkdir(parents=True, exist_ok=True)
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        if not self.params:
+            raise ConfigError("the optimizer has no parameters to guard")
+        device = self.params[0].device
+        self.events: deque[GuardEvent] = deque(maxlen=max_events)
+        self.lr_factor = 1.0
+        self.steps = 0
+        self.applied = 0
+        self.skipped = 0
+        self.rollbacks = 0
+        self._losses = RingBuffer(self.window, device)
+        self._norms = RingBuffer(self.window, device)
+        self._consecutive_skips = 0
+        self._good_run = 0
+        self._rollbacks_since_progress = 0
+        self._skip_reasons: list[str] = []
+        self._memory_snapshot: dict[str, Any] | None = None
+        self.snapshot_step = 0
+        self.snapshot()
+
+    # ----------------------------------------------------------------------------------------- state
+    def _model_tensors(self) -> dict[str, Tensor]:
+        tensors: dict[str, Tensor] = {f"param:{n}": p for n, p in self.model.named_parameters(remove_duplicate=False)}
+        tensors.update({f"buffer:{n}": b for n, b in self.model.named_buffers(remove_duplicate=False)})
+        return tensors
+
+    def _guard_state(self) -> dict[str, Any]:
+        return {"losses": self._losses.state_dict(), "norms": self._norms.state_dict()}
+
+    def snapshot(self) -> None:
+        """Record the current state as the rollback target (done every ``snapshot_every`` good steps)."""
+        state: dict[str, Any] = {
+            "model": {k: t.detach().clone() for k, t in self._model_tensors().items()},
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "guard": copy.deepcopy(self._guard_state()),
+            "step": self.steps,
+        }
+        if self.clip is not None:
+            state["clip"] = copy.deepcopy(self.clip.state_dict())
+        if self.scaler is not None:
+            state["scaler"] = copy.deepcopy(self.scaler.state_dict())
+        if self.scheduler is not None:
+            state["scheduler"] = copy.deepcopy(self.scheduler.state_dict())
+        self.snapshot_step = self.steps
+        self._good_since_snapshot = 0
+        if self.snapshot_path is None:
+            self._memory_snapshot = state
+        else:
+            tmp = self.snapshot_path.with_suffix(".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, self.snapshot_path)  # atomic: a crash never leaves half a snapshot
+
+    def _load_snapshot(self) -> dict[str, Any]:
+        if self.snapshot_path is None:
+            assert self._memory_snapshot is not None
+            # A deep copy: optimizer.load_state_dict keeps the tensors it is given, and the snapshot must
+            # survive this rollback for the next one.
+            return copy.deepcopy(self._memory_snapshot)
+        return torch.load(self.snapshot_path, weights_only=True)
+
+    def restore(self) -> None:
+        """Restore the last snapshot bit-exactly (model, optimizer, scaler, scheduler, clip policy, windows)."""
+        state = self._load_snapshot()
+        saved = state["model"]
+        with torch.no_grad():
+            for key, t in self._model_tensors().items():
+                t.copy_(saved[key])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.clip is not None:
+            self.clip.load_state_dict(state["clip"])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self._losses.load_state_dict(state["guard"]["losses"])
+        self._norms.load_state_dict(state["guard"]["norms"])
+
+    def state_dict(self) -> dict[str, Any]:
+        """The guard's own state (counters, LR factor, windows, clip policy) for checkpoints."""
+        return {
+            "lr_factor": self.lr_factor,
+            "steps": self.steps,
+            "applied": self.applied,
+            "skipped": self.skipped,
+            "rollbacks": self.rollbacks,
+            "good_run": self._good_run,
+            "guard": copy.deepcopy(self._guard_state()),
+            "clip": None if self.clip is None else copy.deepcopy(self.clip.state_dict()),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.lr_factor = float(state["lr_factor"])
+        self.steps, self.applied = int(state["steps"]), int(state["applied"])
+        self.skipped, self.rollbacks = int(state["skipped"]), int(state["rollbacks"])
+        self._good_run = int(state["good_run"])
+        self._losses.load_state_dict(state["guard"]["losses"])
+        self._norms.load_state_dict(state["guard"]["norms"])
+        if self.clip is not None and state["clip"] is not None:
+            self.clip.load_state_dict(state["clip"])
+
+    # ------------------------------------------------------------------------------------------ step
+    def _measure(self, loss: Tensor) -> Tensor:
+        """Everything the step decision needs, as one device vector (see the ``_LOSS`` ... indices)."""
+        loss_d = loss.detach().reshape(()).float()
+        if self.clip is not None:
+            result = self.clip(self.params)
+            norm, threshold = result.norm_before.float(), result.threshold.float()
+            clipped, after = result.clipped.float(), result.norm_after.float()
+        else:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            norm = total_norm(tensor_norms(grads, 2.0), 2.0) if grads else torch.zeros(())
+            threshold = torch.full((), math.inf)
+            clipped, after = torch.zeros(()), norm
+        device = loss_d.device
+        norm = norm.to(device)
+        nan = torch.full((), math.nan, device=device)
+        if self._losses.pushes >= self.min_history:  # host counter: only applied (finite) steps are pushed
+            z_loss = robust_zscore(loss_d, self._losses.values)
+            z_norm = robust_zscore(norm, self._norms.values)
+            loss_med = torch.nanmedian(self._losses.values)
+            norm_med = torch.nanmedian(self._norms.values)
+            loss_spike = (z_loss > self.spike_z) & (loss_d > loss_med + self.spike_min_excess * loss_med.abs())
+            norm_spike = (z_norm > self.spike_z) & (norm > norm_med * (1.0 + self.spike_min_excess))
+        else:
+            z_loss = z_norm = nan
+            loss_spike = norm_spike = torch.zeros((), dtype=torch.bool, device=device)
+        found_inf = torch.zeros((), device=device)
+        if self.scaler is not None and self.scaler.is_enabled():
+            per_device = self.scaler._found_inf_per_device(self.optimizer)
+            if per_device:
+                found_inf = sum(v.to(device) for v in per_device.values())
+        return torch.stack(
+            [
+                loss_d,
+                norm,
+                threshold.to(device),
+                clipped.to(device),
+                z_loss,
+                z_norm,
+                loss_spike.float(),
+                norm_spike.float(),
+                found_inf.float().reshape(()),
+                after.to(device),
+            ]
+        )
+
+    def step(self, loss: Tensor) -> bool:
+        """Apply the optimizer step unless it is unsafe; returns True when the update was applied.
+
+        Call after ``loss.backward()`` (with a scaler: after ``scaler.scale(loss).backward()``, passing the
+        unscaled ``loss``), in place of ``optimizer.step()`` (and ``scaler.step``/``scaler.update``).
+        """
+        if not isinstance(loss, Tensor):
+            raise InputError(f"loss must be a tensor (the value you called backward() on), got {type(loss).__name__}")
+        if loss.numel() != 1:
+            raise ConfigError(f"loss must be a scalar, got shape {tuple(loss.shape)}")
+        step = self.steps
+        self.steps += 1
+        amp = self.scaler is not None and self.scaler.is_enabled()
+        if amp:
+            self.scaler.unscale_(self.optimizer)
+        measured = self._measure(loss)
+        values = measured.tolist()  # the one host sync of the step (see module docstring)
+        numbers = {
+            "loss": values[_LOSS],
+            "grad_norm": values[_NORM],
+            "threshold": values[_THRESH],
+            "z_loss": values[_ZLOSS],
+            "z_grad_norm": values[_ZNORM],
+            "lr_factor": self.lr_factor,
+        }
+        if values[_CLIPPED] and math.isfinite(values[_NORM]):
+            self._on_clip(step, numbers, values[_AFTER])
+        reason = None
+        if not math.isfinite(values[_LOSS]):
+            reason = "nonfinite_loss"
+        elif values[_FOUND_INF] or not math.isfinite(values[_NORM]):
+            reason = "amp_overflow" if amp else "nonfinite_grad"
+        elif values[_LSPIKE]:
+            reason = "loss_spike"
+        elif values[_NSPIKE]:
+            reason = "grad_spike"
+        if reason is None:
+            self._apply(step, measured)
+            return True
+        if amp:
+            self.scaler.update()  # lowers the scale after an overflow; needed after every unscale_()
+        self._on_skip(step, reason, numbers)
+        return False
+
+    def _apply(self, step: int, measured: Tensor) -> None:
+        groups = self.optimizer.param_groups
+        saved = [g["lr"] for g in groups]
+        if self.lr_factor != 1.0:
+            for g in groups:
+                g["lr"] = g["lr"] * self.lr_factor
+        try:
+            self.optimizer.step()
+        finally:
+            for g, lr in zip(groups, saved, strict=True):
+                g["lr"] = lr
+        if self.scaler is not None and self.scaler.is_enabled():
+            self.scaler.update()
+        # Push the device copies: building new tensors from the fetched floats would copy host→device.
+        self._losses.push(measured[_LOSS])
+        self._norms.push(measured[_NORM])
+        self.applied += 1
+        self._consecutive_skips = 0
+        self._skip_reasons.clear()
+        self._rollbacks_since_progress = 0
+        self._good_run += 1
+        self._good_since_snapshot += 1
+        if self.lr_factor < 1.0:
+            self.lr_factor *= self.backoff ** (-1.0 / self.recover_steps)
+            if self.lr_factor > 1.0 - 1e-9:  # snap: repeated multiplication lands within rounding of 1
+                self.lr_factor = 1.0
+                self._event(step, "lr_restored", "recovered", {"lr_factor": 1.0})
+        if self._good_since_snapshot >= self.snapshot_every:
+            self.snapshot()
+
+    def _on_clip(self, step: int, numbers: dict[str, float], after: float) -> None:
+        nums = {**numbers, "norm_after": after}
+        self._event(step, "clip", "clipped", nums)
+        if numbers["grad_norm"] >= self.clip_report_ratio * numbers["threshold"]:
+            self._report(
+                "exploding",
+                step,
+                "info",
+                f"gradient norm {numbers['grad_norm']:.3g} was clipped to {numbers['threshold']:.3g} "
+                f"(≥{self.clip_report_ratio:g}× the threshold)",
+                "Clipping is containing growing gradients; consider a lower learning rate or gg.init schemes.",
+                nums,
+            )
+
+    def _on_skip(self, step: int, reason: str, numbers: dict[str, float]) -> None:
+        self.skipped += 1
+        self._good_run = 0
+        self._event(step, "skip", reason, numbers)
+        if reason == "amp_overflow":
+            return  # the scaler's normal search for a usable scale, not a sign of a bad state
+        kind = "nonfinite" if reason.startswith("nonfinite") else "loss_spike"
+        what = {
+            "nonfinite_loss": f"loss {numbers['loss']}",
+            "nonfinite_grad": f"gradient norm {numbers['grad_norm']}",
+            "loss_spike": f"loss {numbers['loss']:.4g} (robust z {numbers['z_loss']:.1f})",
+            "grad_spike": f"gradient norm {numbers['grad_norm']:.4g} (robust z {numbers['z_grad_norm']:.1f})",
+        }[reason]
+        self._report(
+            kind,
+            step,
+            "warning",
+            f"Guard skipped step {step}: {what}",
+            "Lower the learning rate, clip gradients (gg.clip) or inspect the batch at this step.",
+            numbers,
+        )
+        self._consecutive_skips += 1
+        self._skip_reasons.append(reason)
+        if self._consecutive_skips >= self.rollback_after:
+            self._rollback(step, numbers)
+
+    def _rollback(self, step: int, numbers: dict[str, float]) -> None:
+        reasons = list(self._skip_reasons)
+        self.restore()
+        self.rollbacks += 1
+        self._consecutive_skips = 0
+        self._skip_reasons.clear()
+        self._good_run = 0
+        old = self.lr_factor
+        self.lr_factor = max(self.min_lr_factor, self.lr_factor * self.backoff)
+        nums = {**numbers, "to_step": float(self.snapshot_step), "skips": float(len(reasons))}
+        self._event(step, "rollback", "repeated_skips", nums)
+        self._event(step, "lr_backoff", "repeated_skips", {"lr_factor": self.lr_factor, "previous": old})
+        growth = not any(r.startswith("nonfinite") for r in reasons)
+        self._report(
+            "exploding" if growth else "nonfinite",
+            step,
+            "error",
+            f"Guard rolled back to step {self.snapshot_step} after {len(reasons)} skipped steps "
+            f"({', '.join(sorted(set(reasons)))}); learning-rate factor now {self.lr_factor:.3g}",
+            "Training is unstable at this learning rate: lower it, clip gradients, or re-initialise (gg.init).",
+            nums,
+        )
+        self._rollbacks_since_progress += 1
+        if self._rollbacks_since_progress >= 2:
+            # Rolled back twice without one good step in between: if the loss level has truly moved (new
+            # data, curriculum), the old window would reject every step forever, so judge from scratch.
+            self._losses = RingBuffer(self.window, self._losses.values.device)
+            self._norms = RingBuffer(self.window, self._norms.values.device)
+            self._event(step, "reset_window", "rollback_loop", {"lr_factor": self.lr_factor})
+
+    def _event(self, step: int, action: str, reason: str, numbers: Mapping[str, float]) -> None:
+        self.events.append(GuardEvent(step, action, reason, dict(numbers)))
+
+    def _report(
+        self, kind: str, step: int, severity: str, message: str, advice: str, evidence: Mapping[str, float]
+    ) -> None:
+        if self.monitor is not None:
+            self.monitor.report(Finding(kind, "", step, severity, message, advice, dict(evidence)))
+
+    def __repr__(self) -> str:
+        clip = "None" if self.clip is None else type(self.clip).__name__
+        return (
+            f"Guard(clip={clip}, steps={self.steps}, applied={self.applied}, skipped={self.skipped}, "
+            f"rollbacks={self.rollbacks}, lr_factor={self.lr_factor:.3g})"
+        )
+
+
+def _policy_by_name(name: str) -> ClipPolicy:
+    """A registered policy with its default options; ``"value"`` and ``"norm"`` need a threshold."""
+    required = {"value": "gg.clip.ClipValue(c)", "norm": "gg.clip.ClipNorm(max_norm)"}
+    if name in required:
+        raise ConfigError(
+            f"clip={name!r} needs a threshold; pass {required[name]} instead "
+            f"(names usable without options: {', '.join(n for n in POLICIES if n not in required)})"
+        )
+    return make_policy(name)

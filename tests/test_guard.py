@@ -1,0 +1,485 @@
+"""Guard: cures of explosive setups, fault injection, bit-exact rollback, AMP, LR backoff, one sync per step."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import gradguard as gg
+from gradguard import clip
+from gradguard.errors import ConfigError, InputError
+from gradguard.guard import Guard, GuardEvent
+
+# --------------------------------------------------------------------------------------- sick setups
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def _series(n: int = 300) -> torch.Tensor:
+    t = torch.arange(n, dtype=torch.float32)
+    s = torch.sin(t * 0.2) + 0.5 * torch.sin(t * 0.05)
+    return (s - s.min()) / (s.max() - s.min())  # normalised to [0, 1] as in SEEDS S0.1
+
+
+def _windows(steps: int) -> Batch:
+    s = _series()
+    x = torch.stack([s[i : i + steps] for i in range(len(s) - steps - 1)]).unsqueeze(-1)
+    y = torch.stack([s[i + steps] for i in range(len(s) - steps - 1)]).unsqueeze(-1)
+    return x, y
+
+
+class _SeqRegressor(nn.Module):
+    def __init__(self, rnn: nn.Module, hidden: int) -> None:
+        super().__init__()
+        self.rnn = rnn
+        self.head = nn.Linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+class Setup:
+    """A model, its optimizer, a batch stream and a fixed evaluation set; optional gradient tampering."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        data: Batch,
+        batch_fn: Callable[[int, Batch], Batch] | None = None,
+        tamper: Callable[[int, nn.Module], None] | None = None,
+        eval_data: Batch | None = None,
+    ) -> None:
+        self.model, self.optimizer, self.data = model, optimizer, data
+        self.batch_fn, self.tamper = batch_fn, tamper
+        self.eval_data = eval_data if eval_data is not None else data
+        self.rng = torch.Generator().manual_seed(1)
+
+    def batch(self, t: int) -> Batch:
+        x, y = self.data
+        idx = torch.randint(0, len(x), (32,), generator=self.rng)
+        xb, yb = x[idx], y[idx]
+        return self.batch_fn(t, (xb, yb)) if self.batch_fn else (xb, yb)
+
+    def evaluate(self) -> float:
+        with torch.no_grad():
+            x, y = self.eval_data
+            return float(nn.functional.mse_loss(self.model(x), y))
+
+
+def relu_lstm_normal_init() -> Setup:
+    """SEEDS S0.2: ReLU LSTM, weights N(0, 1), biases 0.1, Adam."""
+    x, y = _windows(20)
+    model = _SeqRegressor(gg.nn.LSTM(1, 16, num_layers=2, activation="relu"), 16)
+    gg.init.apply(model, "normal", std=1.0, bias=0.1)
+    return Setup(model, torch.optim.Adam(model.parameters(), lr=1e-2), (x, y), eval_data=(x[::3], y[::3]))
+
+
+def relu_rnn_double_orthogonal() -> Setup:
+    """SEEDS S0.8/S3.1: ReLU RNN with W_hh = 2 × orthogonal (spectral radius 2), plain SGD."""
+    x, y = _windows(30)
+    model = _SeqRegressor(nn.RNN(1, 32, nonlinearity="relu", batch_first=True), 32)
+    gg.init.apply(model.rnn, "orthogonal", gain=2.0)
+    return Setup(model, torch.optim.SGD(model.parameters(), lr=1e-2), (x, y), eval_data=(x[::3], y[::3]))
+
+
+def _mlp_data() -> Batch:
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(512, 10, generator=g)
+    y = torch.tanh(x @ torch.randn(10, 1, generator=g)) + 0.1 * torch.randn(512, 1, generator=g)
+    return x, y
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+
+
+STABLE_LR = 0.1  # checked to be stable in test_mlp_reference_lr_is_stable
+
+
+def mlp(lr: float = STABLE_LR, **kw: Any) -> Setup:
+    model = _mlp()
+    return Setup(model, torch.optim.SGD(model.parameters(), lr=lr), _mlp_data(), **kw)
+
+
+def mlp_ten_times_lr() -> Setup:
+    return mlp(lr=10 * STABLE_LR)
+
+
+def corrupted_outlier_batch() -> Setup:
+    """One batch whose targets were multiplied by 1e4 (a corrupted record), at step 60."""
+    return mlp(batch_fn=lambda t, b: (b[0], b[1] * 1e4) if t == 60 else b)
+
+
+def nan_injected_gradients() -> Setup:
+    """From step 20, with probability 0.1 per step, one gradient entry becomes NaN."""
+    rng = torch.Generator().manual_seed(4)
+
+    def tamper(t: int, model: nn.Module) -> None:
+        if t >= 20 and float(torch.rand((), generator=rng)) < 0.1:
+            params = list(model.parameters())
+            grad = params[int(torch.randint(0, len(params), (), generator=rng))].grad
+            assert grad is not None
+            grad.view(-1)[0] = math.nan
+
+    return mlp(tamper=tamper)
+
+
+def train(setup: Setup, steps: int, guard: Guard | None = None) -> list[float]:
+    """Evaluation loss before training and after every step."""
+    losses = [setup.evaluate()]
+    for t in range(steps):
+        x, y = setup.batch(t)
+        setup.optimizer.zero_grad()
+        loss = nn.functional.mse_loss(setup.model(x), y)
+        loss.backward()
+        if setup.tamper:
+            setup.tamper(t, setup.model)
+        if guard is None:
+            setup.optimizer.step()
+        else:
+            guard.step(loss)
+        losses.append(setup.evaluate())
+    return losses
+
+
+def _exploded(losses: list[float]) -> bool:
+    """Diverged: the loss turned non-finite or rose more than tenfold above the best loss seen before it."""
+    best = math.inf
+    for v in losses:
+        if not math.isfinite(v) or v > 10 * best:
+            return True
+        best = min(best, v)
+    return False
+
+
+CURES = [
+    (relu_lstm_normal_init, 150),
+    (relu_rnn_double_orthogonal, 60),
+    (mlp_ten_times_lr, 150),
+    (corrupted_outlier_batch, 150),
+    (nan_injected_gradients, 150),
+]
+
+
+@pytest.mark.parametrize(("make", "steps"), CURES, ids=[m.__name__ for m, _ in CURES])
+def test_guard_cures_explosive_setup(make: Callable[[], Setup], steps: int) -> None:
+    torch.manual_seed(0)
+    bare = make()
+    bare_losses = train(bare, steps)
+    assert _exploded(bare_losses), "the unguarded run must really explode"
+    bare_best = min(v for v in bare_losses if math.isfinite(v))
+
+    torch.manual_seed(0)
+    sick = make()
+    guard = Guard(sick.model, sick.optimizer)  # default settings
+    guarded = train(sick, steps, guard)
+    assert all(torch.isfinite(p).all() for p in sick.model.parameters())
+    assert all(math.isfinite(v) for v in guarded)
+    assert guarded[-1] <= bare_best, (guarded[-1], bare_best)
+    assert guard.applied > steps // 2
+
+
+def test_mlp_reference_lr_is_stable() -> None:
+    losses = train(mlp(), 150)
+    assert not _exploded(losses) and losses[-1] < 0.2 * losses[0]
+
+
+# --------------------------------------------------------------------------------- fault injection
+def test_fault_injection_hundreds_of_nan_inf_in_grads_and_losses() -> None:
+    setup = mlp()
+    guard = Guard(setup.model, setup.optimizer)
+    rng = torch.Generator().manual_seed(7)
+    injected = 0
+    first = setup.evaluate()
+    for t in range(500):
+        x, y = setup.batch(t)
+        setup.optimizer.zero_grad()
+        loss = nn.functional.mse_loss(setup.model(x), y)
+        loss.backward()
+        u = float(torch.rand((), generator=rng))
+        bad = [math.nan, math.inf, -math.inf][int(torch.randint(0, 3, (), generator=rng))]
+        if u < 0.125:
+            params = list(setup.model.parameters())
+            grad = params[int(torch.randint(0, len(params), (), generator=rng))].grad
+            assert grad is not None
+            grad.view(-1)[int(torch.randint(0, grad.numel(), (), generator=rng))] = bad
+            injected += 1
+        elif u < 0.25:
+            loss = loss.detach() + bad
+            injected += 1
+        guard.step(loss)
+        assert all(torch.isfinite(p).all() for p in setup.model.parameters()), f"non-finite weight at step {t}"
+    assert injected >= 100
+    assert guard.steps == 500 and guard.skipped >= injected
+    assert setup.evaluate() < 0.5 * first, "training must still make progress"
+
+
+# ---------------------------------------------------------------------------------------- rollback
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def _state(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, scaler: Any) -> dict[str, Any]:
+    return copy.deepcopy(
+        {
+            "model": {**dict(model.named_parameters()), **dict(model.named_buffers())},
+            "opt": opt.state_dict(),
+            "sched": sched.state_dict(),
+            "scaler": scaler.state_dict(),
+        }
+    )
+
+
+def _assert_bit_equal(a: Any, b: Any, path: str = "") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert set(a) == set(b), path
+        for k in a:
+            _assert_bit_equal(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_bit_equal(x, y, f"{path}/{i}")
+    else:
+        assert a == b or (a != a and b != b), (path, a, b)
+
+
+@pytest.mark.parametrize("on_disk", [False, True], ids=["memory", "disk"])
+def test_rollback_restores_everything_bit_exactly(on_disk: bool, tmp_path: Any) -> None:
+    model = _Net()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=2)
+    guard = Guard(
+        model, opt, scaler=scaler, scheduler=sched, snapshot_every=1000, snapshot_dir=tmp_path if on_disk else None
+    )
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(16, 6, generator=g), torch.randn(16, 1, generator=g)) for _ in range(20)]
+
+    def one(x: torch.Tensor, y: torch.Tensor, poison: bool = False) -> bool:
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        scaler.scale(loss).backward()
+        applied = guard.step(loss * math.nan if poison else loss)
+        sched.step()
+        return applied
+
+    for x, y in data[:7]:
+        assert one(x, y)
+    guard.snapshot()
+    saved = _state(model, opt, sched, scaler)
+    assert saved["opt"]["state"][0]["step"] == 7.0 and saved["sched"]["last_epoch"] == 7
+    for x, y in data[7:12]:
+        assert one(x, y)
+    changed = _state(model, opt, sched, scaler)
+    assert not torch.equal(changed["model"]["body.0.weight"], saved["model"]["body.0.weight"])
+    assert not torch.equal(changed["model"]["body.1.running_mean"], saved["model"]["body.1.running_mean"])
+    for x, y in data[12:17]:
+        assert not one(x, y, poison=True)
+    assert guard.rollbacks == 1
+    sched_after = sched.state_dict()
+    # the user's scheduler.step() after the rolled-back step advanced it once more: compare the rest exactly
+    assert sched_after["last_epoch"] == saved["sched"]["last_epoch"] + 1
+    restored = _state(model, opt, sched, scaler)
+    restored["sched"] = saved["sched"]
+    _assert_bit_equal(restored["model"], saved["model"], "model")
+    _assert_bit_equal(restored["opt"], saved["opt"], "optimizer")
+    _assert_bit_equal(restored["scaler"], saved["scaler"], "scaler")
+    actions = [e.action for e in guard.events]
+    assert actions.count("rollback") == 1 and actions.count("lr_backoff") == 1
+    # a second rollback restores the same snapshot again (the snapshot survives being used)
+    for x, y in data[:5]:
+        one(x, y, poison=True)
+    _assert_bit_equal(_state(model, opt, sched, scaler)["model"], saved["model"], "model again")
+
+
+def test_rollback_restores_scheduler_state_exactly() -> None:
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.9**e)
+    guard = Guard(model, opt, scheduler=sched, clip=None, snapshot_every=1000)
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    for _ in range(4):
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        guard.step(loss)
+        sched.step()
+    guard.snapshot()
+    saved = copy.deepcopy({"sched": sched.state_dict(), "opt": opt.state_dict()})
+    for _ in range(3):
+        sched.step()
+    guard.restore()
+    _assert_bit_equal(sched.state_dict(), saved["sched"], "scheduler")
+    _assert_bit_equal(opt.state_dict(), saved["opt"], "optimizer")
+
+
+# --------------------------------------------------------------------------------- LR and AMP
+def test_lr_backoff_applies_only_inside_the_step_and_recovers_gradually() -> None:
+    model = nn.Linear(4, 1, bias=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = Guard(model, opt, clip=None, recover_steps=10, backoff=0.5)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+
+    def step(poison: bool = False) -> torch.Tensor:
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        before = model.weight.detach().clone()
+        guard.step(loss + math.inf if poison else loss)
+        return model.weight.detach() - before
+
+    for _ in range(guard.rollback_after):
+        step(poison=True)
+    assert guard.lr_factor == 0.5
+    grad = model.weight.grad
+    assert grad is not None
+    delta = step()
+    torch.testing.assert_close(delta, -0.1 * 0.5 * grad, rtol=1e-6, atol=0)
+    assert opt.param_groups[0]["lr"] == 0.1, "the scheduler-visible lr is untouched"
+    factors = [guard.lr_factor]
+    for _ in range(9):
+        step()
+        factors.append(guard.lr_factor)
+    assert all(b > a for a, b in itertools.pairwise(factors))
+    assert factors[-1] == 1.0
+    assert [e.action for e in guard.events][-1] == "lr_restored"
+
+
+class _Recorder(clip.ClipNorm):
+    def __init__(self) -> None:
+        super().__init__(1e9)
+        self.norms: list[torch.Tensor] = []
+
+    def __call__(self, parameters: Any) -> clip.ClipResult:
+        result = super().__call__(parameters)
+        self.norms.append(result.norm_before)
+        return result
+
+
+def test_grad_scaler_unscales_before_clipping_and_overflow_is_its_own_skip() -> None:
+    torch.manual_seed(0)
+    plain, amp = _mlp(), _mlp()
+    amp.load_state_dict(plain.state_dict())
+    x, y = _mlp_data()
+    x, y = x[:32], y[:32]
+    rec_plain, rec_amp = _Recorder(), _Recorder()
+    opt_plain = torch.optim.SGD(plain.parameters(), lr=0.05)
+    opt_amp = torch.optim.SGD(amp.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    g_plain = Guard(plain, opt_plain, clip=rec_plain)
+    g_amp = Guard(amp, opt_amp, clip=rec_amp, scaler=scaler)
+    applied = []
+    overflowing = 2 * g_amp.rollback_after  # more than a rollback's worth: they must not count
+    for t in range(overflowing + 2):
+        opt_amp.zero_grad()
+        loss = nn.functional.mse_loss(amp(x), y)
+        scaler.scale(loss).backward()
+        if t < overflowing:  # what a too-large loss scale does: an Inf in the scaled gradients
+            amp[0].weight.grad[0, 0] = math.inf  # type: ignore[index]
+        applied.append(g_amp.step(loss))
+    assert applied == [False] * overflowing + [True, True]
+    assert [e.reason for e in g_amp.events if e.action == "skip"] == ["amp_overflow"] * overflowing
+    assert g_amp.rollbacks == 0, "overflow skips are the scaler's business, not a reason to roll back"
+    assert scaler.get_scale() == 2.0**16 * 0.5**overflowing, "the scaler backed off once per overflow"
+    # the first applied AMP step saw the same unscaled gradient norm as a plain run from the same weights
+    opt_plain.zero_grad()
+    loss = nn.functional.mse_loss(plain(x), y)
+    loss.backward()
+    g_plain.step(loss)
+    torch.testing.assert_close(rec_amp.norms[overflowing], rec_plain.norms[0], rtol=1e-5, atol=0)
+
+
+# ------------------------------------------------------------------------------ events and monitor
+def test_events_and_monitor_findings() -> None:
+    setup = corrupted_outlier_batch()
+    mon = gg.watch(setup.model)
+    guard = Guard(setup.model, setup.optimizer, monitor=mon)
+    for t in range(70):
+        x, y = setup.batch(t)
+        setup.optimizer.zero_grad()
+        loss = nn.functional.mse_loss(setup.model(x), y)
+        loss.backward()
+        if 30 <= t < 35:
+            loss = loss * math.nan
+        mon.step(loss)
+        guard.step(loss)
+    mon.close()
+    skips = [e for e in guard.events if e.action == "skip"]
+    assert [e.reason for e in skips] == ["nonfinite_loss"] * 5 + ["loss_spike"]
+    assert skips[-1].step == 60 and skips[-1].numbers["z_loss"] > 6
+    assert all(isinstance(e, GuardEvent) for e in guard.events)
+    assert any(e.action == "rollback" and e.step == 34 for e in guard.events)
+    kinds = {f.kind for f in mon.findings}
+    assert {"nonfinite", "loss_spike"} <= kinds
+
+
+def test_exactly_one_host_sync_per_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    guard = Guard(model, opt)  # ZClip + spike windows: the full default path
+    x, y = _mlp_data()
+
+    def step() -> None:
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x[:32]), y[:32])
+        loss.backward()
+        guard.step(loss)
+
+    for _ in range(40):  # past ZClip's warm-up and the spike window's min_history
+        step()
+    calls: list[str] = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self: torch.Tensor, *a: Any, _o: Any = original, _n: str = name, **k: Any) -> Any:
+            calls.append(_n)
+            return _o(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    opt.zero_grad()
+    loss = nn.functional.mse_loss(model(x[:32]), y[:32])
+    loss.backward()
+    calls.clear()
+    opt.step()  # the optimizer's own host reads (single-tensor Adam reads its step count), not ours
+    own = list(calls)
+    calls.clear()
+    guard.step(loss)
+    assert calls == ["tolist", *own], calls
+
+
+# --------------------------------------------------------------------------------------- bad input
+def test_bad_input_is_refused_clearly() -> None:
+    model = nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(InputError, match="optimizer"):
+        Guard(model, "sgd")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="needs a threshold"):
+        Guard(model, opt, clip="norm")
+    with pytest.raises(ConfigError, match="choose one of"):
+        Guard(model, opt, clip="clippy")
+    with pytest.raises(ConfigError, match="backoff"):
+        Guard(model, opt, backoff=1.5)
+    with pytest.raises(ConfigError, match="spike_z"):
+        Guard(model, opt, spike_z=-1)
+    with pytest.raises(InputError, match="report"):
+        Guard(model, opt, monitor=object())
+    guard = Guard(model, opt)
+    with pytest.raises(InputError, match="loss"):
+        guard.step(1.0)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="scalar"):
+        guard.step(torch.ones(3))
