@@ -302,3 +302,29 @@ def test_to_dict_roundtrip_of_findings() -> None:
     d = gg.probe(model, torch.randn(8, 16)).to_dict()
     assert d["findings"] and gg.Finding.from_dict(d["findings"][0]).kind == "vanishing"
     assert [r["name"] for r in d["layers"]][:2] == ["0", "1"]
+
+
+def test_sequence_output_profiles_true_loss_and_last_step_separately() -> None:
+    """Seq-to-seq: ‖∂L/∂h_t‖ includes every later step's loss; the last-step profile only the last one."""
+    rnn = nn.RNN(2, 5, batch_first=True)
+    x = torch.randn(3, 8, 2)
+    report = gg.probe(rnn, x)
+    rec = report.recurrent[0]
+    with torch.no_grad():
+        out, h_n = rnn(x)
+    gen = torch.Generator().manual_seed(0)  # the projection of probe(seed=0): output first, then h_n
+    r_out = torch.randn(tuple(out.shape), generator=gen)
+    r_hn = torch.randn(tuple(h_n.shape), generator=gen)
+    for t in (0, 4):
+        with torch.no_grad():
+            _, state = rnn(x[:, : t + 1])
+        h0 = state.clone().requires_grad_(True)
+        seg, seg_hn = rnn(x[:, t + 1 :], h0)
+        full = (r_out[:, t + 1 :] * seg).sum() + (r_hn * seg_hn).sum()
+        last = (r_out[:, -1] * seg[:, -1]).sum() + (r_hn * seg_hn).sum()
+        (g_full,) = torch.autograd.grad(full, h0, retain_graph=True)
+        (g_last,) = torch.autograd.grad(last, h0)
+        # The output at step t is h_t itself, so ∂L/∂h_t = r_t + (what flows back from the later steps).
+        want_full = (g_full + r_out[:, t]).norm().item()
+        assert rec.hidden_norms[0][t] == pytest.approx(want_full, rel=1e-4)
+        assert rec.last_norms[t] == pytest.approx(g_last.norm().item(), rel=1e-4)

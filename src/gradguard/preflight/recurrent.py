@@ -5,8 +5,8 @@
 recomputes the module's forward pass one step at a time from the same input, initial state and
 parameters, checks that the result matches what the module returned, and differentiates the upstream
 gradient (captured during the probe's real backward pass) through this explicit graph. The cost is one
-extra forward and two backward passes of the module through a Python loop over time steps, which is
-slower than the fused kernel (see ``BENCHMARKS.md``, section Probe).
+extra forward and one or two backward passes (two when the loss reads outputs before the last step)
+through a Python loop over time steps, which is slower than the fused kernel (see ``BENCHMARKS.md``, section Probe).
 
 Gate layouts follow PyTorch: LSTM rows ``i, f, g, o``; GRU rows ``r, z, n`` with
 ``n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn))`` and ``h' = (1 − z) ⊙ n + z ⊙ h``.
@@ -236,18 +236,24 @@ def unroll_profile(
         grads = torch.autograd.grad(
             [m for _, m, _ in pairs], [x_leaf, *flat_hidden], [g for _, _, g in pairs],
             retain_graph=True, allow_unused=True,
-        )
+        )  # the graph is kept for the last-step pass below, when it is needed
         input_norms = _step_norms(grads[0], x_leaf)
         hidden_norms = torch.stack([_step_norms(g, h) for g, h in zip(grads[1:], flat_hidden, strict=True)])
         hidden_norms = hidden_norms.reshape(spec.layers, steps)
         # The gradient of the last step alone: the output at t = T−1 and the final states. Sending it back
         # through the explicit graph gives ‖(Π_t diag(f'_t) W)ᵀ g_T‖ at each earlier step.
-        last_outs, last_grads = [], []
-        for j, mine, g in pairs:
-            last_outs.append(mine[:, -1] if j == 0 else mine)
-            last_grads.append(g[:, -1] if j == 0 else g)
-        lg = torch.autograd.grad(last_outs, hidden[0], last_grads, allow_unused=True)
-        last_norms = torch.stack([_step_norms(g, h) for g, h in zip(lg, hidden[0], strict=True)]).reshape(steps)
+        # A many-to-one model (loss on the last output or final state only) already sent back nothing but
+        # that gradient: reuse the first pass instead of a second backward (one host check, once per probe).
+        seq_grad = next((g for j, _, g in pairs if j == 0), None)
+        if seq_grad is None or steps == 1 or not bool(seq_grad[:, :-1].any()):
+            last_norms = hidden_norms[0]
+        else:
+            last_outs, last_grads = [], []
+            for j, mine, g in pairs:
+                last_outs.append(mine[:, -1] if j == 0 else mine)
+                last_grads.append(g[:, -1] if j == 0 else g)
+            lg = torch.autograd.grad(last_outs, hidden[0], last_grads, allow_unused=True)
+            last_norms = torch.stack([_step_norms(g, h) for g, h in zip(lg, hidden[0], strict=True)]).reshape(steps)
 
     nan_layers = xb.new_full((spec.layers,), float("nan")).float()
     mean_derivative = torch.stack(derivs)
