@@ -169,6 +169,9 @@ def unroll_profile(
         proj = layer_in @ w_ih.T
         if b_ih is not None:
             proj = proj + b_ih
+        # unbind, not proj[:, t]: each slice's backward would materialise a zero tensor of the whole
+        # sequence, which made the backward pass quadratic in the number of steps.
+        proj_t = proj.unbind(1)
         h = h0[k]
         c = c0[k] if c0 is not None else None
         hs: list[Tensor] = []
@@ -178,16 +181,16 @@ def unroll_profile(
             if b_hh is not None:
                 rec = rec + b_hh
             if spec.cell == "rnn":
-                h = act(proj[:, t] + rec)
+                h = act(proj_t[t] + rec)
             elif spec.cell == "lstm":
-                i, f, g, o = (proj[:, t] + rec).chunk(4, dim=1)
+                i, f, g, o = (proj_t[t] + rec).chunk(4, dim=1)
                 fg = torch.sigmoid(f)
                 assert c is not None
                 c = fg * c + torch.sigmoid(i) * act(g)
                 h = torch.sigmoid(o) * act(c)
                 gate_sum = gate_sum + fg.detach().mean()
             else:
-                xr, xz, xn = proj[:, t].chunk(3, dim=1)
+                xr, xz, xn = proj_t[t].chunk(3, dim=1)
                 hr, hz, hn = rec.chunk(3, dim=1)
                 r = torch.sigmoid(xr + hr)
                 z = torch.sigmoid(xz + hz)
