@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import gradguard as gg
-from gradguard.preflight import ProbeReport
+from gradguard.preflight import ProbeReport, projection_loss
 
 
 def _mlp(depth: int, width: int, act: type[nn.Module], std: float, bias: bool = True) -> nn.Sequential:
@@ -31,7 +31,7 @@ def _weight_grad_norms(model: nn.Sequential, x: torch.Tensor) -> list[float]:
     """Plain autograd reference: ‖∂L/∂W‖ of every Linear, with L = Σ r·y as the probe's default loss."""
     model.zero_grad(set_to_none=True)
     y = model(x)
-    gg.preflight.projection_loss(y).backward()
+    projection_loss(y).backward()
     norms = [m.weight.grad.norm().item() for m in model if isinstance(m, nn.Linear)]
     model.zero_grad(set_to_none=True)
     return norms
@@ -57,7 +57,7 @@ class Regressor(nn.Module):
 def _input_grad_profile(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Plain autograd reference: ‖∂L/∂x_t‖ per step for batch-first x."""
     xl = x.clone().requires_grad_(True)
-    (g,) = torch.autograd.grad(gg.preflight.projection_loss(model(xl)), xl)
+    (g,) = torch.autograd.grad(projection_loss(model(xl)), xl)
     return g.norm(dim=(0, 2))
 
 
@@ -204,3 +204,37 @@ def test_relu_mlp_unit_normal_init_explodes_forward() -> None:
     assert stds[-2] / stds[0] > 1e3  # measured: the hidden activations blow up
     report = gg.probe(model, x)
     assert ("exploding", "0") in _kinds(report)
+
+
+class CellLoop(nn.Module):
+    """A hand-written recurrence over nn.RNNCell: not unrollable by the probe, seen through time_dim."""
+
+    def __init__(self, hidden: int, scale: float) -> None:
+        super().__init__()
+        self.cell = nn.RNNCell(1, hidden)
+        q = torch.empty(hidden, hidden)
+        nn.init.orthogonal_(q)
+        with torch.no_grad():
+            self.cell.weight_hh.copy_(scale * q)
+        self.head = nn.Linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.new_zeros(x.shape[0], self.cell.hidden_size)
+        for t in range(x.shape[1]):
+            h = self.cell(x[:, t], h)
+        return self.head(h)
+
+
+def test_input_time_profile_flags_a_custom_recurrence() -> None:
+    model = CellLoop(32, 0.5)
+    x = torch.randn(16, 40, 1)
+    prof = _input_grad_profile(model, x)
+    assert (prof[0] / prof[-1]).item() < 1e-9  # measured: really vanishing
+    report = gg.probe(model, x, time_dim=1)
+    assert report.recurrent == [] and report.time is not None
+    torch.testing.assert_close(torch.tensor(report.time.norms), prof, rtol=1e-5, atol=0)
+    found = [f for f in report.findings if f.kind == "vanishing"]
+    assert [(f.module, f.severity) for f in found] == [("", "warning")]
+    assert 5 < found[0].evidence["horizon"] < 15
+    healthy = gg.probe(CellLoop(32, 1.0), torch.randn(16, 8, 1), time_dim=1)
+    assert _kinds(healthy) == []

@@ -328,3 +328,18 @@ def test_sequence_output_profiles_true_loss_and_last_step_separately() -> None:
         want_full = (g_full + r_out[:, t]).norm().item()
         assert rec.hidden_norms[0][t] == pytest.approx(want_full, rel=1e-4)
         assert rec.last_norms[t] == pytest.approx(g_last.norm().item(), rel=1e-4)
+
+
+def test_eval_mode_probe_is_deterministic_and_train_mode_uses_dropout() -> None:
+    model = nn.Sequential(nn.Linear(6, 32), nn.Dropout(0.5), nn.Linear(32, 2))
+    x = torch.randn(8, 6)
+    model.eval()
+    want = projection_loss(model(x)).item()
+    model.train()
+    a = gg.probe(model, x, train=False)
+    b = gg.probe(model, x, train=False)
+    assert a.loss == b.loss == pytest.approx(want, rel=1e-6)
+    assert a.layer("1").frac_zero == 0.0
+    t = gg.probe(model, x, train=True)
+    assert t.layer("1").frac_zero == pytest.approx(0.5, abs=0.12)
+    assert model.training

@@ -53,7 +53,9 @@ class LayerRow:
     Neighbour ratios: ``std_gain = std / std of the previous row`` (forward growth across this module) and
     ``grad_gain = grad_rms / grad_rms of the next row`` (how the backward signal changed on its way from
     the next module's output to this one's). A ratio far from 1 at one row shows the depth at which the
-    signal collapses or blows up.
+    signal collapses or blows up. The forward fields are taken when the module returns; the gradient is that
+    of the returned tensor object, so when a later in-place op (``nn.ReLU(inplace=True)``) overwrites it,
+    both rows show the gradient of the overwritten value.
     """
 
     index: int
@@ -357,8 +359,12 @@ def probe(
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     cuda = sorted({t.device.index or 0 for t in [*model.parameters(), *model.buffers()] if t.is_cuda})
     handles = []
+    cudnn_was = torch.backends.cudnn.enabled
     try:
         with torch.random.fork_rng(devices=cuda):
+            if cuda and not train:
+                # cuDNN's fused RNN kernels cannot run backward in eval mode; the native ones can.
+                torch.backends.cudnn.enabled = False
             model.train(train)
             calls: list[_Call] = []
             state = {"after_conv": False}
@@ -411,6 +417,7 @@ def probe(
                               "loss": loss_kind}
             return report
     finally:
+        torch.backends.cudnn.enabled = cudnn_was
         for h in handles:
             h.remove()
         for m, was_training in modes:

@@ -5,7 +5,7 @@ Rules and thresholds (all on one batch at initialisation):
 - **nonfinite** (error): the first module in execution order whose output holds NaN/Inf while its
   predecessors' did not; else the module nearest the loss whose output gradient is non-finite.
 - **vanishing / exploding through depth**: ``a_l = grad_rms_l / grad_rms_last`` for every module with
-  parameters, where ``last`` is the one nearest the loss. ``min a_l < 1e-3`` is vanishing (error below
+  parameters called once (repeated calls are a recurrence), where ``last`` is the one nearest the loss. ``min a_l < 1e-3`` is vanishing (error below
   1e-6); ``max a_l > 1e3`` is exploding (error above 1e6). The gradient of a healthy network keeps its
   order of magnitude from the top to the bottom (Glorot & Bengio 2010; He et al. 2015).
 - **saturation**: share of a sigmoid/tanh output in its flat region (see
@@ -94,7 +94,10 @@ def _nonfinite(rows: Sequence[LayerRow], loss: float) -> list[Finding]:
 
 
 def _depth(rows: Sequence[LayerRow]) -> list[Finding]:
-    weighted = [r for r in rows if r.has_params and math.isfinite(r.grad_rms)]
+    # A module called several times (a cell looped over time, a shared block) is a recurrence, not a depth:
+    # its calls are judged through time (time_dim), not layer by layer.
+    repeated = {r.name for r in rows if r.call > 1}
+    weighted = [r for r in rows if r.has_params and math.isfinite(r.grad_rms) and r.name not in repeated]
     if len(weighted) < 2 or not weighted[-1].grad_rms > 0:
         return []
     ref = weighted[-1]
