@@ -64,6 +64,7 @@ class Observation:
     origin: Origin | None = None
     nonfinite_step: int | None = None
     nonfinite_counts: Mapping[str, float] = field(default_factory=dict)
+    cache: dict[str, Any] = field(default_factory=dict)  # derived values shared by rules within one fetch
 
     @property
     def new_rows(self) -> Sequence[Mapping[str, Any]]:

@@ -116,12 +116,16 @@ def depth_profile(obs: Observation) -> list[tuple[str, float]]:
     Modules with an exactly zero gradient are left out: that is dead units or an unused layer, not a
     vanishing signal.
     """
+    cached = obs.cache.get("depth_profile")
+    if cached is not None:
+        return list(cached)
     order = {name: i for i, name in enumerate(obs.depth)}
+    recent = obs.rows[-20:]
     per_module: dict[str, list[float]] = {}
     for p in obs.params:
         if p.ndim < 2 or p.module not in order:
             continue
-        vals = finite_values(obs.rows, f"grad_norm/{p.name}")[-20:]
+        vals = finite_values(recent, f"grad_norm/{p.name}")
         if not vals:
             continue
         rms = statistics.median(vals) / p.numel**0.5
@@ -129,6 +133,7 @@ def depth_profile(obs: Observation) -> list[tuple[str, float]]:
             per_module.setdefault(p.module, []).append(rms)
     prof = [(m, statistics.median(v)) for m, v in per_module.items()]
     prof.sort(key=lambda t: order[t[0]])
+    obs.cache["depth_profile"] = list(prof)
     return prof
 
 

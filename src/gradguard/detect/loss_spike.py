@@ -25,31 +25,35 @@ Z_MIN = 6.0
 FACTOR = 10.0
 
 
-def spike_score(value: float, window: Sequence[float]) -> tuple[float, float]:
-    """``(z, factor)`` of ``value`` against ``window``; z on the log scale when everything is positive."""
+def spike_scores(values: Sequence[float], window: Sequence[float]) -> tuple[list[float], list[float]]:
+    """``(z, factor)`` of each value against ``window``; z on the log scale when everything is positive."""
     med = sorted(window)[len(window) // 2]
-    positive = value > 0 and all(v > 0 for v in window)
-    if positive:
-        z = float(robust_zscore(torch.tensor(math.log(value)), torch.log(torch.tensor(window))))
-    else:
-        z = float(robust_zscore(torch.tensor(value), torch.tensor(window)))
-    factor = value / med if med > 0 else float("inf")
-    return z, factor
+    raw = list(values)
+    if min(values) > 0 and min(window) > 0:
+        values, window = [math.log(x) for x in values], [math.log(x) for x in window]
+    z = robust_zscore(torch.tensor(values, dtype=torch.float64), torch.tensor(window, dtype=torch.float64))
+    factors = [x / med if med > 0 else math.inf for x in raw]
+    return z.tolist(), factors
 
 
 def _scan(rows: Sequence[Mapping[str, Any]], new: int, key: str) -> tuple[int, float, float, float] | None:
-    """The most extreme spike among the new rows: (step, value, z, factor)."""
+    """The most extreme spike among the new rows against the window just before them: (step, value, z, factor).
+
+    One robust z-score call per fetch: the new rows are scored against the :data:`WINDOW` rows preceding
+    the block, so a spike inside the block cannot hide a second one.
+    """
+    start = len(rows) - new
+    window = finite_values(rows[max(0, start - WINDOW) : start], key)
+    if len(window) < MIN_WINDOW:
+        return None
+    hits = [(int(r["step"]), float(r[key])) for r in rows[start:] if finite(r.get(key))]
+    if not hits:
+        return None
+    zs, factors = spike_scores([v for _, v in hits], window)
     best = None
-    for i in range(len(rows) - new, len(rows)):
-        v = rows[i].get(key)
-        if not finite(v):
-            continue
-        window = finite_values(rows[max(0, i - WINDOW) : i], key)
-        if len(window) < MIN_WINDOW:
-            continue
-        z, factor = spike_score(float(v), window)  # type: ignore[arg-type]
+    for (step, value), z, factor in zip(hits, zs, factors, strict=True):
         if z >= Z_MIN and factor >= FACTOR and (best is None or z > best[2]):
-            best = (int(rows[i]["step"]), float(v), z, factor)  # type: ignore[arg-type]
+            best = (step, value, z, factor)
     return best
 
 

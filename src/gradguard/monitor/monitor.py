@@ -114,6 +114,7 @@ class Monitor:
         self.params = [
             ParamInfo(name=n, module=owner.get(id(p), ""), ndim=p.dim(), numel=p.numel()) for n, p in named
         ]
+        self._names = [p.name for p in self.params]
         self._stats = ParamStats([p for _, p in named], rows=log_every, reduce_fn=reduce_fn)
         self._tap = ActivationTap(model, {n: m for n, m in model.named_modules() if n != ""})
 
@@ -281,7 +282,8 @@ class Monitor:
         samples, self._samples = self._samples, []
         if not metas and not samples:
             return
-        new_rows = [self._row(i, m, host) for i, m in enumerate(metas)]
+        lists = {k: v.tolist() for k, v in host.items()}  # Python floats once, not per element
+        new_rows = [self._row(i, m, lists) for i, m in enumerate(metas)]
         by_step = {r["step"]: r for r in new_rows}
         for sample in samples:
             self._absorb_sample(sample, by_step.get(sample.step))
@@ -335,43 +337,48 @@ class Monitor:
         loss = row.get("loss")
         return not math.isfinite(row["grad_norm"]) or (loss is not None and not math.isfinite(loss))
 
-    def _row(self, i: int, meta: RowMeta, host: Mapping[str, Tensor]) -> dict[str, Any]:
-        gsq = host["grad_sq"][i].double()
-        present = list(meta.present)
+    def _row(self, i: int, meta: RowMeta, host: Mapping[str, Any]) -> dict[str, Any]:
+        gsq = host["grad_sq"][i]
+        present = meta.present
         row: dict[str, Any] = {
             "step": meta.step,
-            "loss": float(host["loss"][i]) if meta.has_loss else None,
-            "grad_norm": math.sqrt(float(gsq[present].sum())),
+            "loss": host["loss"][i] if meta.has_loss else None,
+            "grad_norm": math.sqrt(sum(gsq[j] for j in present)),
         }
         counts = meta.nonfinite_counts.tolist() if meta.nonfinite_counts is not None else None
+        names = self._names
         for k, j in enumerate(present):
-            name = self.params[j].name
-            g = float(gsq[j])
-            row[f"grad_norm/{name}"] = math.sqrt(g)
+            g = gsq[j]
+            row[f"grad_norm/{names[j]}"] = math.sqrt(g)
             if counts is not None:
-                row[f"nonfinite/{name}"] = float(counts[k])
+                row[f"nonfinite/{names[j]}"] = float(counts[k])
             else:
                 # Exact counts cost two passes, so they are taken only on flagged steps; a finite norm
                 # proves the count is 0, a non-finite one (seen only on accelerators) means "some".
-                row[f"nonfinite/{name}"] = 0.0 if math.isfinite(g) else float("nan")
+                row[f"nonfinite/{names[j]}"] = 0.0 if math.isfinite(g) else math.nan
         if meta.detail:
-            wsq, dsq, gmax = host["weight_sq"][i].double(), host["delta_sq"][i].double(), host["grad_max"][i]
-            for j, info in enumerate(self.params):
-                w = math.sqrt(float(wsq[j]))
-                row[f"weight_norm/{info.name}"] = w
-                if j in meta.present:
-                    row[f"grad_max/{info.name}"] = float(gmax[j])
-                d = float(dsq[j])
-                if math.isfinite(d):
+            wsq, dsq, gmax = host["weight_sq"][i], host["delta_sq"][i], host["grad_max"][i]
+            for j in present:
+                row[f"grad_max/{names[j]}"] = gmax[j]
+            for j, name in enumerate(names):
+                w = math.sqrt(wsq[j])
+                row[f"weight_norm/{name}"] = w
+                if math.isfinite(dsq[j]):
                     # ‖Δw‖/‖w‖ of the optimizer step just taken (Karpathy's ≈1e-3 rule of thumb).
-                    row[f"update_ratio/{info.name}"] = math.sqrt(d) / w if w > 0 else float("inf")
+                    row[f"update_ratio/{name}"] = math.sqrt(dsq[j]) / w if w > 0 else math.inf
         return row
 
     def _absorb_sample(self, sample: Sample, row: dict[str, Any] | None) -> None:
         if sample.order:
             self._depth = list(sample.order)
-        for name, vectors in sample.summaries.items():
-            pooled = pool_summaries(vectors)
+        names = list(sample.summaries)
+        calls = [len(sample.summaries[n]) for n in names]
+        # One host transfer for every module's summaries.
+        host = torch.stack([v for n in names for v in sample.summaries[n]]).cpu() if names else None
+        offsets = [sum(calls[:i]) for i in range(len(calls))]
+        for name, start, k in zip(names, offsets, calls, strict=True):
+            assert host is not None
+            pooled = pool_summaries(host[start : start + k])
             self._latest_act[name] = pooled
             if row is not None:
                 for field, value in pooled.items():

@@ -1,0 +1,121 @@
+"""Overhead of ``gg.watch(model)`` on a training loop (issue 2, "Speed").
+
+Two identical copies of a model are trained side by side in one process, one bare and one watched by the
+default monitor. The variants take turns step by step, the order flipping every step
+(``_timing.interleaved_periods``), and step times are summed over periods of 10 steps — one whole period
+of the monitor's schedule (one sampled step with activation hooks and detail statistics, nine plain
+steps, one fetch to the host) — so the periodic costs are inside every sample rather than hidden by a
+per-step median. Reported: median period time per step for each variant and the median over periods of
+the paired ratio watched / bare.
+
+Cases (CPU): (a) MLP of 20 Linear+ReLU layers, width 256, batch 128, Adam; target ≤ 1.05×.
+(b) 2-layer ``nn.LSTM``, hidden 128, 200 time steps, batch 32, Adam; target ≤ 1.02×.
+
+Usage: ``python benchmarks/overhead.py [--blocks N] [--quick]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _timing
+
+import gradguard as gg
+
+STEPS_PER_BLOCK = 10
+
+
+class LastStep(nn.Module):
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(16, hidden, num_layers=2, batch_first=True)
+        self.head = nn.Linear(hidden, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.rnn(x)
+        return self.head(out[:, -1])
+
+
+def mlp_case(quick: bool) -> tuple[nn.Module, Tensor, Tensor]:
+    layers: list[nn.Module] = []
+    for _ in range(20):
+        layers += [nn.Linear(256, 256), nn.ReLU()]
+    model = nn.Sequential(*layers)
+    return model, torch.randn(128, 256), torch.randn(128, 256)
+
+
+def lstm_case(quick: bool) -> tuple[nn.Module, Tensor, Tensor]:
+    steps = 50 if quick else 200
+    return LastStep(128), torch.randn(32, steps, 16), torch.randn(32, 1)
+
+
+def make_step(model: nn.Module, x: Tensor, y: Tensor, monitor: gg.Monitor | None) -> Callable[[], None]:
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        if monitor is not None:
+            monitor.step(loss)
+        opt.step()
+
+    return step
+
+
+def run_case(
+    name: str, build: Callable[[bool], tuple[nn.Module, Tensor, Tensor]], blocks: int, quick: bool
+) -> dict:
+    torch.manual_seed(0)
+    model, x, y = build(quick)
+    watched = copy.deepcopy(model)
+    mon = gg.watch(watched, console=False)
+    times = _timing.interleaved_periods(
+        {"bare": make_step(model, x, y, None), "watched": make_step(watched, x, y, mon)},
+        periods=blocks,
+        period=STEPS_PER_BLOCK,
+    )
+    mon.close()
+    per_step = {k: _timing.median(v) / STEPS_PER_BLOCK for k, v in times.items()}
+    return {
+        "case": name,
+        "bare_ms": 1e3 * per_step["bare"],
+        "watched_ms": 1e3 * per_step["watched"],
+        "ratio": _timing.paired_ratio(times, "watched", "bare"),
+        "steps": blocks * STEPS_PER_BLOCK,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--blocks", type=int, default=None, help="timed periods of 10 steps per variant")
+    parser.add_argument("--quick", action="store_true", help="short LSTM sequences and few blocks (smoke run)")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"machine: {_timing.machine()}")
+    cases = [
+        ("(a) MLP 20×256, batch 128", mlp_case, args.blocks or (3 if args.quick else 20), 1.05),
+        ("(b) LSTM 2×128, 200 steps, batch 32", lstm_case, args.blocks or (2 if args.quick else 6), 1.02),
+    ]
+    print(f"{'case':40s} {'bare ms/step':>13s} {'watched ms/step':>16s} {'ratio':>7s} {'target':>7s} steps")
+    for name, build, blocks, target in cases:
+        r = run_case(name, build, blocks, args.quick)
+        ok = "ok" if r["ratio"] <= target else "MISSED"
+        print(
+            f"{name:40s} {r['bare_ms']:13.2f} {r['watched_ms']:16.2f} {r['ratio']:7.3f} {target:6.2f}× "
+            f"{r['steps']} {ok}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,58 @@
+"""Batched :func:`~gradguard.stats.activations.activation_summary` for many tensors at once.
+
+A sampled step summarises every module's output. Calling ``activation_summary`` once per module costs
+~15 small kernels each (≈ 0.25 ms on CPU even for a tiny tensor, dominated by per-op overhead), so a
+40-module network pays ≈ 10 ms. Here all outputs are padded into one matrix and reduced row-wise:
+the same fields, the same definitions, ~20 kernels in total. Tested against
+``activation_summary`` applied to each tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
+
+from gradguard.stats.activations import SATURATION_MARGIN
+
+_KIND_CODE = {None: 0, "sigmoid": 1, "tanh": 2}
+
+
+def activation_summaries(xs: Sequence[Tensor], saturation: Sequence[str | None]) -> Tensor:
+    """Row ``i`` equals ``activation_summary(xs[i], saturation[i])`` (fields ``SUMMARY_FIELDS``).
+
+    Args:
+        xs: tensors on one device (any shapes; each is flattened).
+        saturation: per tensor, ``None``, ``"sigmoid"`` or ``"tanh"``.
+
+    Returns:
+        float32 tensor of shape ``(len(xs), 6)``: mean and population std of the finite entries, fraction
+        of exact zeros, fraction saturated (of finite entries), non-finite count, element count.
+    """
+    m = len(xs)
+    if m == 0:
+        return torch.zeros(0, 6)
+    flats = [x.detach().reshape(-1).float() for x in xs]
+    device = flats[0].device
+    # Rows padded to the longest tensor; ``valid`` masks the padding out of every count. Row-wise
+    # reductions of one (m, L) matrix are far cheaper than m separate summaries or a scatter.
+    buf = pad_sequence(flats, batch_first=True)
+    n = torch.tensor([f.numel() for f in flats], device=device, dtype=torch.float32)
+    valid = torch.arange(buf.shape[1], device=device)[None, :] < n[:, None]
+    finite = torch.isfinite(buf) & valid
+    zero = buf.new_zeros(())
+    xf = torch.where(finite, buf, zero)
+    n_fin = finite.sum(1).float()
+    denom = n_fin.clamp(min=1.0)
+    mean = xf.sum(1) / denom
+    dev = torch.where(finite, xf - mean[:, None], zero)
+    var = (dev * dev).sum(1) / denom
+    frac_zero = ((buf == 0) & valid).sum(1).float() / n.clamp(min=1.0)
+    codes = torch.tensor([_KIND_CODE[k] for k in saturation], device=device)[:, None]
+    sig = (buf < SATURATION_MARGIN) | (buf > 1 - SATURATION_MARGIN)
+    tnh = buf.abs() > 1 - SATURATION_MARGIN
+    sat = (((codes == 1) & sig) | ((codes == 2) & tnh)) & finite
+    frac_sat = sat.sum(1).float() / denom
+    return torch.stack([mean, var.sqrt(), frac_zero, frac_sat, n - n_fin, n], dim=1)
