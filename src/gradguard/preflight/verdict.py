@@ -5,8 +5,10 @@ Rules and thresholds (all on one batch at initialisation):
 - **nonfinite** (error): the first module in execution order whose output holds NaN/Inf while its
   predecessors' did not; else the module nearest the loss whose output gradient is non-finite.
 - **vanishing / exploding through depth**: ``a_l = grad_rms_l / grad_rms_last`` for every module with
-  parameters called once (repeated calls are a recurrence), where ``last`` is the one nearest the loss. ``min a_l < 1e-3`` is vanishing (error below
-  1e-6); ``max a_l > 1e3`` is exploding (error above 1e6). The gradient of a healthy network keeps its
+  parameters called once (repeated calls are a recurrence), where ``last`` is the one nearest the loss.
+  ``min a_l < 1e-3`` is vanishing (error below 1e-6); ``max a_l > 1e3`` is exploding (error above 1e6).
+  Without a backward explosion, hidden activations whose std grows > 1e3 × from the first to the last
+  hidden layer are reported as exploding too (error above 1e6). The gradient of a healthy network keeps its
   order of magnitude from the top to the bottom (Glorot & Bengio 2010; He et al. 2015).
 - **saturation**: share of a sigmoid/tanh output in its flat region (see
   :data:`gradguard.stats.activations.SATURATION_MARGIN`) ≥ 0.25 warning, ≥ 0.6 error.
