@@ -17,8 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from gradguard.errors import ConfigError
+from gradguard.report.figures import Figure
 
 CONFIG, METRICS, FIGURES, REPORT, INDEX = "config.json", "metrics.json", "figures.json", "report.html", "index.html"
+
+#: Keys every claim in ``metrics.json`` has (see :class:`gradguard.lab.claims.Claim`).
+CLAIM_KEYS = ("id", "statement", "measured", "expected", "holds")
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -100,8 +104,24 @@ def load_experiment(folder: Path) -> ExperimentResults:
     metrics = _read_json(folder / METRICS)
     if not isinstance(metrics, dict) or "id" not in metrics or "claims" not in metrics:
         raise ConfigError(f"{folder / METRICS} is not a gradguard metrics file (needs 'id' and 'claims')")
+    # A foreign or hand-edited file must fail here, in one line, not as a KeyError deep in the renderer.
+    claims = metrics["claims"]
+    if not isinstance(claims, list) or not all(isinstance(c, dict) and set(CLAIM_KEYS) <= set(c) for c in claims):
+        raise ConfigError(
+            f"{folder / METRICS} is not a gradguard metrics file ('claims' must be a list of objects with "
+            f"{', '.join(CLAIM_KEYS)})"
+        )
+    if not isinstance(metrics.get("metrics", {}), dict):
+        raise ConfigError(f"{folder / METRICS} is not a gradguard metrics file ('metrics' must be an object)")
     config = _read_json(folder / CONFIG) if (folder / CONFIG).is_file() else {}
     figures = _read_json(folder / FIGURES) if (folder / FIGURES).is_file() else []
+    if not isinstance(figures, list):
+        raise ConfigError(f"{folder / FIGURES} is not a gradguard figures file (needs a list of figures)")
+    for spec in figures:
+        try:
+            Figure.from_dict(spec)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise ConfigError(f"{folder / FIGURES} holds an entry that is not a gradguard figure spec") from None
     return ExperimentResults(folder, config, metrics, figures)
 
 
