@@ -121,7 +121,10 @@ def run(args: argparse.Namespace) -> int:
     model = build_model(args.model)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     gen = torch.Generator().manual_seed(args.seed)
-    x = torch.randn(shape, generator=gen).to(device)
+    try:
+        x = torch.randn(shape, generator=gen).to(device)
+    except RuntimeError as exc:  # e.g. more memory than the machine has
+        raise ConfigError(f"--input-shape {args.input_shape} cannot be allocated: {_first_line(exc)}") from exc
     try:
         with torch.no_grad():
             output = model(x)
@@ -131,8 +134,11 @@ def run(args: argparse.Namespace) -> int:
     report = probe(model, x, targets, loss_fn, time_dim=args.time_dim, seed=args.seed, train=not args.eval)
     print(report.to_markdown())
     out = Path(args.out)
-    html_path = report.to_html(out / "report.html")
-    (out / "report.json").write_text(json.dumps(report.to_dict(), indent=1, default=str), encoding="utf-8")
+    try:
+        html_path = report.to_html(out / "report.html")
+        (out / "report.json").write_text(json.dumps(report.to_dict(), indent=1, default=str), encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"--out {str(out)!r} is not writable: {exc.strerror or exc}") from None
     print(f"wrote {html_path} and {out / 'report.json'}", file=sys.stderr)
     worst = max((f.rank for f in report.findings), default=-1)
     threshold = {"error": 2, "warning": 1, "never": 99}[args.fail_on]

@@ -18,11 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gradguard.errors import ConfigError, InputError, StateError, check_number
+from gradguard.errors import ConfigError, GradGuardError, InputError, StateError, check_number
 from gradguard.findings import Finding
 from gradguard.preflight.recurrent import cell_spec, is_recurrent, unroll_profile, unsupported_reason
 from gradguard.stats import (
     activation_summary,
+    nonfinite_counts,
     gradient_horizon,
     growth_factor,
     saturation_kind,
@@ -48,7 +49,9 @@ class LayerRow:
     :func:`gradguard.stats.activation_summary`; ``dead_frac`` is the share of units that output zero for
     every example (ReLU-like modules only, else NaN). Backward fields: ``grad_norm = ‖∂L/∂y‖₂``,
     ``grad_rms = grad_norm / √numel`` (comparable across widths; ``grad_flows`` is False and both are NaN
-    when no gradient reaches the output), ``param_norm`` and ``param_grad_norm``
+    when no gradient reaches the output), ``grad_nonfinite`` and ``param_grad_nonfinite`` the NaN/Inf counts
+    of those gradients (norms are computed in float64, so an infinite norm of finite values cannot occur
+    below 1.8e308), ``param_norm`` and ``param_grad_norm``
     over the module's own parameters (first call only; NaN for a module without parameters).
     Neighbour ratios: ``std_gain = std / std of the previous row`` (forward growth across this module) and
     ``grad_gain = grad_rms / grad_rms of the next row`` (how the backward signal changed on its way from
@@ -78,6 +81,8 @@ class LayerRow:
     saturation: str | None = None
     has_params: bool = False
     grad_flows: bool = False
+    grad_nonfinite: float = 0.0
+    param_grad_nonfinite: float = 0.0
 
     @property
     def label(self) -> str:
@@ -340,7 +345,18 @@ def probe(
     if not isinstance(train, bool):
         raise InputError(f"train must be True or False, got {train!r}")
     check_number("seed", seed, low=0, integer=True)
+    if next(model.parameters(), None) is None:
+        raise ConfigError(
+            f"model {type(model).__name__} has no parameters; allowed: a module with at least one parameter "
+            "(there is no gradient to probe)"
+        )
     args, kwargs = _split_inputs(inputs)
+    # A NaN in the batch would be reported as a NaN "born" in the first layer: refuse the batch instead.
+    bad = {k: int((~torch.isfinite(v)).sum()) for k, v in [*enumerate(args), *kwargs.items()]
+           if isinstance(v, Tensor) and v.is_floating_point()}
+    if any(bad.values()):
+        where = ", ".join(f"input {k!r}: {n}" for k, n in bad.items() if n)
+        raise ConfigError(f"the probe batch holds NaN/Inf values ({where}); probe a finite batch")
     first_key: Any = None
     for key, value in [*enumerate(args), *kwargs.items()]:
         if isinstance(value, Tensor) and value.is_floating_point():
@@ -405,7 +421,16 @@ def probe(
                     args[first_key] = x_leaf
                 else:
                     kwargs[first_key] = x_leaf
-            output = model(*args, **kwargs)
+            try:
+                output = model(*args, **kwargs)
+            except GradGuardError:
+                raise
+            except Exception as exc:  # the user's model: a rejected input is a usage error, in one line
+                shapes = ", ".join(str(tuple(t.shape)) for t in [*args, *kwargs.values()] if isinstance(t, Tensor))
+                first = (str(exc).strip().splitlines() or [""])[0]
+                raise ConfigError(
+                    f"the model rejected inputs of shape {shapes}: {type(exc).__name__}: {first}"
+                ) from exc
             for h in handles:
                 h.remove()
             handles.clear()
@@ -485,25 +510,31 @@ def _backward_and_measure(model: nn.Module, calls: list[_Call], loss: Tensor, x_
 
     device = loss.device
     nan = float("nan")
-    # Backward: ‖∂L/∂y‖ per call (NaN where no gradient flows) and parameter norms grouped per module.
+    # Backward: ‖∂L/∂y‖ per call (NaN where no gradient flows) and parameter norms grouped per module, in
+    # float64 so that a huge but finite gradient is not mistaken for a non-finite one.
     out_grads = [grad_of(s) for s in out_slots]
     present = [g for g in out_grads if g is not None]
-    present_norms = tensor_norms(present).to(device) if present else torch.zeros(0, device=device)
-    grad_norm = torch.full((len(calls),), nan, device=device)
+    present_norms, present_bad = _norms_and_counts(present, device)
+    grad_norm = torch.full((len(calls),), nan, device=device, dtype=torch.float64)
+    grad_bad = torch.zeros(len(calls), device=device, dtype=torch.float64)
     idx = [i for i, g in enumerate(out_grads) if g is not None]
     if idx:
         grad_norm[torch.tensor(idx, device=device)] = present_norms
-    p_norm = torch.full((len(calls),), nan, device=device)
-    pg_norm = torch.full((len(calls),), nan, device=device)
+        grad_bad[torch.tensor(idx, device=device)] = present_bad
+    p_norm = torch.full((len(calls),), nan, device=device, dtype=torch.float64)
+    pg_norm = torch.full((len(calls),), nan, device=device, dtype=torch.float64)
+    pg_bad = torch.zeros(len(calls), device=device, dtype=torch.float64)
     if params:
         own = torch.tensor(owners, device=device)
-        pn = tensor_norms([p.detach() for p in params]).to(device)
-        pg = tensor_norms([g if (g := grad_of(s)) is not None else p.new_zeros(0)
-                           for s, p in zip(param_slots, params, strict=True)]).to(device)
-        p_norm.index_copy_(0, own.unique(), torch.zeros(len(set(owners)), device=device))
-        pg_norm.index_copy_(0, own.unique(), torch.zeros(len(set(owners)), device=device))
+        pn, _ = _norms_and_counts([p.detach() for p in params], device)
+        pg, pg_count = _norms_and_counts([g if (g := grad_of(s)) is not None else p.new_zeros(0)
+                                          for s, p in zip(param_slots, params, strict=True)], device)
+        zeros = torch.zeros(len(set(owners)), device=device, dtype=torch.float64)
+        p_norm.index_copy_(0, own.unique(), zeros)
+        pg_norm.index_copy_(0, own.unique(), zeros)
         p_norm = p_norm.index_add(0, own, pn**2).sqrt()
         pg_norm = pg_norm.index_add(0, own, pg**2).sqrt()
+        pg_bad = pg_bad.index_add(0, own, pg_count)
     summaries = torch.stack([c.summary.to(device) for c in calls]) if calls else torch.zeros(0, 6, device=device)
     dead = torch.stack([c.dead.to(device) for c in calls]) if calls else torch.zeros(0, device=device)
 
@@ -529,13 +560,13 @@ def _backward_and_measure(model: nn.Module, calls: list[_Call], loss: Tensor, x_
         rec_raw.append((c, unrolled, ""))
 
     # One transfer to the host for all per-layer numbers.
-    host = torch.cat([summaries.reshape(-1).float(), dead.float(), grad_norm, p_norm, pg_norm,
-                      loss.detach().float().reshape(1)]).cpu().tolist()
+    host = torch.cat([summaries.reshape(-1).double(), dead.double(), grad_norm, p_norm, pg_norm, grad_bad, pg_bad,
+                      loss.detach().double().reshape(1)]).cpu().tolist()
     n = len(calls)
     k = len(SUMMARY_FIELDS)
     summ = [host[i * k:(i + 1) * k] for i in range(n)]
     off = n * k
-    dead_l, gn_l, pn_l, pgn_l = (host[off + j * n: off + (j + 1) * n] for j in range(4))
+    dead_l, gn_l, pn_l, pgn_l, gbad_l, pgbad_l = (host[off + j * n: off + (j + 1) * n] for j in range(6))
     loss_value = host[-1]
 
     rows: list[LayerRow] = []
@@ -549,7 +580,8 @@ def _backward_and_measure(model: nn.Module, calls: list[_Call], loss: Tensor, x_
             grad_norm=gn_l[i], grad_rms=gn_l[i] / math.sqrt(max(numel, 1.0)),
             param_norm=pn_l[i] if first else nan, param_grad_norm=pgn_l[i] if first else nan,
             std_gain=nan, grad_gain=nan, saturation=saturation_kind(c.module), has_params=has_p,
-            grad_flows=out_grads[i] is not None,
+            grad_flows=out_grads[i] is not None, grad_nonfinite=gbad_l[i],
+            param_grad_nonfinite=pgbad_l[i] if first else 0.0,
         ))
     rows = _with_gains(rows)
 
@@ -567,6 +599,23 @@ def _backward_and_measure(model: nn.Module, calls: list[_Call], loss: Tensor, x_
 
     findings = diagnose(rows, recurrent, time_profile, loss_value)
     return ProbeReport(layers=rows, findings=findings, recurrent=recurrent, time=time_profile, loss=loss_value)
+
+
+def _norms_and_counts(tensors: list[Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Float64 L2 norms and non-finite counts of ``tensors``.
+
+    The fused float32 norm overflows once Σx² passes 3.4e38, i.e. for finite gradients of size ~1e19 that an
+    exploding network reaches easily; only those entries are recomputed from a float64 copy (one host check
+    per probe), so the common case stays one fused kernel.
+    """
+    if not tensors:
+        empty = torch.zeros(0, device=device, dtype=torch.float64)
+        return empty, empty
+    norms = tensor_norms(tensors).to(device).double()
+    counts = nonfinite_counts(tensors).to(device).double()
+    for i in ((~norms.isfinite()) & (counts == 0)).nonzero().flatten().tolist():
+        norms[i] = torch.linalg.vector_norm(tensors[i].detach().double().reshape(-1)).to(device)
+    return norms, counts
 
 
 def _peak(norms: list[float]) -> int:
