@@ -23,9 +23,9 @@ from gradguard.findings import Finding
 from gradguard.preflight.recurrent import cell_spec, is_recurrent, unroll_profile, unsupported_reason
 from gradguard.stats import (
     activation_summary,
-    nonfinite_counts,
     gradient_horizon,
     growth_factor,
+    nonfinite_counts,
     saturation_kind,
     tensor_norms,
     time_step_norms,

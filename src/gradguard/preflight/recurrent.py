@@ -287,4 +287,4 @@ def _step_norms(grad: Tensor | None, like: Tensor) -> Tensor:
         return like.new_zeros(like.shape[1] if like.dim() == 3 else ()).float()
     if grad.dim() == 3:  # (batch, time, features): one norm per step
         return time_step_norms(grad, time_dim=1)
-    return tensor_norms([grad])[0]
+    return tensor_norms([grad.double()])[0]  # float64 sum of squares: see time_step_norms

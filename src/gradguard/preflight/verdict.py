@@ -81,8 +81,7 @@ def _nonfinite(rows: Sequence[LayerRow], loss: float) -> list[Finding]:
                 evidence={"first_layer": r.label, "index": r.index, "nonfinite": r.nonfinite,
                           "previous_std": prev.std if prev else None},
             )]
-    bad = [r for r in rows if (r.grad_flows and not math.isfinite(r.grad_norm))
-           or (r.has_params and not math.isfinite(r.param_grad_norm))]
+    bad = [r for r in rows if r.grad_nonfinite > 0 or r.param_grad_nonfinite > 0]
     if bad or not math.isfinite(loss):
         last = max(bad, key=lambda r: r.index) if bad else None
         where = f"the gradient reaching `{last.label}`" if last else "the loss"
@@ -208,7 +207,8 @@ def _through_time(module: str, label: str, norms: Sequence[float], growth: float
     if len(finite) < len(norms):
         return [Finding(
             kind="exploding", module=module, step=0, severity="error",
-            message=f"The gradient through time of {label} becomes non-finite within {steps} steps.",
+            message=(f"The gradient through time of {label} becomes non-finite (or its norm passes 3.4e38) "
+                     f"within {steps} steps."),
             advice=_time_advice(cell, nonlinearity, exploding=True),
             evidence={"steps": steps, "growth": growth, **extra},
         )]

@@ -23,16 +23,18 @@ FIT_FLOOR = 1e-6
 def time_step_norms(x: Tensor, time_dim: int) -> Tensor:
     """L2 norm of each time slice, ``n_t = ‖x[..., t, ...]‖₂`` over every dimension but ``time_dim``.
 
-    Returns a float32 vector of length ``x.shape[time_dim]`` on ``x``'s device; non-finite entries
-    propagate into their step's norm.
+    Returns a float32 vector of length ``x.shape[time_dim]`` on ``x``'s device (accumulated in float64, so
+    it is finite whenever the norm itself fits in float32); non-finite entries propagate into their step's
+    norm.
 
     >>> time_step_norms(torch.ones(2, 3, 4), time_dim=1)
     tensor([2.8284, 2.8284, 2.8284])
     """
     x = x.detach()
     steps = x.shape[time_dim]
-    flat = x.movedim(time_dim, 0).reshape(steps, -1).float()
-    return torch.linalg.vector_norm(flat, 2, dim=1)
+    flat = x.movedim(time_dim, 0).reshape(steps, -1)
+    # Accumulate in float64: an exploding gradient's Σx² overflows float32 long before its norm does.
+    return torch.linalg.vector_norm(flat, 2, dim=1, dtype=torch.float64).float()
 
 
 def _steps_back(norms: Tensor) -> tuple[Tensor, Tensor, Tensor]:
