@@ -13,11 +13,16 @@ from gradguard.findings import Finding
 _GUARD = "wrap the optimizer in gg.Guard(model, opt) so a non-finite step is skipped instead of applied"
 
 
-def _advice(phase: str, module: str, params_bad: bool) -> str:
+def _advice(phase: str, module: str, params_bad: bool, inputs_bad: bool = False) -> str:
     if params_bad:
         return (
             f"The parameters of `{module}` were already corrupted by an earlier update: {_GUARD}, and bound "
             "the updates with gg.clip.ClipNorm(1.0) and a lower learning rate."
+        )
+    if module == "" and phase == "forward" and inputs_bad:
+        return (
+            "Clean the data: drop or impute NaN/Inf in the inputs (torch.nan_to_num, or filter the batch with "
+            f"torch.isfinite(x).all()); {_GUARD}."
         )
     if module == "" and phase == "forward":
         return (
@@ -70,7 +75,7 @@ def detect(obs: Observation) -> list[Finding]:
             step=step,
             severity="error",
             message=f"NaN/Inf was born at step {step} in the {origin.phase} pass of {name}: {origin.what}.",
-            advice=_advice(origin.phase, origin.module, params_bad),
+            advice=_advice(origin.phase, origin.module, params_bad, bool(origin.evidence.get("nonfinite_inputs"))),
             evidence=evidence,
         )
     ]

@@ -184,6 +184,10 @@ def localize(model: nn.Module, calls: Sequence[Call], loss_value: float | None) 
 def _replay_one(
     model: nn.Module, modules: Mapping[str, nn.Module], params: Sequence[Tensor], call: Call, loss_value: float | None
 ) -> Origin | None:
+    bad_inputs = _nonfinite(list(tensors_in((call.args, call.kwargs))))
+    if bad_inputs:
+        return Origin("", "forward", f"the input batch itself held {bad_inputs} non-finite values",
+                      {"nonfinite_inputs": bad_inputs})
     rec = _Recorder(modules)
     rec.attach()
     try:

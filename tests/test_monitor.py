@@ -1,0 +1,370 @@
+"""gg.watch(model): statistics against naive per-tensor references, hook hygiene, real-model cases."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import gradguard as gg
+from gradguard.monitor.activations import SUMMARY_SAMPLE
+
+RTOL = 1e-5
+
+
+def small_mlp(inplace: bool = False) -> nn.Sequential:
+    return nn.Sequential(
+        OrderedDict(
+            fc0=nn.Linear(6, 16), act0=nn.ReLU(inplace=inplace), fc1=nn.Linear(16, 8), act1=nn.Tanh(), fc2=nn.Linear(8, 3)
+        )
+    )
+
+
+def data(step: int) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(step)
+    return torch.randn(12, 6, generator=g), torch.randn(12, 3, generator=g)
+
+
+def test_param_stats_match_naive_reference() -> None:
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    mon = gg.watch(model, log_every=4, sample_every=3, console=False)
+    ref: list[dict[str, float]] = []
+    prev: dict[str, Tensor] = {}
+    for step in range(11):
+        x, y = data(step)
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        mon.step(loss)
+        row = {"loss": float(loss.detach()), "grad_norm": math.sqrt(sum(float(p.grad.norm()) ** 2 for p in model.parameters()))}
+        for name, p in model.named_parameters():
+            row[f"grad_norm/{name}"] = float(p.grad.norm())
+            row[f"grad_max/{name}"] = float(p.grad.abs().max())
+            row[f"weight_norm/{name}"] = float(p.detach().norm())
+            if name in prev:
+                row[f"update_ratio/{name}"] = float((p.detach() - prev[name]).norm() / p.detach().norm())
+            prev[name] = p.detach().clone()
+        ref.append(row)
+        opt.step()
+    hist = mon.history
+    assert [r["step"] for r in hist] == list(range(11))
+    for step, (got, want) in enumerate(zip(hist, ref, strict=True)):
+        assert got["loss"] == pytest.approx(want["loss"], rel=RTOL)
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=RTOL)
+        for name, _ in model.named_parameters():
+            assert got[f"grad_norm/{name}"] == pytest.approx(want[f"grad_norm/{name}"], rel=RTOL)
+            assert got[f"nonfinite/{name}"] == 0.0
+            if step % 3 == 0:  # sampled (detail) steps
+                assert got[f"grad_max/{name}"] == pytest.approx(want[f"grad_max/{name}"], rel=RTOL)
+                assert got[f"weight_norm/{name}"] == pytest.approx(want[f"weight_norm/{name}"], rel=RTOL)
+                if step > 0:
+                    assert got[f"update_ratio/{name}"] == pytest.approx(want[f"update_ratio/{name}"], rel=1e-4)
+            else:
+                assert f"grad_max/{name}" not in got and f"update_ratio/{name}" not in got
+    mon.close()
+
+
+def test_activation_stats_match_naive_reference() -> None:
+    model = small_mlp()
+    outputs: dict[str, list[Tensor]] = {}
+    for name, m in model.named_children():
+        m.register_forward_hook(lambda mod, a, o, name=name: outputs.setdefault(name, []).append(o.detach().clone()))
+    mon = gg.watch(model, sample_every=2, console=False)
+    for step in range(5):
+        x, y = data(step)
+        model.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        mon.step()
+    hist = mon.history
+    for step in (0, 2, 4):
+        for name, outs in outputs.items():
+            o = outs[step]
+            assert o.numel() <= SUMMARY_SAMPLE  # small enough to be summarised exactly
+            row = hist[step]
+            assert row[f"act/{name}/mean"] == pytest.approx(float(o.mean()), rel=1e-4, abs=1e-6)
+            assert row[f"act/{name}/std"] == pytest.approx(float(o.std(unbiased=False)), rel=1e-4)
+            assert row[f"act/{name}/frac_zero"] == pytest.approx(float((o == 0).float().mean()), abs=1e-7)
+            assert row[f"act/{name}/numel"] == o.numel()
+        t = outputs["act1"][step]
+        assert hist[step]["act/act1/frac_saturated"] == pytest.approx(float((t.abs() > 0.99).float().mean()), abs=1e-7)
+    assert "act/fc0/mean" not in hist[1]  # not a sampled step
+    mon.close()
+
+
+def test_history_has_every_parameter_and_loss_none_without_loss() -> None:
+    model = small_mlp()
+    mon = gg.watch(model, console=False)
+    x, y = data(0)
+    nn.functional.mse_loss(model(x), y).backward()
+    mon.step()
+    (row,) = mon.history
+    assert row["loss"] is None
+    for name, _ in model.named_parameters():
+        assert f"grad_norm/{name}" in row
+    mon.close()
+
+
+def _train_pair(inplace: bool, steps: int = 12) -> tuple[nn.Module, nn.Module, gg.Monitor]:
+    torch.manual_seed(1)
+    a = small_mlp(inplace)
+    b = copy.deepcopy(a)
+    mon = gg.watch(b, sample_every=2, console=False)
+    oa = torch.optim.Adam(a.parameters(), 1e-2)
+    ob = torch.optim.Adam(b.parameters(), 1e-2)
+    for step in range(steps):
+        x, y = data(step)
+        for m, o, mo in ((a, oa, None), (b, ob, mon)):
+            o.zero_grad()
+            out = m(x)
+            nn.functional.mse_loss(out, y).backward()
+            if mo is not None:
+                mo.step()
+            o.step()
+        for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+            assert torch.equal(pa.grad, pb.grad)
+            assert torch.equal(pa, pb)
+    return a, b, mon
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_watched_training_is_bit_identical_and_close_removes_every_hook(inplace: bool) -> None:
+    a, b, mon = _train_pair(inplace)
+    assert mon.history  # it recorded something
+    mon.close()
+    for m in b.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
+    x, y = data(99)
+    outs = []
+    for m in (a, b):
+        m.zero_grad()
+        out = m(x)
+        nn.functional.mse_loss(out, y).backward()
+        outs.append((out.detach(), [p.grad.clone() for p in m.parameters()]))
+    assert torch.equal(outs[0][0], outs[1][0])
+    for ga, gb in zip(outs[0][1], outs[1][1], strict=True):
+        assert torch.equal(ga, gb)
+
+
+def test_inplace_relu_stats_see_the_pre_activation() -> None:
+    """With ReLU(inplace=True) the Linear's summary must be taken before the ReLU overwrites it."""
+    model = small_mlp(inplace=True)
+    seen: list[Tensor] = []
+    model.fc0.register_forward_hook(lambda m, a, o: seen.append(o.detach().clone()))
+    mon = gg.watch(model, console=False)
+    x, y = data(0)
+    nn.functional.mse_loss(model(x), y).backward()
+    mon.step()
+    row = mon.history[0]
+    assert (seen[0] < 0).any()
+    assert row["act/fc0/mean"] == pytest.approx(float(seen[0].mean()), rel=1e-4, abs=1e-6)
+    assert row["act/fc0/frac_zero"] == 0.0
+    assert row["act/act0/frac_zero"] == pytest.approx(float((seen[0] <= 0).float().mean()), abs=1e-7)
+    mon.close()
+
+
+class Shared(nn.Module):
+    """One Linear applied twice per forward (shared weights), plus a frozen and an unused layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Linear(6, 6)
+        self.frozen = nn.Linear(6, 6)
+        self.unused = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+        self.frozen.requires_grad_(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.block(torch.relu(self.block(self.frozen(x)))))
+
+
+def test_shared_module_frozen_and_unused_parameters() -> None:
+    model = Shared()
+    mon = gg.watch(model, console=False)
+    x, y = data(0)
+    loss = nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    mon.step(loss)
+    (row,) = mon.history
+    assert "grad_norm/frozen.weight" not in row and "grad_norm/unused.weight" not in row
+    want = math.sqrt(sum(float(p.grad.norm()) ** 2 for p in model.parameters() if p.grad is not None))
+    assert row["grad_norm"] == pytest.approx(want, rel=RTOL)
+    assert row["grad_norm/block.weight"] == pytest.approx(float(model.block.weight.grad.norm()), rel=RTOL)
+    assert row["act/block/numel"] == 2 * 12 * 6  # both calls pooled
+    assert not [f for f in mon.findings if f.rank >= 1]
+    mon.close()
+
+
+def test_eval_passes_are_not_mixed_into_training_stats() -> None:
+    model = small_mlp()
+    mon = gg.watch(model, console=False)
+    with torch.no_grad():
+        model(torch.full((50, 6), 1e4))  # eval under no_grad on a sampled step, before the training forward
+    model.eval()
+    model(torch.full((40, 6), 1e4))  # eval() mode with grad enabled: not a training pass either
+    model.train()
+    x, y = data(0)
+    nn.functional.mse_loss(model(x), y).backward()
+    mon.step()
+    row = mon.history[0]
+    assert row["act/fc0/numel"] == 12 * 16
+    assert abs(row["act/fc0/mean"]) < 10
+    mon.close()
+
+
+@pytest.mark.parametrize("kind", ["rnn", "lstm", "gru", "gg_lstm"])
+def test_recurrent_time_profiles_match_reference(kind: str) -> None:
+    torch.manual_seed(0)
+    rnn: nn.Module = {
+        "rnn": lambda: nn.RNN(3, 5, batch_first=True),
+        "lstm": lambda: nn.LSTM(3, 5, num_layers=2, batch_first=True),
+        "gru": lambda: nn.GRU(3, 5, batch_first=True),
+        "gg_lstm": lambda: gg.nn.LSTM(3, 5, num_layers=2, activation="relu"),
+    }[kind]()
+    model = nn.ModuleDict({"rnn": rnn})
+    mon = gg.watch(model, console=False)
+    x = torch.randn(4, 7, 3)
+    out, _ = model["rnn"](x)
+    out.retain_grad()
+    (out[:, ::2] ** 2).sum().backward()  # odd time steps get no direct gradient
+    mon.step()
+    prof = mon.time_profiles
+    want_fwd = out.detach().pow(2).mean(dim=(0, 2)).sqrt()
+    want_grad = out.grad.pow(2).sum(dim=(0, 2)).sqrt()
+    torch.testing.assert_close(prof["forward"]["rnn"], want_fwd, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(prof["grad"]["rnn"], want_grad, rtol=1e-5, atol=1e-7)
+    names = {n for n, _ in rnn.named_parameters()}
+    row = mon.history[0]
+    for n in names:
+        assert row[f"grad_norm/rnn.{n}"] == pytest.approx(float(dict(rnn.named_parameters())[n].grad.norm()), rel=RTOL)
+    mon.close()
+
+
+def test_reduce_fn_hook_receives_stacked_squared_norms_once_per_fetch() -> None:
+    model = small_mlp()
+    calls: list[tuple[int, ...]] = []
+
+    def reduce_fn(block: Tensor) -> Tensor:
+        calls.append(tuple(block.shape))
+        return block * 4.0  # as if two identical shards were summed twice: norms double
+
+    mon = gg.watch(model, log_every=5, reduce_fn=reduce_fn, console=False)
+    norms = []
+    for step in range(10):
+        x, y = data(step)
+        model.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        norms.append(float(model.fc0.weight.grad.norm()))
+        mon.step()
+    hist = mon.history
+    n_params = len(list(model.parameters()))
+    assert calls == [(5, 3 * n_params), (5, 3 * n_params)]
+    for row, n in zip(hist, norms, strict=True):
+        assert row["grad_norm/fc0.weight"] == pytest.approx(2 * n, rel=RTOL)
+    mon.close()
+
+
+def test_context_manager_and_report() -> None:
+    model = small_mlp()
+    with gg.watch(model, console=False) as mon:
+        f = gg.Finding("loss_spike", "", 3, "warning", "m", "a")
+        mon.report(f)
+        mon.report(gg.Finding("loss_spike", "", 5, "error", "m2", "a"))
+        assert mon.findings == [gg.Finding("loss_spike", "", 5, "error", "m2", "a")]
+    assert mon.closed
+    with pytest.raises(gg.InputError, match="Finding"):
+        mon.report("not a finding")  # type: ignore[arg-type]
+
+
+def test_summary_lists_layers_and_findings() -> None:
+    model = small_mlp()
+    mon = gg.watch(model, console=False)
+    for step in range(3):
+        x, y = data(step)
+        model.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        mon.step(loss)
+    mon.report(gg.Finding("exploding", "fc1", 2, "warning", "grew ×12", "gg.clip.ClipNorm(1.0)"))
+    text = mon.summary()
+    for name, _ in model.named_parameters():
+        assert name in text
+    assert "grew ×12" in text and "3 steps" in text
+    mon.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="moving a model between devices needs a GPU")
+def test_model_moved_between_devices() -> None:
+    model = small_mlp()
+    mon = gg.watch(model, console=False)
+    for step in range(4):
+        dev = "cuda" if step >= 2 else "cpu"
+        model.to(dev)
+        x, y = data(step)
+        model.zero_grad()
+        loss = nn.functional.mse_loss(model(x.to(dev)), y.to(dev))
+        loss.backward()
+        mon.step(loss)
+    hist = mon.history
+    assert [r["step"] for r in hist] == [0, 1, 2, 3]
+    assert hist[3]["grad_norm/fc0.weight"] == pytest.approx(float(model.fc0.weight.grad.norm()), rel=1e-4)
+    mon.close()
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_watch_rejects_non_module_and_parameterless_model() -> None:
+    with pytest.raises(gg.InputError, match="nn.Module.*list"):
+        gg.watch([nn.Linear(2, 2)])  # type: ignore[arg-type]
+    with pytest.raises(gg.ConfigError, match="no parameters"):
+        gg.watch(nn.ReLU())
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"log_every": 0}, r"log_every=0 is out of range; allowed: \[1, inf\)"),
+        ({"sample_every": 2.5}, "sample_every=2.5 must be an integer"),
+        ({"window": 3}, "window=3 is out of range"),
+        ({"console": "yes"}, "console='yes' must be True or False"),
+        ({"sinks": [object()]}, "Sink"),
+        ({"colour": True}, "unknown watch.. option.*'colour'.*allowed: log_every"),
+    ],
+)
+def test_invalid_options_name_value_and_allowed(options: dict, match: str) -> None:
+    with pytest.raises(gg.GradGuardError, match=match):
+        gg.watch(small_mlp(), **options)
+
+
+def test_bad_loss_values() -> None:
+    model = small_mlp()
+    mon = gg.watch(model, console=False)
+    x, y = data(0)
+    loss = nn.functional.mse_loss(model(x), y, reduction="none")
+    loss.mean().backward()
+    with pytest.raises(gg.ConfigError, match=r"scalar.*shape \(12, 3\)"):
+        mon.step(loss)
+    with pytest.raises(gg.InputError, match="float"):
+        mon.step(1.5)  # type: ignore[arg-type]
+    mon.close()
+
+
+def test_step_without_gradients_records_info_finding() -> None:
+    model = small_mlp()
+    mon = gg.watch(model, console=False)
+    mon.step()
+    (f,) = mon.findings
+    assert f.severity == "info" and "no gradient" in f.message and "loss.backward()" in f.advice
+    mon.close()
+
+
+def test_step_after_close_raises_state_error() -> None:
+    model = small_mlp()
+    mon = gg.watch(model, console=False)
+    mon.close()
+    mon.close()  # idempotent
+    with pytest.raises(gg.StateError, match="after close"):
+        mon.step()
