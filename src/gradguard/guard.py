@@ -68,7 +68,7 @@ import torch
 from torch import Tensor, nn
 
 from gradguard.clip import POLICIES, ClipPolicy, make_policy
-from gradguard.errors import ConfigError, InputError, check_number
+from gradguard.errors import ConfigError, InputError, StateError, check_number
 from gradguard.findings import Finding
 from gradguard.stats import RingBuffer, robust_zscore, tensor_norms, total_norm
 
@@ -240,14 +240,33 @@ class Guard:
             # A deep copy: optimizer.load_state_dict keeps the tensors it is given, and the snapshot must
             # survive this rollback for the next one.
             return copy.deepcopy(self._memory_snapshot)
-        return torch.load(self.snapshot_path, weights_only=True)
+        try:
+            # weights_only: a snapshot file is data; a pickle that would run code is refused, never executed.
+            return torch.load(self.snapshot_path, weights_only=True)
+        except Exception as exc:  # refused pickle, truncated or foreign file: one line naming the file
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise StateError(
+                f"cannot read the Guard snapshot {str(self.snapshot_path)!r}: not a gradguard snapshot "
+                f"({type(exc).__name__}: {first})"
+            ) from None
 
     def restore(self) -> None:
         """Restore the last snapshot bit-exactly (model, optimizer, scaler, scheduler, clip policy, windows)."""
         state = self._load_snapshot()
-        saved = state["model"]
+        saved = state.get("model") if isinstance(state, dict) else None
+        current = self._model_tensors()
+        if (
+            not isinstance(saved, dict)
+            or set(saved) != set(current)
+            or any(not isinstance(saved[k], Tensor) or saved[k].shape != t.shape for k, t in current.items())
+        ):
+            where = "in memory" if self.snapshot_path is None else repr(str(self.snapshot_path))
+            raise StateError(
+                f"the Guard snapshot {where} was taken from a different model (parameter and buffer names or "
+                "shapes differ); delete it or give this run its own snapshot_dir"
+            )
         with torch.no_grad():
-            for key, t in self._model_tensors().items():
+            for key, t in current.items():
                 t.copy_(saved[key])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.clip is not None:
