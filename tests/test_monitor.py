@@ -19,7 +19,11 @@ RTOL = 1e-5
 def small_mlp(inplace: bool = False) -> nn.Sequential:
     return nn.Sequential(
         OrderedDict(
-            fc0=nn.Linear(6, 16), act0=nn.ReLU(inplace=inplace), fc1=nn.Linear(16, 8), act1=nn.Tanh(), fc2=nn.Linear(8, 3)
+            fc0=nn.Linear(6, 16),
+            act0=nn.ReLU(inplace=inplace),
+            fc1=nn.Linear(16, 8),
+            act1=nn.Tanh(),
+            fc2=nn.Linear(8, 3),
         )
     )
 
@@ -41,7 +45,8 @@ def test_param_stats_match_naive_reference() -> None:
         loss = nn.functional.mse_loss(model(x), y)
         loss.backward()
         mon.step(loss)
-        row = {"loss": float(loss.detach()), "grad_norm": math.sqrt(sum(float(p.grad.norm()) ** 2 for p in model.parameters()))}
+        total = math.sqrt(sum(float(p.grad.norm()) ** 2 for p in model.parameters()))
+        row = {"loss": float(loss.detach()), "grad_norm": total}
         for name, p in model.named_parameters():
             row[f"grad_norm/{name}"] = float(p.grad.norm())
             row[f"grad_max/{name}"] = float(p.grad.abs().max())
@@ -317,7 +322,7 @@ def test_model_moved_between_devices() -> None:
 
 # ----------------------------------------------------------------------------- bad input
 def test_watch_rejects_non_module_and_parameterless_model() -> None:
-    with pytest.raises(gg.InputError, match="nn.Module.*list"):
+    with pytest.raises(gg.InputError, match=r"nn\.Module.*list"):
         gg.watch([nn.Linear(2, 2)])  # type: ignore[arg-type]
     with pytest.raises(gg.ConfigError, match="no parameters"):
         gg.watch(nn.ReLU())

@@ -63,7 +63,8 @@ def test_forward_nan_is_blamed_on_producer_not_on_modules_that_pass_it_on() -> N
 
 def test_nan_in_custom_module_after_inplace_relu() -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(OrderedDict(fc=nn.Linear(4, 6), relu=nn.ReLU(inplace=True), log=LogLayer(), head=nn.Linear(6, 1)))
+    layers = OrderedDict(fc=nn.Linear(4, 6), relu=nn.ReLU(inplace=True), log=LogLayer(), head=nn.Linear(6, 1))
+    model = nn.Sequential(layers)
     with torch.no_grad():
         model.fc.bias.fill_(-0.5)  # some ReLU outputs are exactly 0 → log(0) = -inf → NaN downstream
     mon = gg.watch(model, console=False)
@@ -146,7 +147,7 @@ def test_replay_changes_no_parameter_grad_buffer_or_rng_state() -> None:
     b = Flaky()
     b.load_state_dict(a.state_dict())
     mon = gg.watch(b, console=False)
-    for step in range(2):
+    for _ in range(2):
         x = torch.randn(6, 4)
         state = torch.get_rng_state()
         a(x).sum().backward()
