@@ -238,3 +238,24 @@ def test_input_time_profile_flags_a_custom_recurrence() -> None:
     assert 5 < found[0].evidence["horizon"] < 15
     healthy = gg.probe(CellLoop(32, 1.0), torch.randn(16, 8, 1), time_dim=1)
     assert _kinds(healthy) == []
+
+
+def test_relu_lstm_unit_normal_explodes_with_finite_but_huge_gradients() -> None:
+    """Seed S0.2 at init; regression: float32 norms overflowed and the probe called finite gradients NaN."""
+    rnn = gg.nn.LSTM(1, 32, num_layers=2, activation="relu")
+    for name, p in rnn.named_parameters():
+        if "weight" in name:
+            nn.init.normal_(p, 0.0, 1.0)
+        else:
+            nn.init.constant_(p, 0.1)
+    model = Regressor(rnn, 32)
+    x = torch.rand(16, 50, 1)
+    model.zero_grad(set_to_none=True)
+    projection_loss(model(x)).backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(bool(torch.isfinite(g).all()) for g in grads)  # measured: finite ...
+    assert max(g.abs().max().item() for g in grads) > 1e19  # ... but so large that Σg² overflows float32
+    model.zero_grad(set_to_none=True)
+    report = gg.probe(model, x, time_dim=1)
+    assert [(f.kind, f.module, f.severity) for f in report.findings] == [("exploding", "rnn", "error")]
+    assert math.isfinite(report.layer("rnn").param_grad_norm) and report.layer("rnn").param_grad_norm > 1e19
