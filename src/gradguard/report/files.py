@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,9 @@ from gradguard.errors import ConfigError
 from gradguard.report.figures import Figure
 
 CONFIG, METRICS, FIGURES, REPORT, INDEX = "config.json", "metrics.json", "figures.json", "report.html", "index.html"
+
+#: A figure's name is a plain file stem: no separators, not hidden, no "..".
+_FIGURE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
 
 #: Keys every claim in ``metrics.json`` has (see :class:`gradguard.lab.claims.Claim`).
 CLAIM_KEYS = ("id", "statement", "measured", "expected", "holds")
@@ -119,9 +123,15 @@ def load_experiment(folder: Path) -> ExperimentResults:
         raise ConfigError(f"{folder / FIGURES} is not a gradguard figures file (needs a list of figures)")
     for spec in figures:
         try:
-            Figure.from_dict(spec)
+            name = Figure.from_dict(spec).name
         except (KeyError, TypeError, ValueError, AttributeError):
             raise ConfigError(f"{folder / FIGURES} holds an entry that is not a gradguard figure spec") from None
+        # The name becomes "<name>.png" beside the report: it must not reach outside the folder.
+        if not isinstance(name, str) or not _FIGURE_NAME.fullmatch(name):
+            raise ConfigError(
+                f"{folder / FIGURES}: figure name {name!r} is not allowed; use letters, digits, '_', '-', '.' "
+                "(not starting with '.')"
+            )
     return ExperimentResults(folder, config, metrics, figures)
 
 
