@@ -1,0 +1,31 @@
+"""stats.batched.activation_summaries against activation_summary applied tensor by tensor."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from gradguard.stats import activation_summary
+from gradguard.stats.batched import activation_summaries
+
+
+def test_batched_summaries_equal_per_tensor_reference() -> None:
+    torch.manual_seed(0)
+    xs = [
+        torch.randn(7, 5),
+        torch.relu(torch.randn(3, 4, 6)),
+        torch.tanh(3 * torch.randn(50)),
+        torch.sigmoid(4 * torch.randn(9, 9)),
+        torch.tensor([1.0, math.nan, -math.inf, 0.0, 2.0]),
+        torch.zeros(4),
+        torch.randn(1),
+    ]
+    kinds = [None, None, "tanh", "sigmoid", "tanh", None, "sigmoid"]
+    got = activation_summaries(xs, kinds)
+    want = torch.stack([activation_summary(x, k) for x, k in zip(xs, kinds, strict=True)])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_batched_summaries_empty() -> None:
+    assert activation_summaries([], []).shape == (0, 6)
