@@ -330,6 +330,12 @@ def probe(
     Returns:
         :class:`ProbeReport`.
 
+    Raises:
+        InputError: a model that is not a module, inputs/targets of the wrong type, a non-scalar loss.
+        ConfigError: a batch holding NaN/Inf, a model without parameters, a model that rejects the
+            inputs (its exception is chained), a ``time_dim`` out of range, targets of the wrong shape.
+        StateError: a loss that depends on nothing trainable.
+
     Example:
         >>> net = nn.Sequential(nn.Linear(8, 8), nn.Sigmoid(), nn.Linear(8, 1))
         >>> report = probe(net, torch.randn(16, 8))
@@ -436,7 +442,7 @@ def probe(
             handles.clear()
 
             loss, loss_kind = _compute_loss(output, targets, loss_fn, seed)
-            report = _backward_and_measure(model, calls, loss, x_leaf, time_dim, unroll)
+            report = _backward_and_measure(calls, loss, x_leaf, time_dim, unroll)
             report.loss_kind = loss_kind
             report.options = {"train": train, "seed": seed, "time_dim": time_dim, "unroll": unroll,
                               "loss": loss_kind}
@@ -469,7 +475,7 @@ def _compute_loss(output: Any, targets: Tensor | None, loss_fn: Callable[..., Te
     return loss.reshape(()), kind
 
 
-def _backward_and_measure(model: nn.Module, calls: list[_Call], loss: Tensor, x_leaf: Tensor | None,
+def _backward_and_measure(calls: list[_Call], loss: Tensor, x_leaf: Tensor | None,
                           time_dim: int | None, unroll: bool) -> ProbeReport:
     if not loss.requires_grad:
         raise StateError("the loss does not depend on any trainable parameter or input; nothing to probe")
