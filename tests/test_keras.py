@@ -128,3 +128,103 @@ def test_errors() -> None:
     unbuilt = keras.Sequential([keras.layers.Dense(2)])
     with pytest.raises(StateError, match="not built"):
         torch_view(unbuilt)
+
+
+# ------------------------------------------------------------------------------- the model.fit callback
+
+
+def relu_lstm() -> keras.Model:
+    """Seed S0.2 on Keras: ReLU LSTM cells, weights N(0, 1), biases 0.1, Adam — the recurrence explodes."""
+    keras.utils.set_random_seed(0)
+    init = keras.initializers.RandomNormal(stddev=1.0, seed=0)
+    kw = {
+        "activation": "relu",
+        "kernel_initializer": init,
+        "recurrent_initializer": init,
+        "bias_initializer": keras.initializers.Constant(0.1),
+    }
+    model = keras.Sequential(
+        [
+            keras.Input((10, 1)),
+            keras.layers.LSTM(32, return_sequences=True, name="lstm1", **kw),
+            keras.layers.LSTM(32, name="lstm2", **kw),
+            keras.layers.Dense(1, name="out"),
+        ]
+    )
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    return model
+
+
+class Record(keras.callbacks.Callback):
+    """Reference: the running epoch loss Keras reports and the gradients present after each batch."""
+
+    def __init__(self, view: torch.nn.Module) -> None:
+        super().__init__()
+        self.view = view
+        self.running: list[tuple[int, float]] = []
+        self.grad_norms: list[torch.Tensor] = []
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self.running.append((batch, float(logs["loss"])))
+        self.grad_norms.append(tensor_norms([p.grad for p in self.view.parameters()]))
+
+
+def test_callback_on_seed_s4_3_matches_keras_losses_and_gradients() -> None:
+    from gradguard.integrations.keras import GradGuardKerasCallback
+
+    model = stacked_lstm(units=100)
+    view = torch_view(model)
+    x, y = sine_data(n=24)
+    cb = GradGuardKerasCallback(console=False, log_every=3, sample_every=3)
+    ref = Record(view)
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False, callbacks=[cb, ref])
+    history = cb.monitor.history
+    assert [r["step"] for r in history] == list(range(6))
+    # Per-batch loss from Keras's running mean m_b over equal batches: loss_b = (b+1)·m_b − b·m_{b−1}.
+    expected = []
+    for i, (b, mean) in enumerate(ref.running):
+        prev = ref.running[i - 1][1] if b > 0 else 0.0
+        expected.append((b + 1) * mean - b * prev)
+    assert [r["loss"] for r in history] == pytest.approx(expected, rel=1e-4)
+    names = [n for n, _ in view.named_parameters()]
+    for row, norms in zip(history, ref.grad_norms, strict=True):
+        got = [row[f"grad_norm/{n}"] for n in names]
+        assert got == pytest.approx(norms.tolist(), rel=1e-5)
+    assert "act/lstm1/mean" in history[0] and "act/out/std" in history[0]
+    # The LSTM is recognised as recurrent: a per-time-step profile over the 10 input steps.
+    assert tuple(cb.monitor.time_profiles["forward"]["lstm1"].shape) == (10,)
+    # Healthy: small gradients, no exploding or non-finite finding.
+    assert max(r["grad_norm"] for r in history) < 10.0
+    assert not [f for f in cb.monitor.findings if f.kind in ("exploding", "nonfinite")]
+    cb.monitor.close()
+
+
+def test_callback_flags_exploding_relu_lstm() -> None:
+    from gradguard.integrations.keras import GradGuardKerasCallback
+
+    model = relu_lstm()
+    x, y = sine_data(n=32)
+    cb = GradGuardKerasCallback(console=False, log_every=2, sample_every=2)
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[cb])
+    history = cb.monitor.history
+    # Really sick: enormous gradients and losses (a healthy run above stays below 10 and 1).
+    assert max(r["grad_norm"] for r in history) > 1e6
+    assert max(r["loss"] for r in history) > 1e4
+    exploding = [f for f in cb.monitor.findings if f.kind == "exploding"]
+    assert any(f.module == "lstm1" for f in exploding), cb.monitor.findings
+    cb.monitor.close()
+
+
+def test_callback_rejects_monitor_and_options_together() -> None:
+    import gradguard as gg
+    from gradguard.integrations.keras import GradGuardKerasCallback
+
+    model = stacked_lstm(units=4)
+    mon = gg.watch(torch_view(model), console=False)
+    with pytest.raises(InputError, match="either"):
+        GradGuardKerasCallback(monitor=mon, log_every=3)
+    cb = GradGuardKerasCallback(monitor=mon)
+    x, y = sine_data(n=4)
+    model.fit(x, y, batch_size=2, epochs=1, verbose=0, callbacks=[cb])
+    assert cb.monitor is mon and mon.step_count == 2
+    mon.close()
