@@ -343,3 +343,15 @@ def test_eval_mode_probe_is_deterministic_and_train_mode_uses_dropout() -> None:
     t = gg.probe(model, x, train=True)
     assert t.layer("1").frac_zero == pytest.approx(0.5, abs=0.12)
     assert model.training
+
+
+def test_unroll_failure_becomes_a_note(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gradguard.preflight.core as core
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("odd layout\nmore")
+
+    monkeypatch.setattr(core, "unroll_profile", boom)
+    report = gg.probe(nn.GRU(2, 3, batch_first=True), torch.randn(2, 5, 2))
+    assert report.recurrent[0].note == "not unrolled: RuntimeError: odd layout"
+    assert report.layers and report.recurrent[0].last_norms == []

@@ -562,7 +562,14 @@ def _backward_and_measure(calls: list[_Call], loss: Tensor, x_leaf: Tensor | Non
             rec_raw.append((c, None, reason))
             continue
         upstream = [grad_of(s) for s in slots]
-        unrolled = unroll_profile(c.module, spec, c.rec_input, c.rec_hx, c.rec_outputs, upstream)
+        try:
+            unrolled = unroll_profile(c.module, spec, c.rec_input, c.rec_hx, c.rec_outputs, upstream)
+        except (RuntimeError, ValueError, IndexError) as exc:
+            # An initial state or layout the unroller does not know must not cost the whole probe: the
+            # per-layer rows stay valid, and the note says why this module has no time profile.
+            first = (str(exc).strip().splitlines() or [""])[0]
+            rec_raw.append((c, None, f"not unrolled: {type(exc).__name__}: {first}"))
+            continue
         rec_raw.append((c, unrolled, ""))
 
     # One transfer to the host for all per-layer numbers.
