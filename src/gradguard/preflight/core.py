@@ -567,8 +567,8 @@ def _backward_and_measure(calls: list[_Call], loss: Tensor, x_leaf: Tensor | Non
         except (RuntimeError, ValueError, IndexError) as exc:
             # An initial state or layout the unroller does not know must not cost the whole probe: the
             # per-layer rows stay valid, and the note says why this module has no time profile.
-            first = (str(exc).strip().splitlines() or [""])[0]
-            rec_raw.append((c, None, f"not unrolled: {type(exc).__name__}: {first}"))
+            line = (str(exc).strip().splitlines() or [""])[0]
+            rec_raw.append((c, None, f"not unrolled: {type(exc).__name__}: {line}"))
             continue
         rec_raw.append((c, unrolled, ""))
 
