@@ -107,11 +107,11 @@ def _coef(norm: Tensor, limit: Tensor | float) -> tuple[Tensor, Tensor]:
     """Scale factor ``c / (‖g‖ + 1e-6)`` where ``‖g‖`` exceeds the limit c, else exactly 1; and the flag.
 
     PyTorch uses ``min(1, c / (‖g‖ + 1e-6))``, which also shrinks norms in the band (c − 1e-6, c] by up
-    to 1e-6/c relative; taking 1 there makes clipping idempotent (clipping twice changes nothing) and is
+    to 1e-6/c relative; taking 1 there leaves gradients already within the limit untouched and is
     otherwise identical. A NaN norm counts as over the limit so the factor is NaN, as in PyTorch.
     """
     over = ~(norm <= limit)
-    return torch.where(over, limit / (norm + NORM_EPS), torch.ones_like(norm)), over
+    return torch.where(over, limit / (norm + NORM_EPS), 1.0), over
 
 
 def _scale_(grads: list[Tensor], coefs: Tensor) -> None:
@@ -174,14 +174,13 @@ class ClipValue(ClipPolicy):
 
 
 class ClipNorm(ClipPolicy):
-    """Norm clipping ``g ← g · min(1, c / (‖g‖_p + 1e-6))`` (Pascanu et al. 2013).
+    """Norm clipping ``g ← g · c / (‖g‖_p + 1e-6)`` when ``‖g‖_p > c`` (Pascanu et al. 2013).
 
     ``per="global"``: one norm over all gradients, as ``torch.nn.utils.clip_grad_norm_`` and Keras
     ``global_clipnorm``; results are identical to torch's for every ``norm_type`` including ``inf`` and
-    non-finite gradients (see :func:`_coef` for the one 1e-6-wide band where this is idempotent and torch
-    is not). ``per="tensor"``: each tensor is clipped by its own norm, as Keras ``clipnorm``
-    (SEEDS S0.4), which changes the direction of the overall update but keeps one exploding layer from
-    shrinking the others' steps.
+    non-finite gradients (outside the 1e-6-wide band described in :func:`_coef`). ``per="tensor"``: each
+    tensor is clipped by its own norm, as Keras ``clipnorm`` (SEEDS S0.4), which changes the direction of
+    the overall update but keeps one exploding layer from shrinking the others' steps.
 
     Args:
         max_norm: c > 0.
@@ -234,7 +233,7 @@ def _nanquantile(values: Tensor, q: float) -> Tensor:
     v_lo = ordered.gather(0, lo.long())
     v_hi = ordered.gather(0, hi.long())
     out = torch.lerp(v_lo, v_hi, pos - lo)
-    return torch.where(n > 0, out, torch.full_like(out, math.nan)).reshape(-1)
+    return torch.where(n > 0, out, math.nan).reshape(-1)
 
 
 class _History:
@@ -252,7 +251,7 @@ class _History:
 
     def push(self, row: Tensor) -> None:
         row = row.detach().float().reshape(-1)
-        row = torch.where(row.isfinite(), row, torch.full_like(row, math.nan))
+        row = torch.where(row.isfinite(), row, math.nan)
         if self.values is None or self.values.shape[1] != row.numel():
             rows = self.capacity if self.capacity is not None else 64
             self.values = torch.full((rows, row.numel()), math.nan, device=row.device)
@@ -348,7 +347,7 @@ class AutoClip(ClipPolicy):
         else:
             limit = self._history.quantile(q)
             self._history.push(current)
-        limit = torch.where(limit.isnan(), torch.full_like(limit, math.inf), limit)
+        limit = torch.where(limit.isnan(), math.inf, limit)  # no finite history yet: no limit
         coefs, over = _coef(current, limit)
         if self.per == "global":
             torch._foreach_mul_(grads, coefs[0].to(grads[0].device))

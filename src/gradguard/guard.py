@@ -306,16 +306,18 @@ class Guard:
     def _measure(self, loss: Tensor) -> Tensor:
         """Everything the step decision needs, as one device vector (see the ``_LOSS`` ... indices)."""
         loss_d = loss.detach().reshape(()).float()
+        device = loss_d.device
+        # Constants are created on the device: a CPU tensor moved to CUDA would be a pageable
+        # host-to-device copy, which synchronises the stream (a second, hidden sync).
         if self.clip is not None:
             result = self.clip(self.params)
             norm, threshold = result.norm_before.float(), result.threshold.float()
             clipped, after = result.clipped.float(), result.norm_after.float()
         else:
             grads = [p.grad for p in self.params if p.grad is not None]
-            norm = total_norm(tensor_norms(grads, 2.0), 2.0) if grads else torch.zeros(())
-            threshold = torch.full((), math.inf)
-            clipped, after = torch.zeros(()), norm
-        device = loss_d.device
+            norm = total_norm(tensor_norms(grads, 2.0), 2.0) if grads else torch.zeros((), device=device)
+            threshold = torch.full((), math.inf, device=device)
+            clipped, after = torch.zeros((), device=device), norm
         norm = norm.to(device)
         nan = torch.full((), math.nan, device=device)
         if self._losses.pushes >= self.min_history:  # host counter: only applied (finite) steps are pushed
