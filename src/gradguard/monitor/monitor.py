@@ -29,6 +29,7 @@ from gradguard.monitor.schedule import Schedule, every
 from gradguard.sinks.base import Sink
 from gradguard.sinks.console import ConsoleSink
 from gradguard.sinks.jsonl import JsonlSink
+from gradguard.stats.distributed import make_reduce_fn
 
 #: Option names accepted by :func:`watch`, with their defaults.
 DEFAULTS: dict[str, Any] = {
@@ -115,6 +116,10 @@ class Monitor:
             ParamInfo(name=n, module=owner.get(id(p), ""), ndim=p.dim(), numel=p.numel()) for n, p in named
         ]
         self._names = [p.name for p in self.params]
+        if reduce_fn is None:
+            # integrations (issue 6): sharded (FSDP2/DTensor) parameters get the one-collective reduction of
+            # the squared-norm block automatically; None (no collective) for replicated/DDP/single process.
+            reduce_fn = make_reduce_fn([p for _, p in named])
         self._stats = ParamStats([p for _, p in named], rows=log_every, reduce_fn=reduce_fn)
         self._tap = ActivationTap(model, {n: m for n, m in model.named_modules() if n != ""})
 
@@ -221,7 +226,9 @@ class Monitor:
         if sample is not None:
             self._samples.append(sample)
         force = False
-        if first.device.type == "cpu":
+        if first.device.type == "cpu" and self._stats.reduce_fn is None:
+            # (issue 6) With a distributed reduce_fn the flag of a local shard may differ between ranks, and
+            # a flush made on one rank only would wait forever in the collective: flush on schedule only.
             # Reading a CPU tensor is a memory load, not a device synchronisation, so the non-finite flag
             # is checked at every step and a NaN is localised on the very step it appears. On
             # accelerators the flag waits for the logging schedule (see _flush).

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from gradguard.stats import nonfinite_counts, tensor_norms
+from gradguard.stats.distributed import local_tensor
 
 ReduceFn = Callable[[Tensor], Tensor]
 
@@ -97,9 +98,11 @@ class ParamStats:
         The flag is true when the loss or any gradient holds NaN/Inf; it stays on the device.
         """
         present = tuple(i for i, p in enumerate(self.params) if p.grad is not None)
-        grads = [self.params[i].grad for i in present]
+        # integrations (issue 6): FSDP2 gradients are DTensors; measure this rank's shard only (no collective
+        # per step) and let reduce_fn combine the squared norms on the logging schedule.
+        grads = [local_tensor(self.params[i].grad) for i in present]  # type: ignore[arg-type]
         row = len(self.meta)
-        norms = tensor_norms(grads, 2.0)  # type: ignore[arg-type]
+        norms = tensor_norms(grads, 2.0)
         # Norms, not squares, are buffered: a float32 square overflows for norms > 1.8e19, which an
         # exploding run reaches long before its gradients hold an actual Inf. Squares are formed in
         # float64 on fetch.
@@ -114,7 +117,7 @@ class ParamStats:
             total = total + lv
         bad = ~torch.isfinite(total)
         if detail:
-            self._record_detail(row, step, present, grads)  # type: ignore[arg-type]
+            self._record_detail(row, step, present, grads)
         meta = RowMeta(step=step, has_loss=loss is not None, detail=detail, present=present)
         self.meta.append(meta)
         return meta, bad
@@ -124,7 +127,7 @@ class ParamStats:
         mx = torch.stack([m for g in grads for m in torch.aminmax(g.detach())]).reshape(-1, 2).abs().amax(1).float()
         idx = self._index(present)
         self.grad_max[row].index_copy_(0, idx, mx)
-        weights = [p.detach() for p in self.params]
+        weights = [local_tensor(p.detach()) for p in self.params]  # local shard under FSDP2 (issue 6)
         self.weight_n[row].copy_(tensor_norms(weights, 2.0))
         if self._snapshot is not None and self._snapshot_step == step - 1:
             torch._foreach_sub_(self._snapshot, weights)
@@ -133,7 +136,7 @@ class ParamStats:
 
     def snapshot(self, step: int) -> None:
         """Copy the current weights (called after the step before a detail step, before the optimizer)."""
-        weights = [p.detach() for p in self.params]
+        weights = [local_tensor(p.detach()) for p in self.params]  # local shard under FSDP2 (issue 6)
         if self._snapshot is None or any(
             s.shape != w.shape or s.device != w.device or s.dtype != w.dtype
             for s, w in zip(self._snapshot, weights, strict=True)
@@ -145,8 +148,8 @@ class ParamStats:
 
     def count_nonfinite(self, meta: RowMeta) -> None:
         """Exact NaN/Inf counts of the present gradients (two extra passes; only on flagged steps)."""
-        grads = [self.params[i].grad for i in meta.present]
-        meta.nonfinite_counts = nonfinite_counts(grads).cpu()  # type: ignore[arg-type]
+        grads = [local_tensor(self.params[i].grad) for i in meta.present]  # type: ignore[arg-type]
+        meta.nonfinite_counts = nonfinite_counts(grads).cpu()
 
     def fetch(self) -> tuple[list[RowMeta], dict[str, Tensor]]:
         """Copy every pending row to the host (one transfer per block) and clear the ring."""

@@ -115,14 +115,16 @@ def shard_group(tensors: Sequence[Tensor]) -> Any:
 def allreduce_sum_packed(parts: Sequence[Tensor], group: Any = None) -> list[Tensor]:
     """Sum each tensor of ``parts`` over the ranks of ``group`` with a single all-reduce.
 
-    The parts are flattened into one float32 buffer (so several statistics share one collective), reduced
-    with ``SUM`` and split back into their original shapes. Without an initialised process group the parts
-    are returned unchanged (as float32 copies).
+    The parts are flattened into one buffer (so several statistics share one collective), reduced with
+    ``SUM`` and split back into their original shapes. The buffer is float64 if every part is float64
+    (squares of large norms overflow float32), float32 otherwise. Without an initialised process group the
+    parts are returned unchanged (as copies in that dtype).
     """
     if not parts:
         return []
     shapes = [p.shape for p in parts]
-    buf = torch.cat([p.detach().reshape(-1).float() for p in parts])
+    dtype = torch.float64 if all(p.dtype == torch.float64 for p in parts) else torch.float32
+    buf = torch.cat([p.detach().reshape(-1).to(dtype) for p in parts])
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(buf, op=torch.distributed.ReduceOp.SUM, group=group)
     out = []
@@ -239,7 +241,7 @@ def make_reduce_fn(tensors: Sequence[Tensor], group: Any = None) -> Callable[[Te
         if block.dim() != 2 or block.shape[1] % n:
             raise ConfigError(f"expected a (rows, k·{n}) block of squared norms, got shape {tuple(block.shape)}")
         mask = torch.as_tensor(mask_list, dtype=torch.bool, device=block.device).repeat(block.shape[1] // n)
-        flat = block.float()
+        flat = block if block.dtype == torch.float64 else block.float()
         if torch.distributed.is_initialized() and torch.distributed.get_rank(grp) != 0:
             flat = torch.where(mask, flat, torch.zeros_like(flat))
         (out,) = allreduce_sum_packed([flat], grp)
