@@ -9,6 +9,7 @@ import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -138,4 +139,48 @@ def train_classifier(
             history.eval_step.append(step)
             history.test_accuracy.append(accuracy(model, data.x_test, data.y_test))
             progress(step / steps)
+    return history
+
+
+def train_regressor(
+    model: nn.Module,
+    data: Split,
+    optimizer: torch.optim.Optimizer,
+    *,
+    steps: int,
+    batch: int,
+    generator: torch.Generator,
+    clip: Callable[[Iterator[nn.Parameter]], object] | None = None,
+    guard: Any = None,
+    penalty: Callable[[], Tensor] | None = None,
+    progress: Callable[[float], None] = lambda f: None,
+) -> History:
+    """Mean-squared-error training; ``loss`` records the MSE (without ``penalty``), ``grad_norm`` the global
+    gradient norm before clipping.
+
+    Exactly one of: plain ``optimizer.step()``, ``clip(model.parameters())`` then ``optimizer.step()``, or
+    ``guard.step(loss)`` (a :class:`gradguard.Guard` that clips, skips and rolls back by itself). A run
+    without a guard stops at the first non-finite loss: from there every weight is NaN.
+    """
+    history = History()
+    stream = batches(data, batch, generator)
+    for step in range(steps):
+        x, y = next(stream)
+        optimizer.zero_grad(set_to_none=True)
+        mse = F.mse_loss(model(x), y)
+        loss = mse + penalty() if penalty is not None else mse
+        loss.backward()
+        history.loss.append(float(mse.detach()))
+        history.grad_norm.append(grad_norm(model))
+        if guard is not None:
+            guard.step(loss)
+        else:
+            if not math.isfinite(history.loss[-1]):
+                break
+            if clip is not None:
+                clip(model.parameters())
+            optimizer.step()
+        if step % 10 == 0:
+            progress(step / steps)
+    progress(1.0)
     return history
