@@ -245,7 +245,7 @@ def _state(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, scaler: Any
 def _assert_bit_equal(a: Any, b: Any, path: str = "") -> None:
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
-        assert torch.equal(a, b), path
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=path)  # exact; NaN == NaN
     elif isinstance(a, dict):
         assert set(a) == set(b), path
         for k in a:
@@ -460,6 +460,17 @@ def test_exactly_one_host_sync_per_step(monkeypatch: pytest.MonkeyPatch) -> None
     calls.clear()
     guard.step(loss)
     assert calls == ["tolist", *own], calls
+
+
+def test_guard_state_dict_round_trip() -> None:
+    setup = nan_injected_gradients()
+    guard = Guard(setup.model, setup.optimizer, rollback_after=2)
+    train(setup, 60, guard)
+    state = guard.state_dict()
+    other = Guard(setup.model, setup.optimizer, rollback_after=2)
+    other.load_state_dict(state)
+    _assert_bit_equal(other.state_dict(), state, "guard")
+    assert other.lr_factor == guard.lr_factor and other.skipped == guard.skipped > 0
 
 
 # --------------------------------------------------------------------------------------- bad input

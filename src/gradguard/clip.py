@@ -114,9 +114,24 @@ def _coef(norm: Tensor, limit: Tensor | float) -> tuple[Tensor, Tensor]:
     return torch.where(over, limit / (norm + NORM_EPS), 1.0), over
 
 
+def _by_device(grads: list[Tensor]) -> dict[torch.device, list[int]]:
+    groups: dict[torch.device, list[int]] = {}
+    for i, g in enumerate(grads):
+        groups.setdefault(g.device, []).append(i)
+    return groups
+
+
+def _mul_(grads: list[Tensor], coef: Tensor) -> None:
+    """``g ← coef · g`` for every gradient, one fused kernel per device (as torch's clip groups them)."""
+    for device, idx in _by_device(grads).items():
+        torch._foreach_mul_([grads[i] for i in idx], coef.to(device))
+
+
 def _scale_(grads: list[Tensor], coefs: Tensor) -> None:
-    """Multiply each gradient by its coefficient (a vector with one entry per gradient), fused."""
-    torch._foreach_mul_(grads, list(coefs.to(grads[0].device).unbind()))
+    """Multiply each gradient by its own coefficient (a vector with one entry per gradient), fused per device."""
+    for device, idx in _by_device(grads).items():
+        local = coefs.to(device)
+        torch._foreach_mul_([grads[i] for i in idx], [local[i] for i in idx])
 
 
 class ClipPolicy:
@@ -204,7 +219,7 @@ class ClipNorm(ClipPolicy):
         if self.per == "global":
             # Multiply unconditionally, as torch does: an `if clipped:` would force a device sync.
             coef, clipped = _coef(before, self.max_norm)
-            torch._foreach_mul_(grads, coef.to(grads[0].device))
+            _mul_(grads, coef)
             after = before * coef
         else:
             coefs, over = _coef(norms, self.max_norm)
@@ -350,7 +365,7 @@ class AutoClip(ClipPolicy):
         limit = torch.where(limit.isnan(), math.inf, limit)  # no finite history yet: no limit
         coefs, over = _coef(current, limit)
         if self.per == "global":
-            torch._foreach_mul_(grads, coefs[0].to(grads[0].device))
+            _mul_(grads, coefs[0])
             after = before * coefs[0]
         else:
             _scale_(grads, coefs)
@@ -540,7 +555,7 @@ class ZClip(ClipPolicy):
         # Same rule as the package: scale by limit/(g + 1e-6) only when g exceeds the limit.
         over = g > limit
         coef = torch.where(over, limit / (g + NORM_EPS), torch.ones_like(g))
-        torch._foreach_mul_(grads, coef.to(grads[0].dtype).to(grads[0].device))
+        _mul_(grads, coef.float())
         after = before * coef.to(before.dtype)
         return ClipResult(before, after, limit.to(before.dtype), over | ~finite)
 

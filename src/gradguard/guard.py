@@ -18,7 +18,9 @@ What one ``step(loss)`` does, in order:
 4. **the one host synchronisation of the step**: a single small vector (loss, norm, threshold, clipped,
    z-scores, spike flags, the scaler's found-inf) is fetched with one ``.tolist()``. Whether to update
    must be decided on the host (the optimizer step is host code), so one fetch per step is the minimum;
-   everything before it is queued device work, and nothing else in the step reads a device value;
+   everything before it is queued device work, and nothing else in the step reads a device value
+   (snapshots are device-side clones; only an on-disk snapshot, every ``snapshot_every`` good steps, and
+   a rollback copy to or from the host);
 5. the update is applied (``optimizer.step()`` under the current LR factor; with a scaler, then
    ``scaler.update()``), or skipped, when the loss or any gradient is non-finite, or the loss or the
    gradient norm spikes (z > ``spike_z`` and more than ``spike_min_excess`` above the median);
