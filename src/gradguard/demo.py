@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     print("The monitor prints each finding as it appears:\n")
     losses: list[float] = []
     with gg.watch(model, log_dir=args.log_dir) as mon:
-        for step in range(args.steps):
+        for _ in range(args.steps):
             idx = torch.randint(len(x), (32,), generator=gen)
             opt.zero_grad(set_to_none=True)
             loss = nn.functional.mse_loss(model(x[idx]), y[idx])
@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         trace = "  ".join(f"{v:.3g}" for v in losses[:12])
         print(f"\nloss, first 12 steps: {trace}")
         finite = [v for v in losses if v == v]
-        print(f"loss: min {min(finite):.3g}, max {max(finite):.3g} (×{max(finite) / min(finite):.3g}) over {len(losses)} steps")
+        lo, hi = min(finite), max(finite)
+        print(f"loss: min {lo:.3g}, max {hi:.3g} (×{hi / lo:.3g}) over {len(losses)} steps")
         print()
         print(mon.summary())
     print(f"\n(demo took {time.perf_counter() - t0:.1f} s)")
