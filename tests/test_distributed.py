@@ -200,3 +200,87 @@ def test_allreduce_norms_rejects_bad_input() -> None:
         allreduce_norms(torch.ones(2, 2), 2.0)
 
 
+
+
+# ---------------------------------------------------------------------------- the monitor: DDP and FSDP2
+
+STEPS = 4
+MONITOR_OPTIONS = {"log_every": 2, "sample_every": 2, "console": False, "replay": False}
+#: History entries that must equal the single-process reference (activation summaries are per-rank).
+COMPARED = ("loss", "grad_norm", "grad_norm/", "weight_norm/", "update_ratio/")
+
+
+def step_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(2)
+    return [(torch.randn(8, 6, generator=gen), torch.randn(8, 3, generator=gen)) for _ in range(STEPS)]
+
+
+def _compared(history: list[dict[str, Any]]) -> list[dict[str, float]]:
+    return [
+        {k: v for k, v in row.items() if k == "step" or any(k.startswith(c) for c in COMPARED)} for row in history
+    ]
+
+
+def reference_history() -> list[dict[str, float]]:
+    """The monitor on one process, training on the concatenated batches."""
+    import gradguard as gg
+
+    model = make_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = gg.watch(model, **MONITOR_OPTIONS)
+    for x, y in step_batches():
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        mon.step(loss.detach())
+        opt.step()
+    history = _compared(mon.history)
+    mon.close()
+    return history
+
+
+def _monitor_worker(rank: int) -> dict[str, Any]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    import gradguard as gg
+
+    out: dict[str, Any] = {}
+    for mode in ("ddp", "fsdp"):
+        model = make_mlp()
+        if mode == "ddp":
+            wrapped: nn.Module = DistributedDataParallel(model)
+        else:
+            mesh = init_device_mesh("cpu", (WORLD,))
+            for layer in (model[0], model[2], model[4]):
+                fully_shard(layer, mesh=mesh)
+            wrapped = fully_shard(model, mesh=mesh)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        mon = gg.watch(model, **MONITOR_OPTIONS)
+        for x, y in step_batches():
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(wrapped(x[rank::WORLD]), y[rank::WORLD])
+            loss.backward()
+            mon.step(allreduce_mean(loss.detach()))  # the global-batch loss, equal on every rank
+            opt.step()
+        out[mode] = _compared(mon.history)
+        out[f"{mode}_findings"] = [f.to_dict() for f in mon.findings]
+        mon.close()
+    return out
+
+
+def test_monitor_under_ddp_and_fsdp_equals_single_process_reference(tmp_path: Path) -> None:
+    ranks = run_ranks(_monitor_worker, tmp_path)
+    ref = reference_history()
+    assert len(ref) == STEPS and any("update_ratio/0.weight" in row for row in ref)
+    for mode in ("ddp", "fsdp"):
+        for r in ranks:
+            got = r[mode]
+            assert [row.keys() for row in got] == [row.keys() for row in ref], mode
+            for row_got, row_ref in zip(got, ref, strict=True):
+                for key, want in row_ref.items():
+                    assert rel_err(row_got[key], want) < RTOL, (mode, row_ref["step"], key, row_got[key], want)
+        # Identical numbers and findings on every rank.
+        assert ranks[0][mode] == ranks[1][mode]
+        assert ranks[0][f"{mode}_findings"] == ranks[1][f"{mode}_findings"]
