@@ -16,18 +16,33 @@ def _by_device(tensors: Sequence[Tensor]) -> dict[torch.device, list[int]]:
     return groups
 
 
+def _has_dtensor(tensors: Sequence[Tensor]) -> bool:
+    from gradguard.stats.distributed import is_dtensor
+
+    return any(is_dtensor(t) for t in tensors)
+
+
 def tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
     """Per-tensor p-norms ``‖t_i‖_p = (Σ_j |t_ij|^p)^(1/p)`` as one float32 vector.
 
     ``norm_type`` may be ``inf`` (max-abs) or ``0`` (count of non-zeros). Uses one fused
     ``torch._foreach_norm`` launch per device; the result lives on the first tensor's device and nothing
     is copied to the host. Non-finite entries propagate (a NaN anywhere makes that tensor's norm NaN).
+    DTensors (FSDP2 shards) get the norm of the full tensor via one all-reduce of the local shards' norms.
 
     >>> tensor_norms([torch.ones(4), torch.full((2,), 3.0)])
     tensor([2.0000, 4.2426])
     """
     if len(tensors) == 0:
         return torch.zeros(0)
+    if any(type(t) is not Tensor and type(t) is not torch.nn.Parameter for t in tensors) and _has_dtensor(tensors):
+        # Sharded (FSDP2 / DTensor) tensors: the norm of the whole tensor, from the local shards' norms and
+        # one all-reduce (gradguard.stats.distributed), identical on every rank. torch's own DTensor
+        # dispatch would issue one collective per tensor and return DTensors that mix badly with plain
+        # tensors in clipping and Guard decisions (integrations, issue 6).
+        from gradguard.stats.distributed import global_norms
+
+        return global_norms(tensors, norm_type)
     out_device = tensors[0].device
     groups = _by_device(tensors)
     if len(groups) == 1:
