@@ -425,7 +425,11 @@ def test_events_and_monitor_findings() -> None:
     assert all(isinstance(e, GuardEvent) for e in guard.events)
     assert any(e.action == "rollback" and e.step == 34 for e in guard.events)
     kinds = {f.kind for f in mon.findings}
-    assert {"nonfinite", "loss_spike"} <= kinds
+    assert {"nonfinite", "loss_spike", "exploding"} <= kinds
+    growth = next(f for f in mon.findings if f.kind == "exploding")
+    assert growth.step == 60 and growth.evidence["grad_norm"] >= 10 * growth.evidence["typical_grad_norm"]
+    # routine clipping (ZClip's cap of 1.0 trims most steps here) is recorded as events, not findings
+    assert sum(e.action == "clip" for e in guard.events) > 10
 
 
 def test_exactly_one_host_sync_per_step(monkeypatch: pytest.MonkeyPatch) -> None:

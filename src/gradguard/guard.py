@@ -47,12 +47,14 @@ Default choices and why:
   for p = 0.3, against 2.7% for three in a row), so transient faults rarely cost a rollback and an LR cut,
   while a truly broken state wastes only five forward/backward passes before it is undone.
 * ``backoff=0.5``, ``recover_steps=100``: halve the LR after a rollback, regain it over ~100 good steps.
-* clipping by :class:`gradguard.clip.ZClip` with the ``zclip`` package's defaults.
+* clipping by :class:`gradguard.clip.ZClip` with the ``zclip`` package's defaults, which include a hard
+  cap ``max_grad_norm=1.0`` on top of the adaptive limit (pass ``clip=ZClip(max_grad_norm=None)`` for the
+  adaptive limit alone, or any other policy, or ``None``).
 
 Events: every intervention is a :class:`GuardEvent` in ``guard.events`` (the last ``max_events``), and,
 with ``monitor=`` a :class:`gradguard.Monitor`, is also reported as a :class:`gradguard.Finding`: kind
 ``"nonfinite"`` for non-finite skips, ``"loss_spike"`` for spike skips, ``"exploding"`` for rollbacks
-caused by growth and for clips where the gradient norm was ≥ ``clip_report_ratio`` × the threshold.
+caused by growth and for clips of a gradient norm ≥ ``clip_report_ratio`` × the median of recent steps.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ __all__ = ["ACTIONS", "Guard", "GuardEvent"]
 ACTIONS = ("skip", "clip", "rollback", "lr_backoff", "lr_restored", "reset_window")
 
 # Positions in the vector fetched once per step.
-_LOSS, _NORM, _THRESH, _CLIPPED, _ZLOSS, _ZNORM, _LSPIKE, _NSPIKE, _FOUND_INF, _AFTER = range(10)
+_LOSS, _NORM, _THRESH, _CLIPPED, _ZLOSS, _ZNORM, _LSPIKE, _NSPIKE, _FOUND_INF, _AFTER, _NMED = range(11)
 
 
 @dataclass(frozen=True)
@@ -126,7 +128,7 @@ class Guard:
         snapshot_dir: directory for an on-disk snapshot (``torch.save``; restored with
             ``torch.load(weights_only=True)``); ``None`` keeps it in memory on the tensors' own devices.
         max_events: how many recent events ``events`` keeps.
-        clip_report_ratio: clips with ``norm ≥ ratio × threshold`` are also reported as findings.
+        clip_report_ratio: clips of a norm ≥ ratio × the median norm of recent steps are also findings.
     """
 
     def __init__(
@@ -330,7 +332,7 @@ class Guard:
             loss_spike = (z_loss > self.spike_z) & (loss_d > loss_med + self.spike_min_excess * loss_med.abs())
             norm_spike = (z_norm > self.spike_z) & (norm > norm_med * (1.0 + self.spike_min_excess))
         else:
-            z_loss = z_norm = nan
+            z_loss = z_norm = norm_med = nan
             loss_spike = norm_spike = torch.zeros((), dtype=torch.bool, device=device)
         found_inf = torch.zeros((), device=device)
         if self.scaler is not None and self.scaler.is_enabled():
@@ -349,6 +351,7 @@ class Guard:
                 norm_spike.float(),
                 found_inf.float().reshape(()),
                 after.to(device),
+                norm_med.to(device),
             ]
         )
 
@@ -378,7 +381,7 @@ class Guard:
             "lr_factor": self.lr_factor,
         }
         if values[_CLIPPED] and math.isfinite(values[_NORM]):
-            self._on_clip(step, numbers, values[_AFTER])
+            self._on_clip(step, numbers, values[_AFTER], values[_NMED])
         reason = None
         if not math.isfinite(values[_LOSS]):
             reason = "nonfinite_loss"
@@ -426,16 +429,18 @@ class Guard:
         if self._good_since_snapshot >= self.snapshot_every:
             self.snapshot()
 
-    def _on_clip(self, step: int, numbers: dict[str, float], after: float) -> None:
-        nums = {**numbers, "norm_after": after}
+    def _on_clip(self, step: int, numbers: dict[str, float], after: float, typical: float) -> None:
+        nums = {**numbers, "norm_after": after, "typical_grad_norm": typical}
         self._event(step, "clip", "clipped", nums)
-        if numbers["grad_norm"] >= self.clip_report_ratio * numbers["threshold"]:
+        # Routine trimming (a norm always a bit above a fixed cap) is not news; growth is: report a clip
+        # only when the norm is many times the median of recent applied steps.
+        if math.isfinite(typical) and numbers["grad_norm"] >= self.clip_report_ratio * typical:
             self._report(
                 "exploding",
                 step,
-                "info",
-                f"gradient norm {numbers['grad_norm']:.3g} was clipped to {numbers['threshold']:.3g} "
-                f"(≥{self.clip_report_ratio:g}× the threshold)",
+                "warning",
+                f"gradient norm {numbers['grad_norm']:.3g} ({numbers['grad_norm'] / typical:.1f}× the recent "
+                f"median {typical:.3g}) was clipped to {numbers['threshold']:.3g}",
                 "Clipping is containing growing gradients; consider a lower learning rate or gg.init schemes.",
                 nums,
             )
