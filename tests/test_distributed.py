@@ -284,3 +284,109 @@ def test_monitor_under_ddp_and_fsdp_equals_single_process_reference(tmp_path: Pa
         # Identical numbers and findings on every rank.
         assert ranks[0][mode] == ranks[1][mode]
         assert ranks[0][f"{mode}_findings"] == ranks[1][f"{mode}_findings"]
+
+
+# --------------------------------------------------------------- Guard: identical decisions on every rank
+
+#: Short windows for a 12-step run; spikes must be far out (z > 50, twice the median) so that ordinary
+#: batch-to-batch noise of this tiny model is never a spike and only the injected fault is.
+GUARD_OPTIONS = {
+    "window": 8,
+    "min_history": 4,
+    "rollback_after": 2,
+    "snapshot_every": 3,
+    "spike_z": 50.0,
+    "spike_min_excess": 1.0,
+}
+GUARD_STEPS = 12
+SPIKE_STEP = 6  # rank 0's targets ×1000 (half of the global batch): the global loss spikes
+NAN_STEPS = (9, 10)  # rank 1's inputs are NaN: two non-finite steps in a row trigger a rollback
+
+
+def guard_batch(step: int, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global batch of ``step`` (rows 0::2 belong to rank 0, 1::2 to rank 1), with the injected faults."""
+    gen = torch.Generator().manual_seed(100 + step)
+    x, y = torch.randn(8, 6, generator=gen), torch.randn(8, 3, generator=gen)
+    if step == SPIKE_STEP:
+        y[0::2] *= 1000.0
+    if step in NAN_STEPS:
+        x[1::2] = float("nan")
+    return x[rows], y[rows]
+
+
+def _decisions(guard: Any, applied: list[bool]) -> dict[str, Any]:
+    return {
+        "applied": applied,
+        "events": [(e.step, e.action, e.reason) for e in guard.events],
+        "rollbacks": guard.rollbacks,
+        "lr_factor": guard.lr_factor,
+    }
+
+
+def reference_guard() -> tuple[dict[str, Any], list[list[float]]]:
+    import gradguard as gg
+
+    model = make_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gg.Guard(model, opt, **GUARD_OPTIONS)
+    applied = []
+    for step in range(GUARD_STEPS):
+        x, y = guard_batch(step, slice(None))
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        applied.append(guard.step(loss.detach()))
+    return _decisions(guard, applied), [p.detach().reshape(-1).tolist() for p in model.parameters()]
+
+
+def _guard_worker(rank: int) -> dict[str, Any]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    import gradguard as gg
+
+    out: dict[str, Any] = {}
+    for mode in ("ddp", "fsdp"):
+        model = make_mlp()
+        if mode == "ddp":
+            wrapped: nn.Module = DistributedDataParallel(model)
+        else:
+            mesh = init_device_mesh("cpu", (WORLD,))
+            for layer in (model[0], model[2], model[4]):
+                fully_shard(layer, mesh=mesh)
+            wrapped = fully_shard(model, mesh=mesh)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        guard = gg.Guard(model, opt, **GUARD_OPTIONS)
+        applied = []
+        for step in range(GUARD_STEPS):
+            x, y = guard_batch(step, slice(rank, None, WORLD))
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(wrapped(x), y)
+            loss.backward()
+            # The decision may depend only on quantities equal on every rank: the all-reduced loss, and
+            # gradients that DDP averaged / whose norms tensor_norms all-reduces over FSDP shards.
+            applied.append(guard.step(allreduce_mean(loss.detach())))
+        out[mode] = _decisions(guard, applied)
+        params = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
+        out[f"{mode}_params"] = [p.detach().reshape(-1).tolist() for p in params]
+    return out
+
+
+def test_guard_decides_identically_on_every_rank_and_like_the_reference(tmp_path: Path) -> None:
+    ranks = run_ranks(_guard_worker, tmp_path)  # fails instead of hanging if the ranks ever diverge
+    ref, ref_params = reference_guard()
+    # The reference itself sees the injected faults: a spike skip, two non-finite skips, one rollback.
+    assert ref["applied"][SPIKE_STEP] is False and [ref["applied"][s] for s in NAN_STEPS] == [False, False]
+    assert ref["rollbacks"] == 1 and ref["applied"][-1] is True
+    assert sum(ref["applied"]) == GUARD_STEPS - 3, ref["events"]
+    for mode in ("ddp", "fsdp"):
+        assert ranks[0][mode] == ranks[1][mode], mode
+        got = ranks[0][mode]
+        assert got["applied"] == ref["applied"] and got["rollbacks"] == ref["rollbacks"], mode
+        assert [tuple(e) for e in got["events"]] == [tuple(e) for e in ref["events"]], mode
+        assert got["lr_factor"] == pytest.approx(ref["lr_factor"])
+        # Same weights on both ranks and (to float rounding of the averaged gradients) as the reference.
+        assert ranks[0][f"{mode}_params"] == ranks[1][f"{mode}_params"], mode
+        for p_got, p_ref in zip(ranks[0][f"{mode}_params"], ref_params, strict=True):
+            torch.testing.assert_close(torch.tensor(p_got), torch.tensor(p_ref), rtol=1e-4, atol=1e-6)
