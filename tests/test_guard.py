@@ -477,6 +477,37 @@ def test_guard_state_dict_round_trip() -> None:
     assert other.lr_factor == guard.lr_factor and other.skipped == guard.skipped > 0
 
 
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda ps: torch.optim.LBFGS(ps, lr=0.5),
+        lambda ps: torch.optim.RMSprop(ps, lr=1e-2),
+        lambda ps: torch.optim.Adagrad(ps, lr=0.1),
+        lambda ps: torch.optim.AdamW(ps, lr=0.1, foreach=False),
+    ],
+    ids=["lbfgs-closure", "rmsprop", "adagrad", "adamw"],
+)
+def test_works_with_other_optimizers(make_opt: Callable[[Any], torch.optim.Optimizer]) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(64, 5)
+    y = x @ torch.randn(5, 1)
+    model = nn.Linear(5, 1)
+    opt = make_opt(model.parameters())
+    guard = Guard(model, opt)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    first = float(closure().detach())
+    for _ in range(30):
+        loss = closure()
+        assert guard.step(loss, closure)
+    assert float(closure().detach()) < 0.5 * first
+
+
 # --------------------------------------------------------------------------------------- bad input
 def test_bad_input_is_refused_clearly() -> None:
     model = nn.Linear(2, 1)

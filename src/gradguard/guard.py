@@ -63,7 +63,7 @@ import copy
 import math
 import os
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -355,11 +355,13 @@ class Guard:
             ]
         )
 
-    def step(self, loss: Tensor) -> bool:
+    def step(self, loss: Tensor, closure: Callable[[], Any] | None = None) -> bool:
         """Apply the optimizer step unless it is unsafe; returns True when the update was applied.
 
         Call after ``loss.backward()`` (with a scaler: after ``scaler.scale(loss).backward()``, passing the
         unscaled ``loss``), in place of ``optimizer.step()`` (and ``scaler.step``/``scaler.update``).
+        ``closure`` is passed on to optimizers that need one (``LBFGS``); the checks use ``loss`` and the
+        gradients present at the call.
         """
         if not isinstance(loss, Tensor):
             raise InputError(f"loss must be a tensor (the value you called backward() on), got {type(loss).__name__}")
@@ -392,21 +394,21 @@ class Guard:
         elif values[_NSPIKE]:
             reason = "grad_spike"
         if reason is None:
-            self._apply(step, measured)
+            self._apply(step, measured, closure)
             return True
         if amp:
             self.scaler.update()  # lowers the scale after an overflow; needed after every unscale_()
         self._on_skip(step, reason, numbers)
         return False
 
-    def _apply(self, step: int, measured: Tensor) -> None:
+    def _apply(self, step: int, measured: Tensor, closure: Callable[[], Any] | None) -> None:
         groups = self.optimizer.param_groups
         saved = [g["lr"] for g in groups]
         if self.lr_factor != 1.0:
             for g in groups:
                 g["lr"] = g["lr"] * self.lr_factor
         try:
-            self.optimizer.step()
+            self.optimizer.step() if closure is None else self.optimizer.step(closure)
         finally:
             for g, lr in zip(groups, saved, strict=True):
                 g["lr"] = lr
