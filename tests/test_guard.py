@@ -432,20 +432,22 @@ def test_events_and_monitor_findings() -> None:
     assert sum(e.action == "clip" for e in guard.events) > 10
 
 
-def test_exactly_one_host_sync_per_step(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("with_scaler", [False, True], ids=["plain", "grad-scaler"])
+def test_exactly_one_host_sync_per_step(monkeypatch: pytest.MonkeyPatch, with_scaler: bool) -> None:
     model = _mlp()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    guard = Guard(model, opt)  # ZClip + spike windows: the full default path
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8) if with_scaler else None
+    guard = Guard(model, opt, scaler=scaler)  # ZClip + spike windows: the full default path
     x, y = _mlp_data()
 
-    def step() -> None:
+    def backward() -> torch.Tensor:
         opt.zero_grad()
         loss = nn.functional.mse_loss(model(x[:32]), y[:32])
-        loss.backward()
-        guard.step(loss)
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        return loss
 
     for _ in range(40):  # past ZClip's warm-up and the spike window's min_history
-        step()
+        guard.step(backward())
     calls: list[str] = []
     for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
         original = getattr(torch.Tensor, name)
@@ -455,14 +457,12 @@ def test_exactly_one_host_sync_per_step(monkeypatch: pytest.MonkeyPatch) -> None
             return _o(self, *a, **k)
 
         monkeypatch.setattr(torch.Tensor, name, counting)
-    opt.zero_grad()
-    loss = nn.functional.mse_loss(model(x[:32]), y[:32])
-    loss.backward()
+    loss = backward()
     calls.clear()
     opt.step()  # the optimizer's own host reads (single-tensor Adam reads its step count), not ours
     own = list(calls)
     calls.clear()
-    guard.step(loss)
+    assert guard.step(loss)
     assert calls == ["tolist", *own], calls
 
 
