@@ -306,7 +306,9 @@ class AutoClip(ClipPolicy):
     history and threshold. The difference matters after a jump: the paper's rule lets a spike raise its
     own threshold a little, QuantileClip's does not.
 
-    Non-finite norms are not recorded; an all-empty history gives no limit (``threshold = inf``).
+    Non-finite norms are not recorded; an all-empty history gives no limit (``threshold = inf``). With
+    ``per="tensor"`` the columns follow the order of the tensors that have a gradient; if that set changes
+    between calls (a frozen layer, an unused branch) the history starts afresh.
 
     Args:
         percentile: p in [0, 100].
