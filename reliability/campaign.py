@@ -155,8 +155,9 @@ def plan(
         for s in range(seeds_per_model):
             for guarded in (True, False):
                 specs.append(RunSpec(name, s, None, guarded, n))
-            for ki, kind in enumerate(kinds):
-                rng = np.random.default_rng([seed, mi, s, FAULT_KINDS.index(kind), ki])
+            for kind in kinds:
+                # Seeded by the class itself, not its position in ``kinds``: a subset draws the same faults.
+                rng = np.random.default_rng([seed, mi, s, FAULT_KINDS.index(kind)])
                 fault = draw_faults(rng, kind, ms.act_modules, ms.grad_modules, n)
                 for guarded in (True, False):
                     specs.append(RunSpec(name, s, fault, guarded, n))
