@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(PY) -m gradguard.demo
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks reliability
 	$(PY) -m mypy
 
 test: lint
