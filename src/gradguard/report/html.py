@@ -22,7 +22,9 @@ table { border-collapse: collapse; margin: .6rem 0; font-size: .92rem; }
 th, td { border: 1px solid #ddd; padding: .3rem .55rem; text-align: left; vertical-align: top; }
 th { background: #f4f4f6; }
 td.num { font-variant-numeric: tabular-nums; white-space: nowrap; }
-.ok { color: #137333; font-weight: 600; } .bad { color: #b3261e; font-weight: 600; }
+.ok { color: #137333; font-weight: 600; white-space: nowrap; }
+.bad { color: #b3261e; font-weight: 600; white-space: nowrap; }
+td a { white-space: nowrap; }
 figure { margin: 1.2rem 0; } figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { color: #444; font-size: .9rem; max-width: 60rem; }
 pre { background: #f6f8fa; padding: .8rem; overflow-x: auto; font-size: .82rem; }
