@@ -19,18 +19,18 @@ module's *own* parameters, by module type:
 
 Schemes (see :data:`SCHEMES`; the variances are the papers' and SEEDS S0, S2.2, S1.4):
 
-==================  ===========================================================================
-``normal``          W ~ N(0, std²), constant bias (seed S0: std 1 with bias 0.1, std 0.1 with 0.01)
-``xavier_uniform``  W ~ U(±gain·√(6/(fan_in+fan_out)))   (Glorot & Bengio 2010)
-``xavier_normal``   W ~ N(0, gain²·2/(fan_in+fan_out))
-``he_uniform``      W ~ U(±gain·√(3/fan)), fan = fan_in | fan_out | fan_avg   (He et al. 2015)
-``he_normal``       W ~ N(0, gain²/fan); with the ReLU gain √2 this is Var = 2/fan_in
-``lecun``           W ~ N(0, gain²/fan_in)   (LeCun et al. 1998; SELU's init)
-``orthogonal``      W = gain · Q, Q orthogonal (Saxe et al. 2014)
-``identity``        W_hh = scale · I in plain ReLU/tanh RNNs, biases 0 (IRNN, Le, Jaitly & Hinton 2015)
+====================  ===========================================================================
+``normal``            W ~ N(0, std²), constant bias (seed S0: std 1 with bias 0.1, std 0.1 with 0.01)
+``xavier_uniform``    W ~ U(±gain·√(6/(fan_in+fan_out)))   (Glorot & Bengio 2010)
+``xavier_normal``     W ~ N(0, gain²·2/(fan_in+fan_out))
+``he_uniform``        W ~ U(±gain·√(3/fan)), fan = fan_in | fan_out | fan_avg   (He et al. 2015)
+``he_normal``         W ~ N(0, gain²/fan); with the ReLU gain √2 this is Var = 2/fan_in
+``lecun``             W ~ N(0, gain²/fan_in)   (LeCun et al. 1998; SELU's init)
+``orthogonal``        W = gain · Q, Q orthogonal (Saxe et al. 2014)
+``identity``          W_hh = scale · I in plain ReLU/tanh RNNs, biases 0 (IRNN, Le, Jaitly & Hinton 2015)
 ``lstm_forget_bias``  forget-gate bias = value (Gers et al. 2000; Jozefowicz et al. 2015)
-``lsuv``            orthonormal, then scale each layer to unit output std (Mishkin & Matas 2016)
-==================  ===========================================================================
+``lsuv``              orthonormal, then scale each layer to unit output std (Mishkin & Matas 2016)
+====================  ===========================================================================
 
 Gains come from ``torch.nn.init.calculate_gain(activation, param)``; ``gain=`` overrides.
 """
