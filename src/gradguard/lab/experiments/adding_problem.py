@@ -86,8 +86,8 @@ def run(ctx: RunContext) -> Result:
     claims = [
         C.close_to("baseline", "test MSE of always answering 1 equals Var(u₁ + u₂) = 1/6", baseline,
                    ADDING_BASELINE_MSE, 0.10),
-        C.at_least("tanh RNN forgets", f"T = {length}: tanh RNN's best test MSE / baseline", best["tanh RNN"] / baseline,
-                   0.5),
+        C.at_least("tanh RNN forgets", f"T = {length}: tanh RNN's best test MSE / baseline",
+                   best["tanh RNN"] / baseline, 0.5),
     ]
     if not ctx.quick:
         claims.append(C.at_least("LSTM remembers", f"T = {length}: baseline / LSTM's best test MSE (full budget)",

@@ -64,12 +64,13 @@ def run(ctx: RunContext) -> Result:
                   max(runs[n]["final_loss"] for n in adaptive) / sgd["final_loss"], 1.0),
     ]
     layers = list(range(1, DEPTH + 1))
-    change = Panel(f"how far each layer's weights moved in {steps} steps", "hidden layer (1 = next to the input)",
+    moved = Panel(f"how far each layer's weights moved in {steps} steps", "hidden layer (1 = next to the input)",
                    "‖W_end − W_start‖ / ‖W_start‖ (log scale)",
-                   [Series(f"{n} (lr {r['lr']:g})", r["relative_change"], x=layers, marker="o") for n, r in runs.items()],
-                   yscale="log")
-    loss = Panel("training loss", "step", "cross-entropy (nats)", [Series(n, r["loss"], alpha=0.8) for n, r in runs.items()])
-    figure = Figure("optimizers", f"SGD vs adaptive optimisers on a {DEPTH}-layer sigmoid MLP", [change, loss],
+                   [Series(f"{n} (lr {r['lr']:g})", r["relative_change"], x=layers, marker="o")
+                    for n, r in runs.items()], yscale="log")
+    loss = Panel("training loss", "step", "cross-entropy (nats)",
+                 [Series(n, r["loss"], alpha=0.8) for n, r in runs.items()])
+    figure = Figure("optimizers", f"SGD vs adaptive optimisers on a {DEPTH}-layer sigmoid MLP", [moved, loss],
                     caption="Left: SGD changes the first layer hundreds of times less than the last one, because its "
                             "gradient is that much smaller; the adaptive optimisers normalise each parameter's step "
                             "and move every layer. Right: the loss they reach in the same number of steps.")

@@ -93,7 +93,8 @@ def run(ctx: RunContext) -> Result:
                   [Series("clip value 1", [CLIP], kind="hline", linestyle=":")], yscale="log")
     loss = Panel("training loss", "SGD step", "MSE (log scale)",
                  [Series(n, r["loss"], alpha=0.8) for n, r in runs.items()], yscale="log")
-    figure = Figure("stacked", f"Two stacked {hidden}-unit LSTMs, SGD lr {LR:g}, with and without clipping", [grads, loss],
+    title = f"Two stacked {hidden}-unit LSTMs, SGD lr {LR:g}, with and without clipping"
+    figure = Figure("stacked", title, [grads, loss],
                     caption="With the default initialisation no gradient element comes near 1, so clipping changes "
                             "nothing. With N(0,1) weights, gradient elements reach hundreds or more and clipping "
                             "bounds every step; at lr 0.01 it also slows the escape from such a bad start, so "
