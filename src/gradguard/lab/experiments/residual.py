@@ -75,9 +75,9 @@ INFO = ExperimentInfo(
         "In a plain 50-layer network every layer scales the backward signal down, and the first layer receives "
         "a gradient many orders of magnitude smaller than the last layer's: it effectively does not learn (the "
         "'lower layers stop changing' symptom). Adding each layer's input to its output gives the gradient an "
-        "identity path, and the first layer's gradient becomes as large as the last one's. This supports residual connections as a "
-        "remedy for vanishing gradients in deep nets; the ReLU variant shows they are best combined with "
-        "normalisation."
+        "identity path, and the first layer's gradient becomes as large as the last one's. This supports residual "
+        "connections as a remedy for vanishing gradients in deep nets; the ReLU variant shows they are best "
+        "combined with normalisation."
     ),
     run=run,
 )
