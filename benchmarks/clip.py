@@ -97,15 +97,17 @@ def main(argv: list[str] | None = None) -> int:
         "interleaved blocks per variant (denormals flushed to zero, since repeated in-place clipping shrinks "
         "the gradients); ratio = median / median of torch `clip_grad_norm_`.",
         "",
-        "| policy | µs per call | ratio to clip_grad_norm_ | target | met |",
-        "|---|---:|---:|---:|:---:|",
+        "| policy | µs per call | ratio to clip_grad_norm_ | ratio of fastest blocks | target | met |",
+        "|---|---:|---:|---:|---:|:---:|",
     ]
+    ref = "torch clip_grad_norm_"
     for name, (_, target) in variants.items():
         us = 1e6 * _timing.median(times[name]) / CALLS
-        r = _timing.ratio(times, name, "torch clip_grad_norm_")
+        r = _timing.ratio(times, name, ref)
+        r_min = min(times[name]) / min(times[ref])  # less sensitive to other processes on a shared machine
         met = "" if target is None else ("yes" if r <= target else "**no**")
         shown = "—" if target is None else f"≤ {target:.2f}×"
-        rows.append(f"| {name} | {us:.0f} | {r:.3f} | {shown} | {met} |")
+        rows.append(f"| {name} | {us:.0f} | {r:.3f} | {r_min:.3f} | {shown} | {met} |")
     table = "\n".join(rows)
     print(table)
     if args.write:

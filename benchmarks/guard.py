@@ -64,46 +64,64 @@ def make_block(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str) ->
     return block
 
 
+MODES = {
+    "bare": "bare",
+    "Guard(clip=None)": "guard",
+    "bare + clip_grad_norm_(1.0)": "bare_clip",
+    "Guard() (ZClip)": "guard_default",
+}
+PAIRS = {"Guard(clip=None)": "bare", "Guard() (ZClip)": "bare + clip_grad_norm_(1.0)"}
+
+
+def run_case(width: int, depth: int, batch: int, rounds: int) -> list[str]:
+    """Table rows for one model size."""
+    torch.manual_seed(0)
+    base = mlp(width, depth)
+    x, y = torch.randn(batch, width), torch.randn(batch, 1)
+    blocks = {name: make_block(copy.deepcopy(base), x, y, mode) for name, mode in MODES.items()}
+    times = _timing.interleaved(blocks, rounds=rounds)
+    n_params = sum(p.numel() for p in base.parameters())
+    case = f"MLP {depth}×{width} ({n_params / 1e6:.2f}M params), batch {batch}"
+    rows = []
+    for name in MODES:
+        ms = 1e3 * _timing.median(times[name]) / STEPS
+        ref = PAIRS.get(name)
+        if ref is None:
+            rows.append(f"| {case} | {name} | {ms:.2f} | — | — | — | — | |")
+            continue
+        r = _timing.ratio(times, name, ref)
+        r_min = min(times[name]) / min(times[ref])  # less sensitive to other processes on a shared machine
+        met = "yes" if r <= 1.05 else "**no**"
+        rows.append(f"| {case} | {name} | {ms:.2f} | {ref} | {r:.3f} | {r_min:.3f} | ≤ 1.05× | {met} |")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small model, few rounds (smoke run)")
+    parser.add_argument("--quick", action="store_true", help="small model only, few rounds (smoke run)")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rounds = args.rounds or (3 if args.quick else 20)
-    width, depth, batch = (64, 4, 32) if args.quick else (256, 20, 128)
-    torch.manual_seed(0)
-    base = mlp(width, depth)
-    x, y = torch.randn(batch, width), torch.randn(batch, 1)
-    modes = {
-        "bare": "bare",
-        "Guard(clip=None)": "guard",
-        "bare + clip_grad_norm_(1.0)": "bare_clip",
-        "Guard() (ZClip)": "guard_default",
-    }
-    blocks = {name: make_block(copy.deepcopy(base), x, y, mode) for name, mode in modes.items()}
-    times = _timing.interleaved(blocks, rounds=rounds)
-    pairs = [("Guard(clip=None)", "bare"), ("Guard() (ZClip)", "bare + clip_grad_norm_(1.0)")]
-    n_params = sum(p.numel() for p in base.parameters())
+    cases = [(64, 4, 32)] if args.quick else [(64, 4, 32), (256, 20, 128)]
     rows = [
         f"Machine: {_timing.machine()}.",
-        f"MLP {depth}×{width} ({n_params / 1e6:.2f}M parameters), batch {batch}, Adam; {STEPS} steps per block, "
-        f"{rounds} interleaved blocks per variant; ratios are median / median. No step needed an intervention.",
+        f"Adam; {STEPS} training steps per block, {rounds} interleaved blocks per variant; ratio = median / "
+        "median, and the ratio of the fastest blocks beside it. No step needed an intervention.",
         "",
-        "| variant | ms per step | compared with | ratio | target | met |",
-        "|---|---:|---|---:|---:|:---:|",
+        "| model | variant | ms per step | compared with | ratio | ratio of fastest blocks | target | met |",
+        "|---|---|---:|---|---:|---:|---:|:---:|",
     ]
-    for name in modes:
-        ms = 1e3 * _timing.median(times[name]) / STEPS
-        ref = next((den for num, den in pairs if num == name), None)
-        if ref is None:
-            rows.append(f"| {name} | {ms:.2f} | — | — | — | |")
-            continue
-        r = _timing.ratio(times, name, ref)
-        rows.append(f"| {name} | {ms:.2f} | {ref} | {r:.3f} | ≤ 1.05× | {'yes' if r <= 1.05 else '**no**'} |")
+    for width, depth, batch in cases:
+        rows += run_case(width, depth, batch, rounds)
     rows += [
+        "",
+        "The guard adds a fixed cost per step (about 60 small kernels: norms, two robust z-scores over the "
+        "128-step windows, the decision vector, window updates; ~0.3 ms on this CPU), plus a device-side "
+        "snapshot every 50 good steps. It is within 5% once a step takes several milliseconds; on a tiny "
+        "model whose whole step is under a millisecond it is not.",
         "",
         "Where the host synchronises: once per `guard.step`, a single `.tolist()` of one small vector (loss, "
         "norm, threshold, clipped flag, z-scores, spike flags, the scaler's found-inf); the skip decision must "
