@@ -430,6 +430,9 @@ def test_events_and_monitor_findings() -> None:
     assert growth.step == 60 and growth.evidence["grad_norm"] >= 10 * growth.evidence["typical_grad_norm"]
     # routine clipping (ZClip's cap of 1.0 trims most steps here) is recorded as events, not findings
     assert sum(e.action == "clip" for e in guard.events) > 10
+    summary = guard.summary()
+    assert summary["skipped"] == 6 and summary["rollbacks"] == 1 and summary["steps"] == 70
+    assert summary["events"]["skip:nonfinite_loss"] == 5 and summary["events"]["skip:loss_spike"] == 1
 
 
 @pytest.mark.parametrize("with_scaler", [False, True], ids=["plain", "grad-scaler"])

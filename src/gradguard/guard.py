@@ -512,6 +512,21 @@ class Guard:
         if self.monitor is not None:
             self.monitor.report(Finding(kind, "", step, severity, message, advice, dict(evidence)))
 
+    def summary(self) -> dict[str, Any]:
+        """Counts for logs and reports: steps, applied, skipped, rollbacks, LR factor, events by action:reason."""
+        counts: dict[str, int] = {}
+        for e in self.events:
+            key = f"{e.action}:{e.reason}"
+            counts[key] = counts.get(key, 0) + 1
+        return {
+            "steps": self.steps,
+            "applied": self.applied,
+            "skipped": self.skipped,
+            "rollbacks": self.rollbacks,
+            "lr_factor": self.lr_factor,
+            "events": counts,
+        }
+
     def __repr__(self) -> str:
         clip = "None" if self.clip is None else type(self.clip).__name__
         return (
