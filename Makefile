@@ -29,7 +29,16 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q -n 2 --dist loadgroup
 
-bench: $(STAMP)
+BENCH_STAMP := $(VENV)/.bench-stamp
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install -q -c constraints.txt -e ".[$(EXTRAS),bench]"
+	@# backpack-for-pytorch requires torchvision, which has no build matching our CPU torch; neither BackPACK
+	@# nor Cockpit imports it on the paths the benchmark uses, so both come without dependencies.
+	$(PY) -m pip install -q -c constraints.txt --no-deps backpack-for-pytorch==1.7.1 cockpit-for-pytorch==1.0.2
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(PY) benchmarks/run_all.py
 
 reliability: $(STAMP)

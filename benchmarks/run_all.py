@@ -1,0 +1,235 @@
+"""``make bench``: run every benchmark and rewrite BENCHMARKS.md whole (issue 7).
+
+    python benchmarks/run_all.py                   # full run, CPU, rewrites BENCHMARKS.md
+    python benchmarks/run_all.py --device cuda     # the same script on a GPU (reports syncs per step)
+    python benchmarks/run_all.py --smoke           # a couple of steps of each benchmark; prints, writes nothing
+    python benchmarks/run_all.py --only clipping guard --out /tmp/b.md
+
+Sections, in order: monitor overhead against the peers (``peers.py``), clipping against torch and the
+packages (``clip_peers.py``), NaN provenance (``nan_provenance.py``), Guard (``guard.py``), probe
+(``probe.py``), lab wall time. The measurement method is described in ``harness.py`` and written into the
+file's "Method" paragraph.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness
+
+Runner = Callable[[harness.Options], harness.Section]
+
+
+def monitor(opts: harness.Options) -> harness.Section:
+    import peers
+
+    return peers.run(opts)
+
+
+def clipping(opts: harness.Options) -> harness.Section:
+    import clip_peers
+
+    return clip_peers.run(opts)
+
+
+def nan(opts: harness.Options) -> harness.Section:
+    import nan_provenance
+
+    return nan_provenance.run(opts)
+
+
+def _script(module: str, heading: str, full: list[str], smoke: list[str], opts: harness.Options) -> harness.Section:
+    """Run another helper's script in process (its ``main(argv)``) and take what it prints as the section."""
+    import importlib
+
+    mod = importlib.import_module(module)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = mod.main(smoke if opts.smoke else full)
+    text = out.getvalue().strip()
+    lines = [ln for ln in text.splitlines() if ln.strip() != heading]
+    body = "\n".join(lines).strip()
+    if opts.device != "cpu":
+        body = f"(`benchmarks/{module}.py` has no device option: CPU figures.)\n\n" + body
+    missed = "**no**" in body or "MISSED" in body or (code not in (0, None))
+    targets = [] if opts.smoke else [harness.Target(f"`benchmarks/{module}.py` targets", float("nan"), float("nan"),
+                                                    not missed)]
+    return harness.Section(heading, body, targets)
+
+
+def guard(opts: harness.Options) -> harness.Section:
+    return _script("guard", "## Guard", [], ["--quick", "--rounds", "1"], opts)
+
+
+def probe(opts: harness.Options) -> harness.Section:
+    return _script("probe", "## Probe", [], ["--quick"], opts)
+
+
+def lab(opts: harness.Options) -> harness.Section:
+    """Wall time of ``gradguard lab run --all --quick`` and, in a full run, of the whole suite."""
+    runs = [("`gradguard lab run --all --quick`", ["--all", "--quick"])]
+    if opts.lab_full:
+        runs.append(("`gradguard lab run --all` (full suite)", ["--all"]))
+    rows = []
+    for label, args in runs:
+        if opts.smoke:
+            args = ["weighted-sum", "--quick"]
+            label = "`gradguard lab run weighted-sum --quick` (smoke run: one experiment)"
+        with tempfile.TemporaryDirectory() as tmp:
+            env_path = str(harness.ROOT / "src")
+            t0 = time.perf_counter()
+            proc = subprocess.run(
+                [sys.executable, "-m", "gradguard", "lab", "run", *args, "--out", tmp],
+                capture_output=True, text=True, cwd=harness.ROOT, check=False,
+                env={**_env(), "PYTHONPATH": env_path},
+            )
+            wall = time.perf_counter() - t0
+            n = len(list(Path(tmp).glob("*/result.json"))) or len([p for p in Path(tmp).iterdir() if p.is_dir()])
+        status = "ok" if proc.returncode == 0 else f"exit {proc.returncode}: " + (
+            (proc.stderr.strip().splitlines() or ["no output"])[-1][:160])
+        rows.append([label, f"{wall:.1f}", str(n), status])
+    if not opts.lab_full and not opts.smoke:
+        rows.append(["`gradguard lab run --all` (full suite)", "—", "—", "not run (`--lab-full` runs it)"])
+    body = (
+        "Each run in a fresh process (interpreter start and imports included), one at a time, output to a "
+        "temporary folder.\n\n" + harness.table(["command", "wall s", "experiment folders", "status"], rows, "lrrl")
+    )
+    return harness.Section("## Lab", body)
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    return dict(os.environ)
+
+
+SECTIONS: dict[str, Runner] = {
+    "monitor": monitor,
+    "clipping": clipping,
+    "nan": nan,
+    "guard": guard,
+    "probe": probe,
+    "lab": lab,
+}
+
+
+def method(opts: harness.Options) -> str:
+    return "\n".join([
+        "- **Same process, interleaved.** The configurations of a table are built side by side in one process "
+        "and take turns step by step (or block by block for sub-millisecond calls), the order reversed every "
+        "round, so load from other processes on a shared machine falls on all of them alike.",
+        "- **Warm-up** rounds run first and are not timed (allocator, lazy initialisation, first sampled step).",
+        f"- **Periods.** Step times are summed over periods of {harness.PERIOD} steps (gradguard's default "
+        "logging and sampling period, so its periodic work is inside every sample). The **ratio** is the "
+        "median over periods of the paired ratio configuration / baseline (same rounds); the brackets give "
+        "its interquartile range (the **spread**). Absolute times are medians per step; the ratios are the "
+        "result.",
+        "- **Peak RSS** per configuration: each configuration alone in a fresh child process for a few steps, "
+        "`resource.getrusage(RUSAGE_SELF).ru_maxrss` (interleaving in one process cannot separate peaks). It "
+        "includes the interpreter, torch and the model.",
+        "- **Syncs** per step (CUDA runs only): synchronising calls warned about by "
+        "`torch.cuda.set_sync_debug_mode(\"warn\")` over 3 steps.",
+        "- **Profiles.** Where a gradguard target is missed, that configuration is run alone in a child process "
+        "under `py-spy` and the functions with the largest inclusive share of the step are listed beside the "
+        "table.",
+        f"- Threads: `torch.set_num_threads({opts.threads})` for every benchmark.",
+    ])
+
+
+def render(sections: list[harness.Section], opts: harness.Options, seconds: float, started: str) -> str:
+    targets = [t for s in sections for t in s.targets]
+    summary_rows = []
+    for t in targets:
+        value = "see section" if t.value != t.value else f"{t.value:.3f}×"
+        limit = "see section" if t.limit != t.limit else f"≤ {t.limit:.3f}×"
+        summary_rows.append([t.what, value, limit, harness.mark(t.met)])
+    head = [
+        "# Benchmarks",
+        "",
+        f"Generated by `make bench` (`python benchmarks/run_all.py{' --smoke' if opts.smoke else ''}"
+        f"{' --device ' + opts.device if opts.device != 'cpu' else ''}`) on {started}, in {seconds / 60:.1f} "
+        "minutes. Do not edit by hand: the whole file is rewritten on every run.",
+        "",
+        "## Machine",
+        "",
+        *harness.machine(opts),
+        "",
+        "## Method",
+        "",
+        method(opts),
+        "",
+        "## Targets",
+        "",
+        harness.table(["target", "measured", "limit", "met"], summary_rows, "lrrc") if summary_rows
+        else "No targets judged (smoke run).",
+        "",
+    ]
+    parts = ["\n".join(head)]
+    for s in sections:
+        parts.append(f"{s.heading}\n\n{s.body.strip()}\n")
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=str(__doc__).splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--smoke", action="store_true", help="a couple of steps of every benchmark")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--only", nargs="+", choices=list(SECTIONS), help="run these sections only")
+    parser.add_argument("--lab-full", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time the full lab suite (default: on in a full run, off with --smoke)")
+    parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS child processes")
+    parser.add_argument("--no-profile", action="store_true", help="skip profiles of missed targets")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="file to write (default BENCHMARKS.md; a smoke run writes only when given)")
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA device; allowed here: cpu")
+    if args.device != "cpu" and not args.device.startswith("cuda"):
+        parser.error(f"--device {args.device!r}: allowed: cpu, cuda, cuda:N")
+    if args.threads < 1:
+        parser.error(f"--threads {args.threads}: must be ≥ 1")
+    torch.set_num_threads(args.threads)
+    opts = harness.Options(
+        device=args.device,
+        smoke=args.smoke,
+        threads=args.threads,
+        lab_full=(not args.smoke) if args.lab_full is None else args.lab_full,
+        rss=not args.no_rss,
+        profile=not args.no_profile and not args.smoke,
+    )
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    t0 = time.perf_counter()
+    sections = []
+    for name in args.only or list(SECTIONS):
+        t = time.perf_counter()
+        print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+        torch.manual_seed(0)
+        sections.append(SECTIONS[name](opts))
+        print(f"[bench] {name} done in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+    text = render(sections, opts, time.perf_counter() - t0, started)
+    out = args.out if args.out is not None else (None if args.smoke else harness.ROOT / "BENCHMARKS.md")
+    if out is None:
+        print(text)
+    else:
+        out.write_text(text, encoding="utf-8")
+        print(f"[bench] wrote {out}", file=sys.stderr)
+    missed = [t.what for s in sections for t in s.targets if not t.met]
+    if missed:
+        print("[bench] targets missed: " + "; ".join(missed), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,83 @@
+"""The benchmarks of ``make bench`` in smoke mode (a couple of steps each), so that they do not rot.
+
+Benchmarks are scripts, not timed tests: nothing here judges a time. What is checked is that every
+benchmark runs end to end, writes every section and one row per configuration, that each peer that could
+not run says why (the peers of the ``bench`` extra need not be installed for ``make test``), and the
+facts the tables rest on: the harness pairs the right rounds, and the NaN-provenance benchmark's tools
+name what the text says they name.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import harness  # noqa: E402
+import nan_provenance  # noqa: E402
+import peers  # noqa: E402
+import run_all  # noqa: E402
+
+pytestmark = pytest.mark.xdist_group("benchmarks")
+
+
+def test_interleave_reverses_order_and_limits_slow_configurations() -> None:
+    calls: list[str] = []
+    steps = {k: (lambda k=k: calls.append(k)) for k in ("a", "b", "c")}
+    times = harness.interleave_steps(steps, rounds=4, warmup=1, limits={"c": 2})
+    assert calls[:3] == ["a", "b", "c"]  # warm-up
+    assert calls[3:] == ["a", "b", "c", "c", "b", "a", "a", "b", "b", "a"]  # reversed every round; c stops after 2
+    assert [len(times[k]) for k in "abc"] == [4, 4, 2]
+
+
+def test_period_ratios_pair_the_same_rounds() -> None:
+    times = {"base": [1.0, 1.0, 2.0, 2.0, 4.0, 4.0], "x": [2.0, 2.0, 2.0, 2.0], "y": [3.0]}
+    assert harness.period_ratios(times, "x", "base", period=2) == [2.0, 1.0]
+    assert harness.period_ratios(times, "y", "base", period=10) == [3.0]  # one period of the rounds it ran
+    assert harness.quartiles([1.0, 2.0, 3.0, 4.0, 5.0]) == (2.0, 3.0, 4.0)
+
+
+def test_table_escapes_cells() -> None:
+    text = harness.table(["a", "b"], [["x|y", "1"]], "lr")
+    assert text.splitlines() == ["| a | b |", "| --- | ---: |", "| x\\|y | 1 |"]
+
+
+def test_nan_provenance_names_the_producer_and_detect_anomaly_names_the_loss_backward() -> None:
+    ours = nan_provenance.time_to_name("gradguard", smoke=True, device="cpu", healthy=2)
+    theirs = nan_provenance.time_to_name("detect_anomaly", smoke=True, device="cpu", healthy=2)
+    assert ours["named"] == "module `fault`" and ours["steps"] == 1
+    assert theirs["named"] == "autograd function `MseLossBackward0`" and theirs["steps"] == 1
+
+
+def test_unavailable_peer_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = peers.Config("ghost", "ghost peer", peers.bare, packages=("no_such_package_for_gradguard",))
+    step, why = peers.prepare(cfg, peers.models.build("mlp", smoke=True))
+    assert step is None and why is not None and "not installed: no_such_package_for_gradguard" in why
+
+
+def test_run_all_smoke_writes_every_section(tmp_path: Path) -> None:
+    out = tmp_path / "BENCHMARKS.md"
+    assert run_all.main(["--smoke", "--out", str(out)]) == 0
+    text = out.read_text(encoding="utf-8")
+    for heading in ("## Machine", "## Method", "## Targets", "## Monitor overhead", "## Clipping",
+                    "## NaN provenance", "## Guard", "## Probe", "## Lab"):
+        assert f"\n{heading}\n" in text, heading
+    assert "model name" not in text and "torch " in text
+    # One row per configuration and workload: timed (a ratio) or a stated reason.
+    overhead = text.split("## Monitor overhead", 1)[1].split("\n## ", 1)[0]
+    for cfg in peers.CONFIGS:
+        rows = [ln for ln in overhead.splitlines() if ln.startswith(f"| {cfg.label} |")]
+        assert len(rows) == 3, cfg.label
+        for row in rows:
+            assert re.search(r"\d\.\d{3}× \[", row) or "could not run: " in row, row
+    assert text.count("```python") == len(peers.CONFIGS)  # the code of every configuration is shown
+    assert re.search(r"\| gradguard default `gg.watch\(model\)` \| [\d.]+ \| [\d.]+× \[[^|]*\| \d+ \|", text), (
+        "the smoke run measures gradguard's peak RSS in a child process"
+    )
+    lab = text.split("## Lab", 1)[1]
+    assert "| ok |" in lab
