@@ -65,10 +65,10 @@ def loader() -> DataLoader:
 
 
 def trainer(tmp_path: Path, callback: GradGuardCallback, logger: Any = False, epochs: int = EPOCHS, **kw: Any) -> Any:
+    kw.setdefault("devices", 1)
     return pl.Trainer(
         max_epochs=epochs,
         accelerator="cpu",
-        devices=1,
         logger=logger,
         callbacks=[callback],
         enable_progress_bar=False,
@@ -180,3 +180,67 @@ def test_option_errors(tmp_path: Path) -> None:
     cb = GradGuardCallback(guard={}, watch_options={"console": False})
     with pytest.raises(ConfigError, match="gradient_clip_val"):
         trainer(tmp_path, cb, gradient_clip_val=1.0).fit(Regressor(make_net()), loader())
+
+
+# ------------------------------------------------------------------------- DDP: 2 CPU processes (gloo)
+
+
+class HalfPoisoned(Regressor):
+    """Only rank 1 sees NaN inputs at ``nan_at``: the ranks hold different local data."""
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        if self.nan_at is not None and self.global_step == self.nan_at and self.global_rank == 1:
+            x = x * float("nan")
+        return self.loss_fn(self.net(x), y)
+
+    def train_dataloader(self) -> DataLoader:
+        # Lightning's own sampler always shuffles training data; this one gives rank r the rows r::2 in
+        # order, so step k covers rows 8k..8k+7 over both ranks — the single-process batch of 8.
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(data(), shuffle=False)
+        return DataLoader(data(), batch_size=BATCH // 2, sampler=sampler)
+
+
+class DumpingCallback(GradGuardCallback):
+    """Writes what each rank's monitor and Guard saw to ``<out>/rank<r>.json`` (spawned ranks cannot return)."""
+
+    def __init__(self, out: str, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.out = out
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        super().on_fit_end(trainer, pl_module)
+        import json
+
+        keep = ("step", "loss", "grad_norm")
+        result = {
+            "history": [{k: v for k, v in r.items() if k.startswith(keep)} for r in self.monitor.history],
+            "findings": [f.to_dict() for f in self.monitor.findings],
+            "events": [(e.step, e.action, e.reason) for e in self.guard.events],
+            "params": [p.detach().reshape(-1).tolist() for p in pl_module.net.parameters()],
+        }
+        Path(self.out, f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
+
+
+def test_ddp_ranks_agree_with_each_other_and_with_one_process(tmp_path: Path) -> None:
+    import json
+
+    nan_at = 5
+    cb = DumpingCallback(str(tmp_path), guard={}, watch_options={"log_every": 4})
+    run = trainer(tmp_path, cb, strategy="ddp_spawn", devices=2, use_distributed_sampler=False)
+    run.fit(HalfPoisoned(make_net(), nan_at=nan_at))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1]  # history, findings, Guard events and weights: identical on both ranks
+    ref_norms, ref_losses, ref_net = plain_loop(nan_at=nan_at, guarded=True)
+    got = ranks[0]
+    assert [(s, a, r) for s, a, r in got["events"] if a == "skip"] == [(nan_at, "skip", "nonfinite_loss")]
+    for row, norms, loss in zip(got["history"], ref_norms, ref_losses, strict=True):
+        if row["step"] == nan_at:
+            assert math.isnan(row["loss"]) and math.isnan(row["grad_norm"])
+            continue
+        assert row["loss"] == pytest.approx(loss, rel=1e-5)
+        assert row["grad_norm"] == pytest.approx(math.sqrt(sum(v * v for v in norms)), rel=1e-5)
+    for p_got, p_ref in zip(got["params"], ref_net.parameters(), strict=True):
+        torch.testing.assert_close(torch.tensor(p_got), p_ref.detach().reshape(-1), rtol=1e-4, atol=1e-6)
