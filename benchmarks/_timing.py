@@ -40,13 +40,21 @@ def interleaved(
 
 
 def interleaved_periods(
-    variants: Mapping[str, Callable[[], None]], periods: int, period: int, warmup: int = 1
+    variants: Mapping[str, Callable[[], None]],
+    periods: int,
+    period: int,
+    warmup: int = 1,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
     """Alternate single calls of the variants (order flipped every call) and sum them per period.
 
     Finer-grained than :func:`interleaved`: the variants share every stretch of machine load, which
     matters on a busy machine. Summing over a whole ``period`` keeps periodic costs (e.g. a monitor's
     every-10th-step work) inside each sample.
+
+    ``clock=time.thread_time`` measures the CPU time of the calling thread instead of wall time: on a
+    machine shared with other jobs it excludes the time the thread waited for a core, and with
+    ``torch.set_num_threads(1)`` all of torch's CPU work runs on that thread.
 
     Returns:
         name → seconds per period (``periods`` values each).
@@ -63,9 +71,9 @@ def interleaved_periods(
             order = names if k % 2 == 0 else names[::-1]
             k += 1
             for n in order:
-                t0 = time.perf_counter()
+                t0 = clock()
                 variants[n]()
-                acc[n] += time.perf_counter() - t0
+                acc[n] += clock() - t0
         for n in names:
             sums[n].append(acc[n])
     return sums

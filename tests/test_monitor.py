@@ -373,3 +373,22 @@ def test_step_after_close_raises_state_error() -> None:
     mon.close()  # idempotent
     with pytest.raises(gg.StateError, match="after close"):
         mon.step()
+
+
+def test_regression_exit_without_close_does_not_abort(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A monitor left armed at interpreter exit once ran torch ops in __del__, and torch aborted."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (
+        "import torch, gradguard as gg\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))\n"
+        "mon = gg.watch(m, console=False)\n"
+        "m(torch.randn(3, 4)).sum().backward()\n"
+    )
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -29,3 +29,16 @@ def test_batched_summaries_equal_per_tensor_reference() -> None:
 
 def test_batched_summaries_empty() -> None:
     assert activation_summaries([], []).shape == (0, 6)
+
+
+def test_unit_peak_zero_exactly_when_unit_activity_counts_zero() -> None:
+    from gradguard.stats import unit_activity
+    from gradguard.stats.batched import unit_peak
+
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(16, 12) - 1.5)
+    x[:, 3] = 0.0
+    assert torch.equal(unit_peak(x) == 0, unit_activity(x) == 0)
+    conv = torch.relu(torch.randn(4, 5, 3, 3) - 2.0)
+    assert torch.equal(unit_peak(conv, 1) == 0, unit_activity(conv, 1) == 0)
+    torch.testing.assert_close(unit_peak(conv, 1), conv.amax(dim=(0, 2, 3)))

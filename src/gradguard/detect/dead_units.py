@@ -1,6 +1,6 @@
 """Dead units: ReLU outputs that were never positive over a window of sampled steps.
 
-A unit whose count of positive outputs stays 0 for every input of :data:`MIN_SAMPLES` sampled batches
+A unit whose output stays ≤ 0 (its peak is 0) for every input of :data:`MIN_SAMPLES` sampled batches
 gets no gradient through the ReLU and cannot recover by itself (SEEDS S2.3). Reported as ``error`` when a
 whole layer is dead (the signal is cut), ``warning`` from :data:`WARN_FRACTION`, ``info`` from
 :data:`INFO_FRACTION` (He-initialised ReLU nets routinely carry a few dead units).
@@ -19,12 +19,12 @@ WARN_FRACTION = 0.5
 def detect(obs: Observation) -> list[Finding]:
     """One ``dead_units`` finding per ReLU-like module with a large share of never-firing units."""
     out = []
-    for name, counts in obs.dead_window.items():
+    for name, peaks in obs.dead_window.items():
         samples = obs.dead_samples.get(name, 0)
-        if samples < MIN_SAMPLES or counts.numel() == 0 or obs.new == 0:
+        if samples < MIN_SAMPLES or peaks.numel() == 0 or obs.new == 0:
             continue
-        dead = int((counts == 0).sum())
-        units = counts.numel()
+        dead = int((peaks <= 0).sum())  # NaN <= 0 is False: a NaN unit is not called dead
+        units = peaks.numel()
         frac = dead / units
         if frac < INFO_FRACTION:
             continue

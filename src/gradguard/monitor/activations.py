@@ -11,6 +11,7 @@ A module called several times in one forward contributes one summary per call; t
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -18,9 +19,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from gradguard.stats import saturation_kind, unit_activity
+from gradguard.stats import saturation_kind
 from gradguard.stats.activations import SUMMARY_FIELDS
-from gradguard.stats.batched import activation_summaries
+from gradguard.stats.batched import activation_summaries, unit_peak
 
 #: Entries of a module output summarised per call. Larger outputs are summarised on a fixed uniform
 #: random sample of positions (mean, std and fractions are then estimates with a standard error
@@ -57,7 +58,7 @@ class Sample:
     step: int
     raw: list[tuple[str, Tensor]] = field(default_factory=list)
     summaries: dict[str, list[Tensor]] = field(default_factory=dict)
-    activity: dict[str, Tensor] = field(default_factory=dict)
+    activity: dict[str, Tensor] = field(default_factory=dict)  # per-unit peak output (ReLU-like modules)
     time_forward: dict[str, Tensor] = field(default_factory=dict)
     time_grad: dict[str, Tensor] = field(default_factory=dict)
     order: list[str] = field(default_factory=list)
@@ -78,6 +79,8 @@ class ActivationTap:
         self.handles: list[RemovableHandle] = []
         self.current: Sample | None = None
         self._positions: dict[tuple[int, torch.device], Tensor] = {}
+        # Built once: arming a sampled step only registers them.
+        self._hooks = [(m, self._make_hook(name, m)) for name, m in self.modules.items()]
 
     @property
     def armed(self) -> bool:
@@ -88,8 +91,8 @@ class ActivationTap:
         if self.armed:
             self.disarm()
         self.current = Sample(step=step)
-        for name, module in self.modules.items():
-            self.handles.append(module.register_forward_hook(self._make_hook(name, module)))
+        for module, hook in self._hooks:
+            self.handles.append(module.register_forward_hook(hook))
 
     def disarm(self) -> Sample | None:
         """Remove the hooks and hand over what they gathered (``None`` if nothing was gathered)."""
@@ -124,22 +127,28 @@ class ActivationTap:
         relu_like = isinstance(module, _RELU_LIKE)
         batch_first = bool(getattr(module, "batch_first", False))
 
+        # The hook holds the tap weakly: a strong reference would put the model, the tap and the tensors
+        # it gathered in one reference cycle, and torch aborts when the garbage collector clears tensors
+        # in such a cycle at interpreter exit (THPVariable_clear "use_count() == 1" assertion).
+        tap_ref = weakref.ref(self)
+
         def hook(mod: nn.Module, args: tuple[object, ...], output: object) -> None:
-            sample = self.current
-            if sample is None or not torch.is_grad_enabled() or not self.root.training:
+            tap = tap_ref()
+            sample = tap.current if tap is not None else None
+            if tap is None or sample is None or not torch.is_grad_enabled() or not tap.root.training:
                 return
             out = output[0] if isinstance(output, tuple | list) and output else output
             if not isinstance(out, Tensor) or not out.is_floating_point() or out.numel() == 0:
                 return
-            sample.raw.append((name, self._sample(out)))
+            sample.raw.append((name, tap._sample(out)))
             if name not in sample.order:
                 sample.order.append(name)
             if relu_like:
-                act = unit_activity(out, unit_dim_for(out))
+                peak = unit_peak(out, unit_dim_for(out))
                 prev = sample.activity.get(name)
-                sample.activity[name] = act if prev is None or prev.shape != act.shape else prev + act
+                sample.activity[name] = peak if prev is None or prev.shape != peak.shape else torch.maximum(prev, peak)
             if recurrent and out.dim() == 3:
-                self._time_profiles(sample, name, out, batch_first)
+                tap._time_profiles(sample, name, out, batch_first)
 
         return hook
 

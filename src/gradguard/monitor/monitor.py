@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -116,6 +117,10 @@ class Monitor:
             ParamInfo(name=n, module=owner.get(id(p), ""), ndim=p.dim(), numel=p.numel()) for n, p in named
         ]
         self._names = [p.name for p in self.params]
+        self._keys = {
+            stat: [f"{stat}/{n}" for n in self._names]
+            for stat in ("grad_norm", "nonfinite", "grad_max", "weight_norm", "update_ratio")
+        }
         if reduce_fn is None:
             # integrations (issue 6): sharded (FSDP2/DTensor) parameters get the one-collective reduction of
             # the squared-norm block automatically; None (no collective) for replicated/DDP/single process.
@@ -147,8 +152,10 @@ class Monitor:
         self._origin: tuple[int, Origin | None, dict[str, float]] | None = None
         self._closed = False
         self._root_handles = [
-            model.register_forward_pre_hook(self._root_pre, with_kwargs=True),
-            model.register_forward_hook(self._root_post),
+            # Weak references to the monitor, for the same reason as in ActivationTap (no reference cycle
+            # through the model's hook dicts).
+            model.register_forward_pre_hook(_weak(self, "_root_pre"), with_kwargs=True),
+            model.register_forward_hook(_weak(self, "_root_post")),
         ]
         if self.sample_every(0):
             self._tap.arm(0)
@@ -328,7 +335,7 @@ class Monitor:
             depth=self._depth,
             activations=self._latest_act,
             saturation_kinds={n: k for n, k in self._tap.kinds.items() if k is not None},
-            dead_window={n: torch.stack(list(d)).sum(0) for n, d in self._dead.items() if d},
+            dead_window={n: torch.stack(list(d)).amax(0) for n, d in self._dead.items() if d},
             dead_samples={n: len(d) for n, d in self._dead.items()},
             time_forward=self._time_forward,
             time_grad=self._time_grad,
@@ -353,26 +360,26 @@ class Monitor:
             "grad_norm": math.sqrt(sum(gsq[j] for j in present)),
         }
         counts = meta.nonfinite_counts.tolist() if meta.nonfinite_counts is not None else None
-        names = self._names
+        keys = self._keys
         for k, j in enumerate(present):
             g = gsq[j]
-            row[f"grad_norm/{names[j]}"] = math.sqrt(g)
+            row[keys["grad_norm"][j]] = math.sqrt(g)
             if counts is not None:
-                row[f"nonfinite/{names[j]}"] = float(counts[k])
+                row[keys["nonfinite"][j]] = float(counts[k])
             else:
                 # Exact counts cost two passes, so they are taken only on flagged steps; a finite norm
                 # proves the count is 0, a non-finite one (seen only on accelerators) means "some".
-                row[f"nonfinite/{names[j]}"] = 0.0 if math.isfinite(g) else math.nan
+                row[keys["nonfinite"][j]] = 0.0 if math.isfinite(g) else math.nan
         if meta.detail:
             wsq, dsq, gmax = host["weight_sq"][i], host["delta_sq"][i], host["grad_max"][i]
             for j in present:
-                row[f"grad_max/{names[j]}"] = gmax[j]
-            for j, name in enumerate(names):
+                row[keys["grad_max"][j]] = gmax[j]
+            for j in range(len(keys["weight_norm"])):
                 w = math.sqrt(wsq[j])
-                row[f"weight_norm/{name}"] = w
+                row[keys["weight_norm"][j]] = w
                 if math.isfinite(dsq[j]):
                     # ‖Δw‖/‖w‖ of the optimizer step just taken (Karpathy's ≈1e-3 rule of thumb).
-                    row[f"update_ratio/{name}"] = math.sqrt(dsq[j]) / w if w > 0 else math.inf
+                    row[keys["update_ratio"][j]] = math.sqrt(dsq[j]) / w if w > 0 else math.inf
         return row
 
     def _absorb_sample(self, sample: Sample, row: dict[str, Any] | None) -> None:
@@ -491,14 +498,27 @@ class Monitor:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __del__(self) -> None:  # best effort: never leave hooks on a model whose monitor is gone
+    def __del__(self) -> None:
+        # Best effort: never leave hooks on a model whose monitor is gone. Only remove handles here: no
+        # torch computation in a finaliser (at interpreter exit that aborts inside torch).
         try:
             if not self._closed:
-                for h in self._root_handles:
+                for h in [*self._root_handles, *self._tap.handles]:
                     h.remove()
-                self._tap.disarm()
         except Exception:
             pass
+
+
+def _weak(obj: object, method: str) -> Any:
+    """A hook that calls ``obj.method`` through a weak reference (a no-op once ``obj`` is gone)."""
+    ref = weakref.ref(obj)
+
+    def hook(*args: Any) -> None:
+        target = ref()
+        if target is not None:
+            getattr(target, method)(*args)
+
+    return hook
 
 
 def _last(rows: Sequence[Mapping[str, Any]], key: str) -> float:
@@ -530,7 +550,8 @@ def watch(model: nn.Module, **options: Any) -> Monitor:
         log_every (int, 10): steps between fetches (detection and sinks run then).
         sample_every (int, 10): steps between sampled steps (activation hooks, detail statistics).
         window (int ≥ 10, 200): steps of history the rules look back on.
-        dead_window (int, 5): sampled steps over which a unit must never fire to be called dead.
+        dead_window (int, 5): sampled steps over which a ReLU unit must never fire (peak output 0) to be
+            called dead.
         log_dir (path, None): also append history and findings to ``<log_dir>/metrics.jsonl``.
         console (bool, True): print each new finding once (rich).
         sinks (iterable of gradguard.sinks.Sink, ()): extra sinks.

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from gradguard.stats import nonfinite_counts, tensor_norms
-from gradguard.stats.distributed import local_tensor
+from gradguard.stats.distributed import is_dtensor, local_tensor
 
 ReduceFn = Callable[[Tensor], Tensor]
 
@@ -55,6 +55,8 @@ class ParamStats:
         self.params = list(params)
         self.rows = rows
         self.reduce_fn = reduce_fn
+        # Checked once: per-tensor DTensor tests cost ~1 µs each, i.e. noticeable for every step.
+        self._sharded = any(is_dtensor(p) for p in self.params)
         self.device: torch.device | None = None
         self.meta: list[RowMeta] = []
         self._snapshot: list[Tensor] | None = None
@@ -100,7 +102,9 @@ class ParamStats:
         present = tuple(i for i, p in enumerate(self.params) if p.grad is not None)
         # integrations (issue 6): FSDP2 gradients are DTensors; measure this rank's shard only (no collective
         # per step) and let reduce_fn combine the squared norms on the logging schedule.
-        grads = [local_tensor(self.params[i].grad) for i in present]  # type: ignore[arg-type]
+        grads = [self.params[i].grad for i in present]
+        if self._sharded:
+            grads = [local_tensor(g) for g in grads]  # type: ignore[arg-type]
         row = len(self.meta)
         norms = tensor_norms(grads, 2.0)
         # Norms, not squares, are buffered: a float32 square overflows for norms > 1.8e19, which an
