@@ -228,3 +228,22 @@ def test_callback_rejects_monitor_and_options_together() -> None:
     model.fit(x, y, batch_size=2, epochs=1, verbose=0, callbacks=[cb])
     assert cb.monitor is mon and mon.step_count == 2
     mon.close()
+
+
+def test_probe_on_the_view_names_keras_layers_and_measures_their_gradients() -> None:
+    import gradguard as gg
+
+    model = stacked_lstm(units=16)
+    view = torch_view(model)
+    x, y = (torch.as_tensor(a) for a in sine_data(n=8))
+    report = gg.probe(view, x, y, loss_fn=torch.nn.functional.mse_loss)
+    rows = {r.name: r for r in report.layers}
+    assert list(rows) == ["lstm1", "lstm2", "out"]
+    # Reference: plain autograd on the same loss, per layer's own parameters.
+    loss = torch.nn.functional.mse_loss(view(x), y)
+    for name in rows:
+        params = list(getattr(view, name).parameters())
+        grads = torch.autograd.grad(loss, params, retain_graph=True)
+        want = float(torch.sqrt(sum(g.pow(2).sum() for g in grads)))
+        assert rows[name].param_grad_norm == pytest.approx(want, rel=1e-4), name
+    assert report.loss == pytest.approx(float(loss.detach()), rel=1e-5)
