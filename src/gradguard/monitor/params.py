@@ -102,9 +102,9 @@ class ParamStats:
         present = tuple(i for i, p in enumerate(self.params) if p.grad is not None)
         # integrations (issue 6): FSDP2 gradients are DTensors; measure this rank's shard only (no collective
         # per step) and let reduce_fn combine the squared norms on the logging schedule.
-        grads = [self.params[i].grad for i in present]
+        grads: list[Tensor] = [self.params[i].grad for i in present]  # type: ignore[misc]
         if self._sharded:
-            grads = [local_tensor(g) for g in grads]  # type: ignore[arg-type]
+            grads = [local_tensor(g) for g in grads]
         row = len(self.meta)
         norms = tensor_norms(grads, 2.0)
         # Norms, not squares, are buffered: a float32 square overflows for norms > 1.8e19, which an
