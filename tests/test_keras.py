@@ -15,7 +15,7 @@ if keras.backend.backend() != "torch":  # pragma: no cover - depends on the envi
 
 from gradguard.errors import InputError, StateError  # noqa: E402
 from gradguard.integrations import as_module, is_keras_model  # noqa: E402
-from gradguard.integrations.keras import KerasRecurrent, torch_view  # noqa: E402
+from gradguard.integrations.keras import GradGuardKerasCallback, KerasRecurrent, torch_view  # noqa: E402
 from gradguard.stats import tensor_norms  # noqa: E402
 
 
@@ -247,3 +247,17 @@ def test_probe_on_the_view_names_keras_layers_and_measures_their_gradients() -> 
         want = float(torch.sqrt(sum(g.pow(2).sum() for g in grads)))
         assert rows[name].param_grad_norm == pytest.approx(want, rel=1e-4), name
     assert report.loss == pytest.approx(float(loss.detach()), rel=1e-5)
+
+
+def test_watch_and_probe_accept_the_keras_model_itself() -> None:
+    import gradguard as gg
+
+    model = stacked_lstm(units=8)
+    x, y = sine_data(n=8)
+    report = gg.probe(model, torch.as_tensor(x), torch.as_tensor(y), loss_fn=torch.nn.functional.mse_loss)
+    assert [r.name for r in report.layers] == ["lstm1", "lstm2", "out"]
+    mon = gg.watch(model, console=False, log_every=1, sample_every=1)
+    assert mon.model is torch_view(model)
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[GradGuardKerasCallback(monitor=mon)])
+    assert "grad_norm/lstm1.recurrent_kernel" in mon.history[-1] and "act/lstm2/std" in mon.history[-1]
+    mon.close()

@@ -23,6 +23,7 @@ from gradguard.detect import Observation, ParamInfo, run_rules
 from gradguard.detect.base import Origin
 from gradguard.errors import ConfigError, InputError, StateError, check_number
 from gradguard.findings import KINDS, Finding
+from gradguard.integrations import as_module
 from gradguard.monitor.activations import ActivationTap, Sample, pool_summaries
 from gradguard.monitor.params import ParamStats, ReduceFn, RowMeta
 from gradguard.monitor.provenance import Call, localize, tensors_in
@@ -568,4 +569,5 @@ def watch(model: nn.Module, **options: Any) -> Monitor:
     unknown = sorted(set(options) - set(DEFAULTS))
     if unknown:
         raise ConfigError(f"unknown watch() option(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(DEFAULTS)}")
-    return Monitor(model, **options)
+    # integrations (issue 6): a Keras 3 model (PyTorch backend) is watched through its readable torch view.
+    return Monitor(as_module(model), **options)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from gradguard.errors import ConfigError, GradGuardError, InputError, StateError, check_number
 from gradguard.findings import Finding
+from gradguard.integrations import as_module
 from gradguard.preflight.recurrent import cell_spec, is_recurrent, unroll_profile, unsupported_reason
 from gradguard.stats import (
     activation_summary,
@@ -342,6 +343,8 @@ def probe(
         >>> [row.label for row in report.layers]
         ['0', '1', '2']
     """
+    # integrations (issue 6): a Keras 3 model (PyTorch backend) is probed through its readable torch view.
+    model = as_module(model)
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if loss_fn is not None and not callable(loss_fn):
