@@ -67,7 +67,7 @@ def _train(act: str, lr: float, steps: int, ctx: RunContext, data: Any, watch: b
 
 
 def run(ctx: RunContext) -> Result:
-    steps = 150 if ctx.quick else 400
+    steps = 100 if ctx.quick else 400
     data = digits(ctx.rng)
     runs: dict[str, dict[str, Any]] = {}
     names = list(ACTIVATIONS)

@@ -63,7 +63,7 @@ def _signals(model: DeepMLP, x: torch.Tensor, y: torch.Tensor, act: str) -> dict
 
 def run(ctx: RunContext) -> Result:
     width = 100
-    steps, batch = (120, 64) if ctx.quick else (500, 128)
+    steps, batch = (100, 64) if ctx.quick else (500, 128)
     data = digits(ctx.rng)
     probe_x, probe_y = data.x[:PROBE_BATCH], data.y[:PROBE_BATCH]
     results: dict[str, dict[str, Any]] = {}

@@ -58,7 +58,7 @@ class MaxTracker:
 
 
 def run(ctx: RunContext) -> Result:
-    hidden, steps = 100, (60 if ctx.quick else 600)
+    hidden, steps = 100, (30 if ctx.quick else 600)
     data = sunspots_windows(WINDOW)
     runs: dict[str, dict[str, Any]] = {}
     variants = [(init, clip) for init in ("default", "N(0,1)") for clip in (False, True)]
