@@ -98,12 +98,65 @@ def run_case(
     }
 
 
+def breakdown(build: Callable[[bool], tuple[nn.Module, Tensor, Tensor]], steps: int, quick: bool) -> dict:
+    """Thread-CPU milliseconds spent in each part of the monitor, per 10-step period (medians × count)."""
+    import functools
+
+    import gradguard.monitor.monitor as mm
+
+    torch.manual_seed(0)
+    model, x, y = build(quick)
+    mon = gg.watch(model, console=False)
+    spent: dict[str, list[float]] = {}
+
+    def wrap(obj: object, name: str, label: str) -> None:
+        f = getattr(obj, name)
+
+        @functools.wraps(f)
+        def timed(*a: object, **k: object) -> object:
+            t0 = time.thread_time()
+            out = f(*a, **k)
+            spent.setdefault(label, []).append(time.thread_time() - t0)
+            return out
+
+        setattr(obj, name, timed)
+
+    wrap(mon._stats, "record", "per-step gradient norms (record)")
+    wrap(mon._stats, "_record_detail", "  of which sampled-step detail (max|g|, ‖w‖, ‖Δw‖)")
+    wrap(mon._stats, "snapshot", "weight snapshot before a sampled step")
+    wrap(mon._tap, "arm", "attach activation hooks")
+    wrap(mon._tap, "disarm", "detach hooks + batched summaries")
+    wrap(mon, "_flush", "fetch + rows + rules (logging schedule)")
+    wrap(mm, "run_rules", "  of which detection rules")
+    wrap(mon, "step", "Monitor.step total")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    fwd: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(steps):
+        sampled = mon._tap.armed
+        opt.zero_grad(set_to_none=True)
+        t0 = time.thread_time()
+        out = model(x)
+        fwd[sampled].append(time.thread_time() - t0)
+        loss = nn.functional.mse_loss(out, y)
+        loss.backward()
+        mon.step(loss)
+        opt.step()
+    mon.close()
+    per_period = {k: 1e3 * sum(v) / (steps / STEPS_PER_BLOCK) for k, v in spent.items()}
+    import statistics
+
+    hooks = statistics.median(fwd[True]) - statistics.median(fwd[False])
+    per_period["forward hooks on the sampled step (extra forward time)"] = 1e3 * hooks
+    return per_period
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--blocks", type=int, default=None, help="timed periods of 10 steps per variant")
     parser.add_argument("--quick", action="store_true", help="short LSTM sequences and few blocks (smoke run)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu", help="cpu: thread CPU time; wall")
+    parser.add_argument("--breakdown", action="store_true", help="also time each part of the monitor (MLP case)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"machine: {_timing.machine()}; clock: {args.clock}")
@@ -119,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{name:40s} {r['bare_ms']:13.2f} {r['watched_ms']:16.2f} {r['ratio']:7.3f} {target:6.2f}× "
             f"{r['steps']} {ok}"
         )
+    if args.breakdown:
+        print("\nwhere the monitor's time goes, MLP case, ms per 10-step period (thread CPU time):")
+        for label, ms in breakdown(mlp_case, 100, args.quick).items():
+            print(f"  {label:58s} {ms:7.2f}")
     return 0
 
 
