@@ -99,7 +99,8 @@ def interleave_steps(
     limits = dict(limits or {})
     for _ in range(warmup):
         for n in names:
-            steps[n]()
+            if n not in limits:  # a limited (very slow) configuration is warmed by its caller's first step
+                steps[n]()
     sync(device)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
@@ -209,10 +210,12 @@ def peak_rss_mib() -> float:
 
 
 def pyspy_top(args: Sequence[str], marker: str, n: int = 8, timeout: float = 300.0) -> list[tuple[str, float]] | str:
-    """Top functions (inclusive share of samples) inside frames named ``marker``, from py-spy on a child.
+    """Where a training step spends its time, from py-spy sampling ``python <args>`` in a child process.
 
-    Returns a list of (function (file), share of the samples under ``marker``), or a string saying why no
-    profile could be taken.
+    Only samples below the first frame containing ``marker`` (the step function) count. Returned, as
+    (function (file), share of those samples): first the step's direct callees (forward, backward, the
+    tool's hook, the optimizer step), then the ``n`` gradguard functions with the largest inclusive share.
+    A string says why no profile could be taken.
     """
     exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(exe).exists():
@@ -227,25 +230,24 @@ def pyspy_top(args: Sequence[str], marker: str, n: int = 8, timeout: float = 300
         if proc.returncode != 0 or not out.exists():
             return f"py-spy failed: {(proc.stderr.strip().splitlines() or ['no output'])[-1][:200]}"
         stacks = out.read_text().splitlines()
-    inclusive: Counter[str] = Counter()
+    callees: Counter[str] = Counter()
+    ours: Counter[str] = Counter()
     total = 0
     for line in stacks:
         frames_part, _, count_s = line.rpartition(" ")
         frames = frames_part.split(";")
-        idx = next((i for i, f in enumerate(frames) if f.startswith(marker + " ")), None)
+        idx = next((i for i, f in enumerate(frames) if marker in f), None)
         if idx is None or not count_s.isdigit():
             continue
         count = int(count_s)
         total += count
-        seen = set()
-        for f in frames[idx + 1 :]:
-            name = _frame_name(f)
-            if name not in seen:
-                seen.add(name)
-                inclusive[name] += count
+        callees[_frame_name(frames[idx + 1]) if idx + 1 < len(frames) else "(the step function itself)"] += count
+        for name in {_frame_name(f) for f in frames[idx + 1 :] if "gradguard/" in f}:
+            ours[name] += count
     if total == 0:
         return "py-spy recorded no samples inside the step"
-    return [(name, c / total) for name, c in inclusive.most_common(n)]
+    top = [(f"step → {name}", c / total) for name, c in callees.most_common(6)]
+    return top + [(name, c / total) for name, c in ours.most_common(n)]
 
 
 def _frame_name(frame: str) -> str:

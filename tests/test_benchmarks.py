@@ -30,8 +30,8 @@ def test_interleave_reverses_order_and_limits_slow_configurations() -> None:
     calls: list[str] = []
     steps = {k: (lambda k=k: calls.append(k)) for k in ("a", "b", "c")}
     times = harness.interleave_steps(steps, rounds=4, warmup=1, limits={"c": 2})
-    assert calls[:3] == ["a", "b", "c"]  # warm-up
-    assert calls[3:] == ["a", "b", "c", "c", "b", "a", "a", "b", "b", "a"]  # reversed every round; c stops after 2
+    assert calls[:2] == ["a", "b"]  # warm-up (a limited configuration is warmed by its caller)
+    assert calls[2:] == ["a", "b", "c", "c", "b", "a", "a", "b", "b", "a"]  # reversed every round; c stops after 2
     assert [len(times[k]) for k in "abc"] == [4, 4, 2]
 
 
