@@ -558,8 +558,12 @@ def watch(model: nn.Module, **options: Any) -> Monitor:
         sinks (iterable of gradguard.sinks.Sink, ()): extra sinks.
         replay (bool, True): keep references to the last inputs and replay a step that produced NaN/Inf
             to name the module that produced it.
-        reduce_fn (callable, None): applied on each fetch to stacked per-tensor *squared* norms of shape
-            (rows, n_params) before they become norms; e.g. an all-reduce(SUM) across FSDP shards.
+        reduce_fn (callable, None): the hook point for torch.distributed. Applied once per fetch to the
+            stacked per-tensor *squared* norms, one block of shape (rows, 3 · n_params) (gradient, weight
+            and update squared norms side by side, columns in named_parameters() order, NaN where not
+            measured), before they become norms; must return the reduced block, e.g. one all-reduce(SUM)
+            across FSDP shards (gradguard.stats.distributed.make_reduce_fn, chosen automatically when
+            parameters are sharded DTensors).
         max_calls (int, 8): training forwards per step kept for replay (gradient accumulation).
 
     Raises:
