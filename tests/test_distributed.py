@@ -154,8 +154,20 @@ def _stats_worker(rank: int) -> dict[str, Any]:
     return out
 
 
-def test_norms_under_ddp_and_fsdp_equal_single_process_reference(tmp_path: Path) -> None:
-    ranks = run_ranks(_stats_worker, tmp_path)
+def _all_worker(rank: int) -> dict[str, Any]:
+    """Every scenario in one spawn: starting two processes costs more than the scenarios themselves."""
+    return {"stats": _stats_worker(rank), "monitor": _monitor_worker(rank), "guard": _guard_worker(rank)}
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """What both ranks measured in all scenarios (run once per module; fails instead of hanging)."""
+    return run_ranks(_all_worker, tmp_path_factory.mktemp("ranks"))
+
+
+@pytest.mark.xdist_group("distributed")
+def test_norms_under_ddp_and_fsdp_equal_single_process_reference(spawned: list[dict[str, Any]]) -> None:
+    ranks = [r["stats"] for r in spawned]
     ref, ref_loss = reference_grad_norms()
     for r in ranks:
         assert r["ddp_mask"] == [False] * len(ref)
@@ -270,8 +282,9 @@ def _monitor_worker(rank: int) -> dict[str, Any]:
     return out
 
 
-def test_monitor_under_ddp_and_fsdp_equals_single_process_reference(tmp_path: Path) -> None:
-    ranks = run_ranks(_monitor_worker, tmp_path)
+@pytest.mark.xdist_group("distributed")
+def test_monitor_under_ddp_and_fsdp_equals_single_process_reference(spawned: list[dict[str, Any]]) -> None:
+    ranks = [r["monitor"] for r in spawned]
     ref = reference_history()
     assert len(ref) == STEPS and any("update_ratio/0.weight" in row for row in ref)
     for mode in ("ddp", "fsdp"):
@@ -373,8 +386,9 @@ def _guard_worker(rank: int) -> dict[str, Any]:
     return out
 
 
-def test_guard_decides_identically_on_every_rank_and_like_the_reference(tmp_path: Path) -> None:
-    ranks = run_ranks(_guard_worker, tmp_path)  # fails instead of hanging if the ranks ever diverge
+@pytest.mark.xdist_group("distributed")
+def test_guard_decides_identically_on_every_rank_and_like_the_reference(spawned: list[dict[str, Any]]) -> None:
+    ranks = [r["guard"] for r in spawned]  # the spawn fails instead of hanging if the ranks ever diverge
     ref, ref_params = reference_guard()
     # The reference itself sees the injected faults: a spike skip, two non-finite skips, one rollback.
     assert ref["applied"][SPIKE_STEP] is False and [ref["applied"][s] for s in NAN_STEPS] == [False, False]
