@@ -286,7 +286,8 @@ def run(opts: harness.Options) -> harness.Section:
         "MSE; they take turns step by step in one process, the order reversed every round. Ratio = median over "
         "periods of 10 steps of the paired ratio (configuration / bare loop, same rounds), with the "
         "interquartile range in brackets. Peak RSS: each configuration alone in a fresh child process "
-        f"({CHILD_STEPS} steps), `ru_maxrss`.",
+        f"({CHILD_STEPS} steps), `ru_maxrss`, and in brackets what its set-up and steps added to the peak "
+        "reached with the model built (so a tool's own imports count against it).",
         "",
     ]
     targets: list[harness.Target] = []
@@ -362,7 +363,8 @@ def _rss_text(r: dict[str, object] | None) -> str:
         return "—"
     if "error" in r:
         return f"n/a ({r['error']})"
-    return f"{float(r['peak_rss_mib']):.0f}"  # type: ignore[arg-type]
+    peak, before = float(r["peak_rss_mib"]), float(r["rss_before_mib"])  # type: ignore[arg-type]
+    return f"{peak:.0f} (+{peak - before:.0f})"
 
 
 def _sync_text(n: float | None) -> str:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -79,39 +81,35 @@ def probe(opts: harness.Options) -> harness.Section:
 def lab(opts: harness.Options) -> harness.Section:
     """Wall time of ``gradguard lab run --all --quick`` and, in a full run, of the whole suite."""
     runs = [("`gradguard lab run --all --quick`", ["--all", "--quick"])]
-    if opts.lab_full:
+    if opts.smoke:
+        runs = [("`gradguard lab run weighted-sum --quick` (smoke run: one experiment)", ["weighted-sum", "--quick"])]
+    elif opts.lab_full:
         runs.append(("`gradguard lab run --all` (full suite)", ["--all"]))
     rows = []
     for label, args in runs:
-        if opts.smoke:
-            args = ["weighted-sum", "--quick"]
-            label = "`gradguard lab run weighted-sum --quick` (smoke run: one experiment)"
         with tempfile.TemporaryDirectory() as tmp:
-            env_path = str(harness.ROOT / "src")
             t0 = time.perf_counter()
             proc = subprocess.run(
                 [sys.executable, "-m", "gradguard", "lab", "run", *args, "--out", tmp],
                 capture_output=True, text=True, cwd=harness.ROOT, check=False,
-                env={**_env(), "PYTHONPATH": env_path},
+                env={**os.environ, "PYTHONPATH": str(harness.ROOT / "src")},
             )
             wall = time.perf_counter() - t0
-            n = len(list(Path(tmp).glob("*/result.json"))) or len([p for p in Path(tmp).iterdir() if p.is_dir()])
+            claims = [c for m in Path(tmp).glob("*/metrics.json")
+                      for c in json.loads(m.read_text(encoding="utf-8")).get("claims", [])]
+            done = len(list(Path(tmp).glob("*/metrics.json")))
+        held = sum(bool(c.get("holds")) for c in claims)
         status = "ok" if proc.returncode == 0 else f"exit {proc.returncode}: " + (
-            (proc.stderr.strip().splitlines() or ["no output"])[-1][:160])
-        rows.append([label, f"{wall:.1f}", str(n), status])
+            (proc.stderr.strip().splitlines() or proc.stdout.strip().splitlines() or ["no output"])[-1][:160])
+        rows.append([label, f"{wall:.1f}", str(done), f"{held}/{len(claims)}", status])
     if not opts.lab_full and not opts.smoke:
-        rows.append(["`gradguard lab run --all` (full suite)", "—", "—", "not run (`--lab-full` runs it)"])
+        rows.append(["`gradguard lab run --all` (full suite)", "—", "—", "—", "not run (`--lab-full` runs it)"])
     body = (
         "Each run in a fresh process (interpreter start and imports included), one at a time, output to a "
-        "temporary folder.\n\n" + harness.table(["command", "wall s", "experiment folders", "status"], rows, "lrrl")
+        "temporary folder; the exit status is non-zero when a claim does not hold.\n\n"
+        + harness.table(["command", "wall s", "experiments finished", "claims holding", "status"], rows, "lrrrl")
     )
     return harness.Section("## Lab", body)
-
-
-def _env() -> dict[str, str]:
-    import os
-
-    return dict(os.environ)
 
 
 SECTIONS: dict[str, Runner] = {

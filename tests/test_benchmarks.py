@@ -76,7 +76,7 @@ def test_run_all_smoke_writes_every_section(tmp_path: Path) -> None:
         for row in rows:
             assert re.search(r"\d\.\d{3}× \[", row) or "could not run: " in row, row
     assert text.count("```python") == len(peers.CONFIGS)  # the code of every configuration is shown
-    assert re.search(r"\| gradguard default `gg.watch\(model\)` \| [\d.]+ \| [\d.]+× \[[^|]*\| \d+ \|", text), (
+    assert re.search(r"\| gradguard default `gg.watch\(model\)` \| [\d.]+ \| [\d.]+× \[[^|]*\| \d+ \(\+\d+\) \|", text), (
         "the smoke run measures gradguard's peak RSS in a child process"
     )
     lab = text.split("## Lab", 1)[1]
