@@ -244,3 +244,23 @@ def test_ddp_ranks_agree_with_each_other_and_with_one_process(tmp_path: Path) ->
         assert row["grad_norm"] == pytest.approx(math.sqrt(sum(v * v for v in norms)), rel=1e-5)
     for p_got, p_ref in zip(got["params"], ref_net.parameters(), strict=True):
         torch.testing.assert_close(torch.tensor(p_got), p_ref.detach().reshape(-1), rtol=1e-4, atol=1e-6)
+
+
+def test_amp_grad_scaler_monitor_sees_unscaled_loss_and_gradients(tmp_path: Path) -> None:
+    """Lightning's MixedPrecision with a GradScaler (a CPU one here; CUDA takes the same code path)."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    scale = 2.0**10
+    nan_at = 5
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=scale))
+    cb = GradGuardCallback(guard={"clip": None}, watch_options={"log_every": 4, "console": False})
+    module = Regressor(make_net(), nan_at=nan_at)
+    trainer(tmp_path, cb, plugins=[plugin]).fit(module, loader())
+    ref_norms, ref_losses, _ = plain_loop()
+    first = cb.monitor.history[0]
+    # Loss divided back by the scale Lightning multiplied it with; gradients already unscaled by Lightning.
+    assert first["loss"] == pytest.approx(ref_losses[0], rel=1e-3)
+    assert first["grad_norm"] == pytest.approx(math.sqrt(sum(v * v for v in ref_norms[0])), rel=1e-2)
+    assert [(e.step, e.reason) for e in cb.guard.events if e.action == "skip"] == [(nan_at, "nonfinite_loss")]
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    assert plugin.scaler.get_scale() == scale / 2  # the scaler saw the overflow once and backed off once
