@@ -264,3 +264,28 @@ def test_amp_grad_scaler_monitor_sees_unscaled_loss_and_gradients(tmp_path: Path
     assert [(e.step, e.reason) for e in cb.guard.events if e.action == "skip"] == [(nan_at, "nonfinite_loss")]
     assert all(torch.isfinite(p).all() for p in module.parameters())
     assert plugin.scaler.get_scale() == scale / 2  # the scaler saw the overflow once and backed off once
+
+
+def test_gradient_accumulation_one_monitor_step_per_optimizer_step(tmp_path: Path) -> None:
+    cb = GradGuardCallback(watch_options={"log_every": 2, "console": False})
+    trainer(tmp_path, cb, accumulate_grad_batches=2).fit(Regressor(make_net()), loader())
+    # Reference: two micro-batches of 8, each loss divided by 2 before backward, then one step.
+    net = make_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    ref = []
+    for _ in range(EPOCHS):
+        batches = list(loader())
+        for a, b in zip(batches[0::2], batches[1::2], strict=True):
+            opt.zero_grad()
+            total = 0.0
+            for x, y in (a, b):
+                loss = nn.functional.mse_loss(net(x), y) / 2
+                loss.backward()
+                total += float(loss.detach())
+            ref.append((total, float(tensor_norms([p.grad for p in net.parameters()]).norm())))
+            opt.step()
+    history = cb.monitor.history
+    assert len(history) == len(ref) == EPOCHS * 2
+    for row, (loss, norm) in zip(history, ref, strict=True):
+        assert row["loss"] == pytest.approx(loss, rel=1e-6)
+        assert row["grad_norm"] == pytest.approx(norm, rel=1e-5)
