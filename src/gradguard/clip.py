@@ -233,30 +233,14 @@ class ClipNorm(ClipPolicy):
         return {"max_norm": self.max_norm, "norm_type": self.norm_type, "per": self.per}
 
 
-def _nanquantile(values: Tensor, q: float) -> Tensor:
-    """``torch.nanquantile(values, q, dim=0)`` (linear method) in a handful of small kernels.
-
-    Same formula as torch and numpy: with the n finite entries of a column sorted, position ``q·(n−1)``
-    is interpolated between its two neighbours; NaN when a column has no finite entry. torch's own
-    nanquantile costs ~25 scalar-sized kernels, which dominated a clipping call on small models.
-    """
-    ordered = values.sort(dim=0).values  # NaN sorts last
-    n = values.isfinite().sum(dim=0, keepdim=True)
-    pos = (q * (n - 1).clamp(min=0)).to(values.dtype)
-    lo = pos.floor()
-    hi = pos.ceil()
-    v_lo = ordered.gather(0, lo.long())
-    v_hi = ordered.gather(0, hi.long())
-    out = torch.lerp(v_lo, v_hi, pos - lo)
-    return torch.where(n > 0, out, math.nan).reshape(-1)
-
-
 class _History:
-    """Norm history on the device: ``(rows, columns)`` of float32, empty or non-finite slots are NaN.
+    """Norm history on the device: ``(rows, columns)`` float32, one row per call, one column per tensor.
 
-    ``capacity=None`` grows without bound (doubling, decided on the host-side count, so no sync). The
-    write position is a host counter, like :class:`gradguard.stats.RingBuffer`, which this generalises to
-    one column per tensor and to unbounded length.
+    The write position and the number of filled rows are host-side counters (as in
+    :class:`gradguard.stats.RingBuffer`), so the quantile's interpolation position is computed on the
+    host and the device work is one sort, two row reads and a lerp. ``capacity=None`` grows without bound
+    (doubling). A non-finite norm is stored as ``+inf``: it counts as a very large norm, so it can only
+    raise a high quantile, never turn the threshold into NaN.
     """
 
     def __init__(self, capacity: int | None) -> None:
@@ -266,22 +250,30 @@ class _History:
 
     def push(self, row: Tensor) -> None:
         row = row.detach().float().reshape(-1)
-        row = torch.where(row.isfinite(), row, math.nan)
+        row = torch.where(row.isfinite(), row, math.inf)
         if self.values is None or self.values.shape[1] != row.numel():
             rows = self.capacity if self.capacity is not None else 64
-            self.values = torch.full((rows, row.numel()), math.nan, device=row.device)
+            self.values = torch.zeros((rows, row.numel()), device=row.device)
             self.pushes = 0
         elif self.capacity is None and self.pushes >= self.values.shape[0]:
-            grown = torch.full_like(self.values, math.nan)
-            self.values = torch.cat([self.values, grown])
+            self.values = torch.cat([self.values, torch.zeros_like(self.values)])
         self.values[self.pushes % self.values.shape[0]] = row
         self.pushes += 1
 
     def quantile(self, q: float) -> Tensor:
-        """Per-column q-quantile (linear interpolation, as ``numpy.percentile``) over the finite entries."""
-        assert self.values is not None
-        filled = self.values if self.capacity is not None else self.values[: max(self.pushes, 1)]
-        return _nanquantile(filled, q)
+        """Per-column q-quantile with linear interpolation, as ``numpy.percentile`` / ``torch.quantile``.
+
+        With the n recorded values sorted, position ``q·(n−1)`` is interpolated between its neighbours.
+        """
+        assert self.values is not None and self.pushes > 0
+        n = min(self.pushes, self.values.shape[0])
+        ordered = self.values[:n].sort(dim=0).values
+        pos = q * (n - 1)
+        lo = math.floor(pos)
+        hi = min(lo + 1, n - 1)
+        below, above = ordered[lo], ordered[hi]
+        # lerp(inf, inf, w) would be NaN (inf − inf); equal neighbours need no interpolation anyway.
+        return torch.where(below == above, below, torch.lerp(below, above, pos - lo))
 
     def state_dict(self) -> dict[str, Any]:
         return {"values": None if self.values is None else self.values.clone(), "pushes": self.pushes}
@@ -306,7 +298,8 @@ class AutoClip(ClipPolicy):
     history and threshold. The difference matters after a jump: the paper's rule lets a spike raise its
     own threshold a little, QuantileClip's does not.
 
-    Non-finite norms are not recorded; an all-empty history gives no limit (``threshold = inf``). With
+    A non-finite norm is recorded as ``+inf`` (a huge norm: it can raise a high quantile, never make it
+    NaN; the package would record NaN and stop clipping for the rest of the window). With
     ``per="tensor"`` the columns follow the order of the tensors that have a gradient; if that set changes
     between calls (a frozen layer, an unused branch) the history starts afresh.
 
@@ -364,7 +357,6 @@ class AutoClip(ClipPolicy):
         else:
             limit = self._history.quantile(q)
             self._history.push(current)
-        limit = torch.where(limit.isnan(), math.inf, limit)  # no finite history yet: no limit
         coefs, over = _coef(current, limit)
         if self.per == "global":
             _mul_(grads, coefs[0])
