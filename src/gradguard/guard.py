@@ -126,7 +126,9 @@ class Guard:
         recover_steps: good steps over which the LR factor grows back to 1.
         min_lr_factor: floor of the LR factor.
         snapshot_dir: directory for an on-disk snapshot (``torch.save``; restored with
-            ``torch.load(weights_only=True)``); ``None`` keeps it in memory on the tensors' own devices.
+            ``torch.load(weights_only=True)``); ``None`` keeps it in memory on the tensors' own devices,
+            which costs one more copy of the parameters, buffers and optimizer state (≈ 3× the parameter
+            memory with Adam).
         max_events: how many recent events ``events`` keeps.
         clip_report_ratio: clips of a norm ≥ ratio × the median norm of recent steps are also findings.
     """
