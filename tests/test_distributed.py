@@ -140,6 +140,17 @@ def _stats_worker(rank: int) -> dict[str, Any]:
     out["fsdp_l1"] = allreduce_norms(tensor_norms(local_tensors(grads), 1.0), 1.0).tolist()
     out["fsdp_l1_ref"] = [float(p.grad.full_tensor().abs().sum()) for _, p in params]
 
+    # HSDP: a 2-D (replicate, shard) mesh; norms reduce over the shard dimension's group only.
+    hsdp = make_mlp()
+    mesh2 = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("replicate", "shard"))
+    for layer in (hsdp[0], hsdp[2], hsdp[4]):
+        fully_shard(layer, mesh=mesh2)
+    fully_shard(hsdp, mesh=mesh2)
+    nn.functional.mse_loss(hsdp(xs), ys).backward()
+    hgrads = [p.grad for p in hsdp.parameters()]
+    out["hsdp_group_is_shard_dim"] = shard_group(hgrads) is mesh2.get_group("shard")
+    out["hsdp"] = dict(zip([n for n, _ in hsdp.named_parameters()], global_norms(hgrads).tolist(), strict=True))
+
     # The monitor's reduction hook: a (rows, k·n) block of squared local norms, one all-reduce.
     sq = tensor_norms(local_tensors(grads)).pow(2)
     reduce = make_reduce_fn([p for _, p in params])
@@ -181,7 +192,9 @@ def test_norms_under_ddp_and_fsdp_equal_single_process_reference(spawned: list[d
             for k in range(2):
                 for got, want in zip(row[k * n : (k + 1) * n], ref.values(), strict=True):
                     assert rel_err(got, scale[k] * want) < RTOL
-        assert r["fsdp_group_is_mesh"]
+        assert r["fsdp_group_is_mesh"] and r["hsdp_group_is_shard_dim"]
+        for name, value in ref.items():
+            assert rel_err(r["hsdp"][name], value) < RTOL, (name, r["hsdp"][name], value)
         for got, want in zip(r["fsdp_inf"], r["fsdp_inf_ref"], strict=True):
             assert rel_err(got, want) < RTOL
         for got, want in zip(r["fsdp_l1"], r["fsdp_l1_ref"], strict=True):

@@ -13,6 +13,12 @@ Two situations need different treatment:
 
 Everything here is pure tensor math plus at most one collective per call; no value is copied to the host,
 so callers decide when (on the logging schedule) to pay for it.
+
+Findings and decisions under ``torch.distributed`` are produced **identically on every rank**, not on rank 0
+only: everything the monitor's rules and the Guard look at is either already equal on all ranks (DDP's
+averaged gradients) or made equal here (reduced shard norms, :func:`allreduce_mean` of the loss). Every rank
+must therefore call the reducing functions at the same points — a rank that skips one leaves the others
+waiting in the collective. Only output (console, files) is restricted to rank 0, by the sinks.
 """
 
 from __future__ import annotations
