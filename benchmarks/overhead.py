@@ -147,7 +147,17 @@ def breakdown(build: Callable[[bool], tuple[nn.Module, Tensor, Tensor]], steps: 
         mon.step(loss)
         opt.step()
     mon.close()
-    per_period = {k: 1e3 * sum(v) / (steps / STEPS_PER_BLOCK) for k, v in spent.items()}
+    order = [
+        "Monitor.step total",
+        "per-step gradient norms (record)",
+        "  of which sampled-step detail (max|g|, ‖w‖, ‖Δw‖)",
+        "weight snapshot before a sampled step",
+        "attach activation hooks",
+        "detach hooks + batched summaries",
+        "fetch + rows + rules (logging schedule)",
+        "  of which detection rules",
+    ]
+    per_period = {k: 1e3 * sum(spent.get(k, [])) / (steps / STEPS_PER_BLOCK) for k in order}
     import statistics
 
     hooks = statistics.median(fwd[True]) - statistics.median(fwd[False])
@@ -219,7 +229,29 @@ def write_section(results: list[dict], parts: dict[str, float], clock: str) -> N
     if parts:
         lines += ["", "Where the monitor's time goes (MLP case, thread CPU ms per 10-step period):", ""]
         lines += ["| part | ms / period |", "|---|---:|"]
-        lines += [f"| {label.strip()} | {ms:.2f} |" for label, ms in parts.items()]
+        lines += [
+            f"| {'↳ ' if label.startswith(' ') else ''}{label.strip().replace('|', chr(92) + '|')} | {ms:.2f} |"
+            for label, ms in parts.items()
+        ]
+    missed = [r for r in results if r["ratio"] > r["target"]]
+    if missed and parts:
+        total = parts.get("Monitor.step total", 0.0) + parts.get(
+            "forward hooks on the sampled step (extra forward time)", 0.0
+        )
+        norms = parts.get("per-step gradient norms (record)", 0.0) - parts.get(
+            "  of which sampled-step detail (max|g|, ‖w‖, ‖Δw‖)", 0.0
+        )
+        lines += [
+            "",
+            f"Target missed for {', '.join(r['case'] for r in missed)}. What dominates: the per-step fused "
+            f"`torch._foreach_norm` over all gradients ({norms:.1f} of the {total:.1f} ms the monitor spends per "
+            "period): it reads every gradient value once per step, 1.3 M floats (5 MB) for this MLP, which is "
+            "memory-bound and slows down when other jobs share the memory bandwidth (≈0.2 ms per step when the "
+            "gradients are cache-warm, 0.5–1 ms here). The issue requires per-step per-tensor norms, so this part "
+            "stays; the sampled-step work (activation summaries on a fixed 1024-entry sample per module, "
+            "max|g|, ‖w‖ and ‖Δw‖ with one weight snapshot) and the fetch with the detection rules are the "
+            "rest. The recurrent case, whose step is dominated by the LSTM kernel, meets its target.",
+        ]
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     section = "\n".join(lines) + "\n"
     start = text.find("## Monitor overhead")
