@@ -5,6 +5,9 @@ this module holds what they share, so that all tables are measured the same way:
 
 - **Interleaving.** Configurations take turns *step by step* in one process, the order reversed every
   round, so a drift of a shared machine (another process, frequency scaling) falls on all of them alike.
+- **Clock.** On CPU the process's CPU time (``time.process_time``): on a shared machine a step preempted
+  by another job would otherwise be charged the other job's time. On CUDA, wall time with a
+  synchronisation after each step.
 - **Periods.** Step times are summed over periods of 10 steps (gradguard's default logging and sampling
   period), so periodic work (one sampled step in ten, one fetch in ten) lies inside every sample; the
   ratio to the bare loop is the median over periods of the *paired* ratio (both sums taken over the same
@@ -78,6 +81,12 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def clock(device: str) -> Callable[[], float]:
+    """CPU time of this process on CPU (time spent waiting for other jobs on a shared machine does not
+    count, and torch's intra-op threads do); wall time on an accelerator, whose work runs off the CPU."""
+    return time.process_time if device == "cpu" else time.perf_counter
+
+
 def interleave_steps(
     steps: Mapping[str, Callable[[], None]],
     rounds: int,
@@ -85,7 +94,7 @@ def interleave_steps(
     device: str = "cpu",
     limits: Mapping[str, int] | None = None,
 ) -> dict[str, list[float]]:
-    """Seconds of each call of each ``steps[name]``, taking turns call by call, order reversed every round.
+    """Seconds (:func:`clock`) of each call of each ``steps[name]``, taking turns, order reversed every round.
 
     Args:
         steps: name → one training step.
@@ -102,16 +111,17 @@ def interleave_steps(
             if n not in limits:  # a limited (very slow) configuration is warmed by its caller's first step
                 steps[n]()
     sync(device)
+    now = clock(device)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         order = names if r % 2 == 0 else names[::-1]
         for n in order:
             if len(times[n]) >= limits.get(n, rounds):
                 continue
-            t0 = time.perf_counter()
+            t0 = now()
             steps[n]()
             sync(device)
-            times[n].append(time.perf_counter() - t0)
+            times[n].append(now() - t0)
     return times
 
 

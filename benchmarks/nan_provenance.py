@@ -22,7 +22,6 @@ import copy
 import math
 import re
 import sys
-import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
@@ -97,14 +96,15 @@ def time_to_name(tool: str, smoke: bool, device: str, healthy: int, max_steps: i
     """Run ``healthy`` good steps, arm the fault, and time the steps until ``tool`` names a producer."""
     model, x, y = faulty_mlp(smoke, device)
     step, mon = trainer(model, x, y, tool)
+    now = harness.clock(device)
     good: list[float] = []
     for _ in range(healthy):
-        t0 = time.perf_counter()
+        t0 = now()
         step()
         harness.sync(device)
-        good.append(time.perf_counter() - t0)
+        good.append(now() - t0)
     _arm(model, True)
-    named, steps, t0 = None, 0, time.perf_counter()
+    named, steps, t0 = None, 0, now()
     while named is None and steps < max_steps:
         steps += 1
         try:
@@ -117,7 +117,8 @@ def time_to_name(tool: str, smoke: bool, device: str, healthy: int, max_steps: i
             hit = [f for f in mon.findings if f.kind == "nonfinite"]
             if hit:
                 named = f"module `{hit[0].module}`" if hit[0].module else "the loss"
-    elapsed = time.perf_counter() - t0
+    harness.sync(device)
+    elapsed = now() - t0
     if mon is not None:
         mon.close()
     return {"named": named or f"nothing after {max_steps} steps", "steps": steps, "seconds": elapsed,

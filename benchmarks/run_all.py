@@ -127,6 +127,10 @@ def method(opts: harness.Options) -> str:
         "- **Same process, interleaved.** The configurations of a table are built side by side in one process "
         "and take turns step by step (or block by block for sub-millisecond calls), the order reversed every "
         "round, so load from other processes on a shared machine falls on all of them alike.",
+        "- **Clock.** " + ("The process's CPU time (`time.process_time`): a step preempted by another job on "
+                           "the shared machine is not charged that job's time." if opts.device == "cpu" else
+                           "Wall time (`time.perf_counter`) with `torch.cuda.synchronize()` after each timed "
+                           "step (outside the code under test)."),
         "- **Warm-up** rounds run first and are not timed (allocator, lazy initialisation, first sampled step).",
         f"- **Periods.** Step times are summed over periods of {harness.PERIOD} steps (gradguard's default "
         "logging and sampling period, so its periodic work is inside every sample). The **ratio** is the "
