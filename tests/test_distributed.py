@@ -282,7 +282,9 @@ def _monitor_worker(rank: int) -> dict[str, Any]:
                 fully_shard(layer, mesh=mesh)
             wrapped = fully_shard(model, mesh=mesh)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        mon = gg.watch(model, **MONITOR_OPTIONS)
+        # gg.watch's own defaults under torch.distributed: console on rank 0 only, no replay.
+        mon = gg.watch(model, log_every=2, sample_every=2)
+        out[f"{mode}_defaults"] = (mon.replay_enabled, any(type(s).__name__ == "ConsoleSink" for s in mon.sinks))
         for x, y in step_batches():
             opt.zero_grad()
             loss = nn.functional.mse_loss(wrapped(x[rank::WORLD]), y[rank::WORLD])
@@ -307,6 +309,7 @@ def test_monitor_under_ddp_and_fsdp_equals_single_process_reference(spawned: lis
             for row_got, row_ref in zip(got, ref, strict=True):
                 for key, want in row_ref.items():
                     assert rel_err(row_got[key], want) < RTOL, (mode, row_ref["step"], key, row_got[key], want)
+        assert [r[f"{mode}_defaults"] for r in ranks] == [[False, True], [False, False]]
         # Identical numbers and findings on every rank.
         assert ranks[0][mode] == ranks[1][mode]
         assert ranks[0][f"{mode}_findings"] == ranks[1][f"{mode}_findings"]

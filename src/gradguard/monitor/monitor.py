@@ -31,7 +31,7 @@ from gradguard.monitor.schedule import Schedule, every
 from gradguard.sinks.base import Sink
 from gradguard.sinks.console import ConsoleSink
 from gradguard.sinks.jsonl import JsonlSink
-from gradguard.stats.distributed import make_reduce_fn
+from gradguard.stats.distributed import is_distributed, make_reduce_fn
 
 #: Option names accepted by :func:`watch`, with their defaults.
 DEFAULTS: dict[str, Any] = {
@@ -262,7 +262,7 @@ class Monitor:
             loss_value = float(loss.detach().float()) if loss is not None else None
             self._replaying = True
             try:
-                origin = localize(self.model, self._calls, loss_value)
+                origin = self._localize(loss_value)
             finally:
                 self._replaying = False
         counts: dict[str, float] = {}
@@ -271,6 +271,16 @@ class Monitor:
                 counts[self.params[j].name] = c
         self._origin = (meta.step, origin, counts)
         return True
+
+    def _localize(self, loss_value: float | None) -> Origin | None:
+        """Replay the recorded forwards; a replay that fails must never break the user's training step."""
+        try:
+            return localize(self.model, self._calls, loss_value)
+        except Exception as exc:  # the model's own code runs here: any error is possible
+            return Origin(
+                "", "forward", f"the replay that localises it failed ({type(exc).__name__}: {exc})",
+                {"replay_error": repr(exc)},
+            )
 
     def _no_gradients(self, step: int) -> None:
         self._tap.disarm()
@@ -310,7 +320,7 @@ class Monitor:
             if self.replay_enabled and self._calls:
                 self._replaying = True
                 try:
-                    origin = localize(self.model, self._calls, None)
+                    origin = self._localize(None)
                 finally:
                     self._replaying = False
             self._origin = (bad_meta.step, origin, {})
@@ -554,10 +564,10 @@ def watch(model: nn.Module, **options: Any) -> Monitor:
         dead_window (int, 5): sampled steps over which a ReLU unit must never fire (peak output 0) to be
             called dead.
         log_dir (path, None): also append history and findings to ``<log_dir>/metrics.jsonl``.
-        console (bool, True): print each new finding once (rich).
+        console (bool, True): print each new finding once (rich). Under ``torch.distributed``: rank 0 only.
         sinks (iterable of gradguard.sinks.Sink, ()): extra sinks.
         replay (bool, True): keep references to the last inputs and replay a step that produced NaN/Inf
-            to name the module that produced it.
+            to name the module that produced it. Under ``torch.distributed`` (world size > 1): False.
         reduce_fn (callable, None): the hook point for torch.distributed. Applied once per fetch to the
             stacked per-tensor *squared* norms, one block of shape (rows, 3 · n_params) (gradient, weight
             and update squared norms side by side, columns in named_parameters() order, NaN where not
@@ -573,5 +583,10 @@ def watch(model: nn.Module, **options: Any) -> Monitor:
     unknown = sorted(set(options) - set(DEFAULTS))
     if unknown:
         raise ConfigError(f"unknown watch() option(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(DEFAULTS)}")
+    if is_distributed():
+        # integrations (issue 6): under torch.distributed print on rank 0 only, and do not replay by default
+        # (a replay re-runs forward/backward on one rank; with collectives inside, the others would not join).
+        options.setdefault("console", torch.distributed.get_rank() == 0)
+        options.setdefault("replay", False)
     # integrations (issue 6): a Keras 3 model (PyTorch backend) is watched through its readable torch view.
     return Monitor(as_module(model), **options)
