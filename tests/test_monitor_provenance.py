@@ -179,3 +179,27 @@ def test_nan_never_counts_as_vanishing_and_never_poisons_later_statistics(replay
     assert not math.isfinite(hist[5]["grad_norm"])
     assert hist[5]["nonfinite/fc.weight"] > 0  # exact count, taken on the flagged step
     assert hist[4]["nonfinite/fc.weight"] == 0.0
+
+
+class FailsOnReplay(nn.Module):
+    """NaN at the first call; raises on any later call (as a model with one-shot side effects might)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 1)
+        self.calls = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        if self.calls > 1:
+            raise RuntimeError("iterator exhausted")
+        return self.fc(x) * math.nan
+
+
+def test_a_failing_replay_is_reported_and_does_not_break_training() -> None:
+    model = FailsOnReplay()
+    mon = gg.watch(model, console=False)
+    model(torch.randn(2, 3)).sum().backward()
+    mon.step()  # must not raise
+    f = nonfinite(mon)
+    assert "replay that localises it failed (RuntimeError: iterator exhausted)" in f.message

@@ -51,16 +51,19 @@ def detect(obs: Observation) -> list[Finding]:
     bad = {k: v for k, v in obs.nonfinite_counts.items() if v}
     evidence: dict[str, object] = {"step": step, "nonfinite_grads": bad}
     origin = obs.origin
-    if origin is None:
+    if origin is None or "replay_error" in origin.evidence:
         where = ", ".join(f"{k} ({v:g})" for k, v in list(bad.items())[:5]) or "the loss"
+        why = "replaying the step did not reproduce it"
+        if origin is not None:
+            why = origin.what
+            evidence["replay_error"] = origin.evidence["replay_error"]
         return [
             Finding(
                 kind="nonfinite",
                 module="",
                 step=step,
                 severity="error",
-                message=f"NaN/Inf appeared at step {step} in {where}; replaying the step did not reproduce it, "
-                "so its producer is unknown.",
+                message=f"NaN/Inf appeared at step {step} in {where}; {why}, so its producer is unknown.",
                 advice=f"Call mon.step() right after backward (before optimizer.step()) and {_GUARD}.",
                 evidence=evidence,
             )
