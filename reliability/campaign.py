@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from reliability.faults import FAULT_KINDS, MODULE_FAULTS, Fault, Injector, draw_faults
+from reliability.faults import FAULT_KINDS, LR_JUMP_STEPS, MODULE_FAULTS, Fault, Injector, draw_faults
 from reliability.models import MODELS, ModelSpec
 
 #: The final-loss target: a faulted guarded run ends within this relative distance of its fault-free twin.
@@ -32,17 +32,23 @@ LOSS_TOLERANCE = 0.05
 
 @dataclass(frozen=True)
 class RunSpec:
-    """What to run: model, seed, fault (``None`` for the fault-free twin), guarded or control, steps."""
+    """What to run: model, seed, fault (``None`` for the fault-free twin), guarded or control, steps.
+
+    ``drop``: steps whose batch is left out entirely (no forward, no update; the schedule still steps).
+    A fault-free run that drops the faulted steps is the *ideal skip*: the best any guard could do is
+    to lose those batches and nothing else.
+    """
 
     model: str
     seed: int
     fault: Fault | None
     guarded: bool
     steps: int
+    drop: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "seed": self.seed, "guarded": self.guarded, "steps": self.steps,
-                "fault": None if self.fault is None else self.fault.to_dict()}
+                "fault": None if self.fault is None else self.fault.to_dict(), "drop": list(self.drop)}
 
 
 @dataclass
@@ -51,7 +57,8 @@ class RunResult:
 
     ``completed``: no exception escaped the loop (``error`` holds its last traceback line otherwise);
     ``finite``: every parameter and buffer is finite at the end; ``eval_loss``: held-out loss of the final
-    model; ``findings``: ``(kind, module, step, severity)`` of every monitor finding at the end; ``fired``:
+    model; ``findings``: ``(kind, module, step, severity)`` of every monitor finding at the end;
+    ``rollback_to``: the snapshot step each guard rollback returned to; ``fired``:
     how many times the injector wrote its value (0 means the fault never happened: a broken injector).
     """
 
@@ -62,6 +69,7 @@ class RunResult:
     findings: list[tuple[str, str, int, str]] = field(default_factory=list)
     skipped: int = 0
     rollbacks: int = 0
+    rollback_to: list[int] = field(default_factory=list)
     fired: int = 0
     seconds: float = 0.0
     error: str = ""
@@ -104,6 +112,9 @@ def run(spec: RunSpec) -> RunResult:
                 from gradguard.guard import Guard as guard_cls
             guard = guard_cls(model, opt, monitor=mon, scheduler=sched)
         for step in range(spec.steps):
+            if step in spec.drop:
+                sched.step()
+                continue
             inj.begin(step)
             x, y = inj.batch(step, *task.batch(step))
             opt.zero_grad(set_to_none=True)
@@ -135,6 +146,7 @@ def run(spec: RunSpec) -> RunResult:
         findings=findings,
         skipped=getattr(guard, "skipped", 0),
         rollbacks=getattr(guard, "rollbacks", 0),
+        rollback_to=[int(e.numbers.get("to_step", -1)) for e in getattr(guard, "events", ()) if e.action == "rollback"],
         fired=inj.fired,
         seconds=round(time.perf_counter() - start, 3),
         error=error,
@@ -142,11 +154,19 @@ def run(spec: RunSpec) -> RunResult:
 
 
 def plan(
-    seed: int, models: list[str], seeds_per_model: int, kinds: tuple[str, ...] = FAULT_KINDS, steps: int | None = None
+    seed: int,
+    models: list[str],
+    seeds_per_model: int,
+    kinds: tuple[str, ...] = FAULT_KINDS,
+    steps: int | None = None,
+    ideal: bool = True,
 ) -> list[RunSpec]:
-    """Every run of a campaign: per model and run seed, one fault of each class (guarded and control)
-    and the fault-free twin (guarded and control). Faults are drawn from ``numpy.random.default_rng``
-    seeded with ``(seed, model index, run seed, class index)``, so each is reproducible on its own."""
+    """Every run of a campaign: per model and run seed, one fault of each class (guarded and control,
+    and with ``ideal`` the guarded ideal skip) and the fault-free twin (guarded and control).
+
+    Faults are drawn from ``numpy.random.default_rng`` seeded with ``(seed, model index, run seed, class
+    index)``, so each is reproducible on its own.
+    """
     specs: list[RunSpec] = []
     for name in models:
         mi = list(MODELS).index(name)
@@ -161,12 +181,26 @@ def plan(
                 fault = draw_faults(rng, kind, ms.act_modules, ms.grad_modules, n)
                 for guarded in (True, False):
                     specs.append(RunSpec(name, s, fault, guarded, n))
+                if ideal:
+                    specs.append(RunSpec(name, s, None, True, n, fault_steps(fault)))
     return specs
+
+
+def fault_steps(fault: Fault) -> tuple[int, ...]:
+    """The steps whose batches a fault spoils (one, or the LR jump's span)."""
+    span = LR_JUMP_STEPS if fault.kind == "lr_jump" else 1
+    return tuple(range(fault.step, fault.step + span))
 
 
 # ----------------------------------------------------------------------------- judging one run
 def twin_key(spec: dict[str, Any]) -> tuple[str, int, bool]:
     return (spec["model"], spec["seed"], spec["guarded"])
+
+
+def ideal_key(spec: dict[str, Any]) -> tuple[str, int, tuple[int, ...]]:
+    """Key shared by a guarded faulted run and its ideal skip."""
+    drop = tuple(spec.get("drop", ())) or fault_steps(Fault(**spec["fault"]))
+    return (spec["model"], spec["seed"], drop)
 
 
 def loss_delta(result: RunResult, twin: RunResult) -> float:
