@@ -392,3 +392,40 @@ def test_regression_exit_without_close_does_not_abort(tmp_path) -> None:  # type
     env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_nonfinite_counts_are_exact_on_a_flagged_step() -> None:
+    model = small_mlp()
+    mon = gg.watch(model, console=False, replay=False)
+    x, y = data(0)
+    nn.functional.mse_loss(model(x), y).backward()
+    with torch.no_grad():
+        model.fc1.weight.grad[0, :5] = math.nan
+        model.fc1.weight.grad[3, 2] = math.inf
+    want = int((~torch.isfinite(model.fc1.weight.grad)).sum())
+    mon.step()
+    row = mon.history[0]
+    assert want == 6
+    assert row["nonfinite/fc1.weight"] == want
+    assert row["nonfinite/fc0.weight"] == 0.0
+    assert not math.isfinite(row["grad_norm/fc1.weight"])
+    mon.close()
+
+
+def test_large_outputs_are_summarised_on_a_sample_within_its_standard_error() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(fc=nn.Linear(64, 256), relu=nn.ReLU(), head=nn.Linear(256, 1)))
+    outs: list[Tensor] = []
+    model.relu.register_forward_hook(lambda m, a, o: outs.append(o.detach()))
+    mon = gg.watch(model, console=False)
+    model(torch.randn(128, 64)).sum().backward()
+    mon.step()
+    row = mon.history[0]
+    o = outs[0]
+    assert o.numel() == 32 * SUMMARY_SAMPLE
+    frac = float((o == 0).float().mean())
+    se = math.sqrt(frac * (1 - frac) / SUMMARY_SAMPLE)
+    assert abs(row["act/relu/frac_zero"] - frac) < 4 * se
+    assert abs(row["act/relu/mean"] - float(o.mean())) < 4 * float(o.std()) / math.sqrt(SUMMARY_SAMPLE)
+    assert row["act/relu/numel"] == SUMMARY_SAMPLE
+    mon.close()
