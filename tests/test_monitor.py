@@ -429,3 +429,23 @@ def test_large_outputs_are_summarised_on_a_sample_within_its_standard_error() ->
     assert abs(row["act/relu/mean"] - float(o.mean())) < 4 * float(o.std()) / math.sqrt(SUMMARY_SAMPLE)
     assert row["act/relu/numel"] == SUMMARY_SAMPLE
     mon.close()
+
+
+def test_norms_see_gradients_changed_after_backward_and_accumulated_ones() -> None:
+    """Norms are taken in a post-accumulate-grad hook; a gradient edited afterwards (clipping, unscaling)
+    or accumulated over several backward passes must still be measured as it is at ``mon.step``."""
+    model = small_mlp()
+    mon = gg.watch(model, console=False)
+    x, y = data(0)
+    nn.functional.mse_loss(model(x), y).backward()
+    nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+    mon.step()
+    nn.functional.mse_loss(model(x), y).backward()  # accumulates onto the clipped gradients
+    nn.functional.mse_loss(model(2 * x), y).backward()
+    want = float(model.fc0.weight.grad.norm())
+    mon.step()
+    hist = mon.history
+    assert hist[0]["grad_norm"] == pytest.approx(0.1, rel=1e-5)
+    assert hist[1]["grad_norm/fc0.weight"] == pytest.approx(want, rel=RTOL)
+    mon.close()
+    assert not any(p._post_accumulate_grad_hooks for p in model.parameters())
