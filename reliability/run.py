@@ -280,6 +280,9 @@ def render(judged: dict[str, Any], meta: dict[str, Any], tests: dict[str, Any] |
       "its step is ≥ the fault's step and, for module faults, its module is the faulted one. Findings are "
       "read from `mon.findings` at the end (the Guard reports its own through the monitor).")
     w("")
+    if meta.get("figure"):
+        w(f"![Δloss per fault class]({meta['figure']})")
+        w("")
     w("## Per fault class (guarded)")
     w("")
     body = []
@@ -451,6 +454,46 @@ TEST_NOTES = """\
   escape user-provided strings (a module named `<script>alert(1)</script>`)."""
 
 
+# ----------------------------------------------------------------------------- figure
+def plot(judged: dict[str, Any], path: Path) -> None:
+    """Δloss per fault class: guarded runs, their ideal skips and the unguarded controls (symlog axis)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = judged["rows"]
+    fig, ax = plt.subplots(figsize=(9, 5.2), dpi=110)
+    cap = 1e3  # non-finite finals (weights lost) are drawn at the right edge
+    for i, kind in enumerate(FAULT_KINDS):
+        for off, (label, color, pick) in enumerate((
+            ("guarded (Guard + monitor)", "tab:blue", lambda r: r["guarded"] and r["delta"]),
+            ("ideal skip (batches left out)", "tab:green", lambda r: r["guarded"] and r["ideal_delta"]),
+            ("control (no gradguard)", "tab:red", lambda r: (not r["guarded"]) and r["delta"]),
+        )):
+            xs = []
+            for r in rows:
+                if r["fault"]["kind"] != kind or not pick(r):
+                    continue
+                d = r["delta"] if label[0] != "i" else r["ideal_delta"]
+                if d == d:
+                    xs.append(100 * d if math.isfinite(d) else 100 * cap)
+            ys = [i + (off - 1) * 0.25] * len(xs)
+            ax.scatter(xs, ys, s=10, color=color, alpha=0.6, label=label if i == 0 else None)
+    ax.axvspan(-100 * LOSS_TOLERANCE, 100 * LOSS_TOLERANCE, color="0.85", zorder=0, label="±5 % target")
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_yticks(range(len(FAULT_KINDS)), FAULT_KINDS)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"final held-out loss vs fault-free twin (%); right edge {100 * cap:g} % = weights non-finite")
+    ax.set_title("Injected faults: what they cost with and without gradguard")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=4, fontsize=8, frameon=False)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 # ----------------------------------------------------------------------------- main
 def _model_meta(steps: int | None) -> list[dict[str, Any]]:
     out = []
@@ -504,6 +547,11 @@ def main(argv: list[str] | None = None) -> int:
         "models": [m for m in _model_meta(None) if m["name"] in models],
     }
     judged = judge(results)
+    out = Path(args.out)
+    figure = out.parent / ("reliability/loss_delta.png" if out.parent == ROOT else "loss_delta.png")
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    plot(judged, figure)
+    meta["figure"] = str(figure.relative_to(out.parent))
     text = render(judged, meta, tests)
     write_atomic(Path(args.out), text)
     raw = {"meta": meta, "runs": [r.to_dict() for r in results], "tests": tests}
