@@ -17,6 +17,10 @@ from gradguard.report.files import CONFIG, FIGURES, METRICS, ExperimentResults, 
 from gradguard.report.render import render_folder, render_index_file
 
 
+#: torch CPU threads while an experiment runs (restored afterwards).
+THREADS = 1
+
+
 def versions() -> dict[str, str]:
     """Versions that decide whether two runs can give the same numbers."""
     return {
@@ -52,11 +56,19 @@ def run_experiment(
     folder = out / info.id
     torch.manual_seed(seed)
     ctx = RunContext(seed=seed, quick=quick, rng=np.random.default_rng(seed), progress=progress or (lambda f: None))
+    # One thread: CPU reductions split across threads round differently, so a fixed count is part of
+    # "same seed, same numbers"; the lab's small models also run fastest without threading overhead.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
     start = time.perf_counter()
-    result = info.run(ctx)
+    try:
+        result = info.run(ctx)
+    finally:
+        torch.set_num_threads(threads)
     elapsed = time.perf_counter() - start
     folder.mkdir(parents=True, exist_ok=True)
-    config = {"experiment": info.id, "seed": seed, "quick": quick, "config": result.config, "versions": versions()}
+    config = {"experiment": info.id, "seed": seed, "quick": quick, "threads": THREADS, "config": result.config,
+              "versions": versions()}
     write_json_atomic(folder / CONFIG, config)
     write_json_atomic(folder / FIGURES, [f.to_dict() for f in result.figures])
     metrics = {

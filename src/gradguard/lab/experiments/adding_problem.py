@@ -74,7 +74,7 @@ def _train(kind: str, clip: bool, steps: int, length: int, seed: int, test: tupl
 
 
 def run(ctx: RunContext) -> Result:
-    length, steps, n_test = (50, 60, 256) if ctx.quick else (100, 3000, 1000)
+    length, steps, n_test = (50, 60, 256) if ctx.quick else (100, 2500, 1000)
     test = adding_problem(n_test, length, torch.Generator().manual_seed(ctx.seed + 10_000))
     squared = (test[1] - 1.0).pow(2).reshape(-1)
     baseline = float(squared.mean())

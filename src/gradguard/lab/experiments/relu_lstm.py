@@ -88,7 +88,7 @@ def _markers(losses: list[float], top: float) -> tuple[list[int], list[float]]:
 
 
 def run(ctx: RunContext) -> Result:
-    trials, steps = (2, 60) if ctx.quick else (4, 400)
+    trials, steps = (2, 60) if ctx.quick else (3, 300)
     data = sunspots_windows(WINDOW)
     runs: dict[str, list[dict[str, Any]]] = {}
     worst: dict[str, tuple[float, History]] = {}  # the trial with the largest jump, for the plots
