@@ -16,7 +16,6 @@ from gradguard.lab.experiment import ExperimentInfo, RunContext
 from gradguard.report.files import CONFIG, FIGURES, METRICS, ExperimentResults, load_experiment, write_json_atomic
 from gradguard.report.render import render_folder, render_index_file
 
-
 #: torch CPU threads while an experiment runs (restored afterwards).
 THREADS = 1
 
