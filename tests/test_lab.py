@@ -151,3 +151,12 @@ def test_all_quick_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture
     assert math.isclose(ws["sigma=1"]["exact_variance"], 250.0, rel_tol=0.1)  # σ²·Σx² ≈ 750/3
     mp = load_experiment(out / "matrix-product").metrics["metrics"]
     assert 20 <= mp["normal"]["final_log10_maxabs_median"] <= 30  # the seed's 1e23–1e27
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", registry.ids())
+def test_full_mode_claims(experiment: str, tmp_path: Path) -> None:
+    """Full-size run of one experiment (``pytest -m slow``); the same claims, at the seed's sizes."""
+    result = run_experiment(registry.get(experiment), tmp_path, seed=0, quick=False)
+    failing = {(result.id, c["id"]) for c in result.claims if not c["holds"]}
+    assert failing == {k for k in KNOWN_FALSE if k[0] == experiment}, result.claims
