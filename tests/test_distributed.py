@@ -102,6 +102,37 @@ def rel_err(a: float, b: float) -> float:
 # ------------------------------------------------------------------------------------- stats: DDP, FSDP2
 
 
+#: Policies checked on sharded gradients, with thresholds that make each of them clip this model.
+CLIP_POLICIES = ("value", "norm", "agc", "zclip", "autoclip")
+
+
+def _clip_record(name: str, model: nn.Module) -> list[Any]:
+    """Apply a fresh policy ``name`` to ``model``'s gradients; its ClipResult and the clipped gradient norms."""
+    from gradguard import clip
+
+    policy = {
+        "value": lambda: clip.ClipValue(0.01),
+        "norm": lambda: clip.ClipNorm(0.1),
+        "agc": lambda: clip.AGC(0.01),
+        "zclip": lambda: clip.ZClip(),
+        "autoclip": lambda: clip.AutoClip(),
+    }[name]()
+    result = policy(model.parameters())
+    fields = [float(result.norm_before), float(result.norm_after), float(result.threshold), bool(result.clipped)]
+    kinds = sorted({type(t).__name__ for t in result})
+    return [fields, tensor_norms([p.grad for p in model.parameters()]).tolist(), kinds]
+
+
+def reference_clips() -> dict[str, list[Any]]:
+    out = {}
+    for name in CLIP_POLICIES:
+        model = make_mlp()
+        x, y = global_batch()
+        nn.functional.mse_loss(model(x), y).backward()
+        out[name] = _clip_record(name, model)
+    return out
+
+
 def _stats_worker(rank: int) -> dict[str, Any]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -139,6 +170,13 @@ def _stats_worker(rank: int) -> dict[str, Any]:
     out["fsdp_inf_ref"] = [float(p.grad.full_tensor().abs().max()) for _, p in params]
     out["fsdp_l1"] = allreduce_norms(tensor_norms(local_tensors(grads), 1.0), 1.0).tolist()
     out["fsdp_l1_ref"] = [float(p.grad.full_tensor().abs().sum()) for _, p in params]
+
+    # Every clipping policy on FSDP2 shards: same measurement and same clipped gradient as one process.
+    out["clip"] = {}
+    for name in CLIP_POLICIES:
+        model.zero_grad()
+        nn.functional.mse_loss(model(xs), ys).backward()
+        out["clip"][name] = _clip_record(name, model)
 
     # HSDP: a 2-D (replicate, shard) mesh; norms reduce over the shard dimension's group only.
     hsdp = make_mlp()
@@ -201,6 +239,16 @@ def test_norms_under_ddp_and_fsdp_equal_single_process_reference(spawned: list[d
             assert rel_err(got, want) < RTOL
         assert r["replicated"] == pytest.approx([3.0, math.sqrt(4.0**2 * WORLD)], rel=RTOL)
         assert math.isnan(r["nan"][0]) and r["nan"][1] == pytest.approx(math.sqrt(8.0), rel=RTOL)
+    ref_clips = reference_clips()
+    for name, (fields, norms, _) in ref_clips.items():
+        # ZClip and AutoClip only start clipping once they have a history; the others clip at once.
+        assert fields[3] == (name in ("value", "norm", "agc")), name
+        for r in ranks:
+            got_fields, got_norms, kinds = r["clip"][name]
+            assert kinds == ["Tensor"], (name, kinds)  # plain tensors: usable in Guard's host decision
+            assert got_fields[3] == fields[3], name
+            for got, want in zip(got_fields[:3] + got_norms, fields[:3] + norms, strict=True):
+                assert rel_err(got, want) < 1e-4, (name, got, want)
     # Shards really are local: 16x6 weight in 8+8 rows, 3-row output layer in 2+1 rows.
     assert [r["fsdp_local_numel"][0] for r in ranks] == [48, 48]
     assert [r["fsdp_local_numel"][4] for r in ranks] == [32, 16]

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from gradguard.errors import ConfigError, InputError, check_choice, check_number
 from gradguard.stats import tensor_norms, total_norm
+from gradguard.stats.distributed import is_dtensor
 
 __all__ = [
     "AGC",
@@ -90,6 +91,15 @@ def _collect(parameters: Iterable[Tensor] | Tensor) -> list[Tensor]:
 
 def _grads(parameters: Iterable[Tensor] | Tensor) -> list[Tensor]:
     return [p.grad for p in _collect(parameters) if p.grad is not None]
+
+
+def _plain(t: Tensor) -> Tensor:
+    """A DTensor result (from FSDP2-sharded gradients) as the plain full tensor, equal on every rank.
+
+    Guard fetches a ClipResult to the host, which a DTensor refuses; ``full_tensor()`` is a no-op
+    redistribution for replicated values and an all-reduce for partial ones (integrations, issue 6).
+    """
+    return t.full_tensor() if is_dtensor(t) else t  # type: ignore[attr-defined]
 
 
 def _empty_result(norm_type: float, threshold: float) -> ClipResult:
@@ -182,7 +192,7 @@ class ClipValue(ClipPolicy):
         torch._foreach_clamp_max_(grads, self.clip_value)
         after = total_norm(tensor_norms(grads, self.norm_type), self.norm_type)
         threshold = torch.full((), self.clip_value, device=before.device)
-        return ClipResult(before, after, threshold, ~(peak <= self.clip_value))
+        return ClipResult(before, after, threshold, _plain(~(peak <= self.clip_value)))
 
     def state_dict(self) -> dict[str, Any]:
         return {"clip_value": self.clip_value, "norm_type": self.norm_type}
@@ -443,7 +453,7 @@ class AGC(ClipPolicy):
         before = torch.linalg.vector_norm(g_units)
         after = torch.linalg.vector_norm(g_units * coef)
         threshold = torch.full((), self.clip_factor, device=before.device)
-        return ClipResult(before, after, threshold, over.any())
+        return ClipResult(_plain(before), _plain(after), threshold, _plain(over.any()))
 
     def state_dict(self) -> dict[str, Any]:
         return {"clip_factor": self.clip_factor, "eps": self.eps}
