@@ -123,3 +123,44 @@ def test_bad_arguments() -> None:
         TensorBoardSink("x", prefixes="loss")
     with pytest.raises(ConfigError, match="flush_secs"):
         TensorBoardSink("x", flush_secs=0)
+
+
+def test_monitor_run_round_trips_through_tensorboard(tmp_path: Path) -> None:
+    """A real ``gg.watch`` run with the sink: every history value is in the event file, unchanged."""
+    import gradguard as gg
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.LSTM(8, 8, batch_first=True))
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x)[0][:, -1].sum(-1)
+
+    net = Net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    mon = gg.watch(net, sinks=[TensorBoardSink(tmp_path)], console=False, log_every=3, sample_every=3)
+    for _ in range(6):
+        x = torch.randn(5, 7, 4)
+        opt.zero_grad()
+        loss = (net(x) - 1.0).pow(2).mean()
+        loss.backward()
+        mon.step(loss)
+        opt.step()
+    history = mon.history
+    mon.close()
+
+    scalars = read_scalars(tmp_path)
+    for key in ("loss", "grad_norm", "grad_norm/body.0.weight", "grad_norm/body.2.weight_hh_l0"):
+        assert [s for s, _ in scalars[key]] == list(range(6))
+        assert [v for _, v in scalars[key]] == pytest.approx([row[key] for row in history], rel=1e-6)
+    key = "update_ratio/body.0.weight"
+    ratios = [(row["step"], row[key]) for row in history if key in row]
+    assert ratios and [s for s, _ in scalars[key]] == [s for s, _ in ratios]
+    assert [v for _, v in scalars[key]] == pytest.approx([v for _, v in ratios], rel=1e-6)
+    assert scalars["act/body.1/frac_saturated"]  # per-module activation summaries on sampled steps
+    # The recurrent module's per-time-step profile, sent as a histogram on the activation schedule.
+    acc = _accumulator(tmp_path)
+    assert "time_forward/body.2" in acc.Tags()["histograms"]
