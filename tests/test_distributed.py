@@ -3,7 +3,11 @@
 Each test spawns two processes (``torch.multiprocessing``) that join a gloo process group through a file
 store in ``tmp_path``; each rank trains on its half of a global batch and writes what it measured to a
 file; the parent compares the ranks with each other and with the reference computed on the concatenated
-batch. Spawning costs a few seconds, so one spawn checks several things at once.
+batch. Spawning costs a few seconds, so one spawn checks every scenario at once.
+
+FSDP is tested with FSDP2 (``torch.distributed.fsdp.fully_shard``), which runs on CPU with gloo in torch
+2.13: parameters and gradients become DTensors sharded on dim 0 (uneven shards included), so the wrapper
+API (FSDP1) is not needed.
 """
 
 from __future__ import annotations
