@@ -432,8 +432,9 @@ def test_large_outputs_are_summarised_on_a_sample_within_its_standard_error() ->
 
 
 def test_norms_see_gradients_changed_after_backward_and_accumulated_ones() -> None:
-    """Norms are taken in a post-accumulate-grad hook; a gradient edited afterwards (clipping, unscaling)
-    or accumulated over several backward passes must still be measured as it is at ``mon.step``."""
+    """A gradient edited after backward (clipping, unscaling) or accumulated over several backward passes
+    must be measured as it is at ``mon.step``. (Regression guard for an experiment that took the norms in
+    post-accumulate-grad hooks: no faster end to end, and wrong without version checks.)"""
     model = small_mlp()
     mon = gg.watch(model, console=False)
     x, y = data(0)

@@ -247,7 +247,6 @@ class Monitor:
         if force or self._stats.pending() >= self.log_every:
             self._flush()
         self._calls.clear()
-        self._stats.reset_hot()
 
     def _check_nonfinite(self, meta: RowMeta, flagged: bool, loss: Tensor | None) -> bool:
         """Replay the step once per non-finite episode; True when the caller must flush now."""
@@ -494,7 +493,6 @@ class Monitor:
         for h in self._root_handles:
             h.remove()
         self._root_handles.clear()
-        self._stats.remove_hooks()
         self._tap.disarm()
         self._calls.clear()
         for sink in self.sinks:
@@ -516,7 +514,7 @@ class Monitor:
         # torch computation in a finaliser (at interpreter exit that aborts inside torch).
         try:
             if not self._closed:
-                for h in [*self._root_handles, *self._tap.handles, *self._stats._handles]:
+                for h in [*self._root_handles, *self._tap.handles]:
                     h.remove()
         except Exception:
             pass

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -63,41 +62,6 @@ class ParamStats:
         self._snapshot: list[Tensor] | None = None
         self._snapshot_step = -1
         self._index_cache: dict[tuple[int, ...], Tensor] = {}
-        # Per-tensor norms taken in a post-accumulate-grad hook, while the freshly written gradient is still
-        # in cache: on CPU (20-layer MLP, 1.3 M gradient values) this costs ≈0.25 ms per step against ≈1.3 ms
-        # for a fused _foreach_norm that reads every gradient back from memory after backward. A parameter
-        # whose hook did not fire this step (gradient set by hand, or by autograd.grad) falls back to the
-        # fused norm. Sharded (FSDP2) parameters always take the fused path on their local shards.
-        self._hot: list[tuple[Tensor, Tensor, int] | None] = [None] * len(self.params)
-        self._handles: list[Any] = []
-        if not self._sharded:
-            for i, p in enumerate(self.params):
-                if p.requires_grad:
-                    self._handles.append(p.register_post_accumulate_grad_hook(self._hot_hook(i)))
-
-    def _hot_hook(self, i: int):
-        hot = self._hot
-
-        def hook(p: Tensor) -> None:
-            g = p.grad
-            if g is not None:
-                # float32 accumulation: a half-precision norm overflows at 65504. The gradient object and
-                # its version counter are kept so that record() can tell whether it was changed since
-                # (GradScaler.unscale_, clipping, a hand-written edit) and fall back to the fused norm.
-                hot[i] = (torch.linalg.vector_norm(g.detach(), dtype=torch.float32), g, g._version)
-
-        return hook
-
-    def reset_hot(self) -> None:
-        """Forget the hook norms of this step (called at the end of every monitor step)."""
-        for i in range(len(self._hot)):
-            self._hot[i] = None
-
-    def remove_hooks(self) -> None:
-        """Remove the post-accumulate-grad hooks (the monitor's ``close``)."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
 
     def _allocate(self, device: torch.device) -> None:
         n, p = self.rows, len(self.params)
@@ -142,11 +106,7 @@ class ParamStats:
         if self._sharded:
             grads = [local_tensor(g) for g in grads]
         row = len(self.meta)
-        hot = [self._hot[i] for i in present]
-        fresh = bool(present) and all(
-            h is not None and h[1] is g and h[2] == g._version for h, g in zip(hot, grads, strict=True)
-        )
-        norms = torch.stack([h[0] for h in hot]) if fresh else tensor_norms(grads, 2.0)  # type: ignore[index]
+        norms = tensor_norms(grads, 2.0)
         # Norms, not squares, are buffered: a float32 square overflows for norms > 1.8e19, which an
         # exploding run reaches long before its gradients hold an actual Inf. Squares are formed in
         # float64 on fetch.
