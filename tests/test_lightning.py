@@ -289,3 +289,11 @@ def test_gradient_accumulation_one_monitor_step_per_optimizer_step(tmp_path: Pat
     for row, (loss, norm) in zip(history, ref, strict=True):
         assert row["loss"] == pytest.approx(loss, rel=1e-6)
         assert row["grad_norm"] == pytest.approx(norm, rel=1e-5)
+
+
+def test_guard_without_monitor(tmp_path: Path) -> None:
+    cb = GradGuardCallback(monitor=False, guard={"clip": gg.clip.ClipNorm(1.0)})
+    module = Regressor(make_net(), nan_at=2)
+    trainer(tmp_path, cb, epochs=1).fit(module, loader())
+    assert cb.monitor is None and cb.guard.skipped == 1
+    assert all(torch.isfinite(p).all() for p in module.parameters())
