@@ -126,3 +126,13 @@ def test_time_growth_only_for_unbounded_outputs() -> None:
     (f,) = exploding.detect(obs(rows(12), time_forward={"rnn": growing}))
     assert (f.kind, f.module) == ("exploding", "rnn") and f.evidence["ratio"] > 1e5
     assert exploding.detect(obs(rows(12), time_forward={"rnn": bounded})) == []
+
+
+def test_a_saturated_output_layer_is_confidence_not_a_pathology() -> None:
+    o = obs(
+        rows(12),
+        activations={n: {"mean": 0.5, "std": 0.49, "frac_saturated": 0.9} for n in ("hidden", "out")},
+        saturation_kinds={"hidden": "sigmoid", "out": "sigmoid"},
+    )
+    o.depth = ["fc0", "hidden", "fc1", "out"]
+    assert [f.module for f in saturation.detect(o)] == ["hidden"]

@@ -8,6 +8,8 @@ most of its backward signal is multiplied by ≈ 0 (Glorot & Bengio 2010; SEEDS 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from gradguard.detect.base import Observation, finite, fmt
 from gradguard.findings import Finding
 
@@ -15,12 +17,23 @@ INFO_FRACTION = 0.25
 WARN_FRACTION = 0.5
 
 
+def _output_module(depth: Sequence[str]) -> str | None:
+    """The last leaf module to finish in the forward pass: the model's output layer.
+
+    A sigmoid/tanh *output* that saturates means confident predictions (e.g. a sigmoid before BCELoss on a
+    well-trained classifier), not a gradient pathology, so it is not reported.
+    """
+    leaves = [n for n in depth if not any(o.startswith(n + ".") for o in depth if o != n)]
+    return leaves[-1] if leaves else None
+
+
 def detect(obs: Observation) -> list[Finding]:
     """One ``saturation`` finding per sigmoid/tanh-like module whose outputs are mostly saturated."""
     out = []
+    output_module = _output_module(obs.depth)
     for name, kind in obs.saturation_kinds.items():
         summary = obs.activations.get(name)
-        if summary is None or obs.new == 0:
+        if summary is None or obs.new == 0 or name == output_module:
             continue
         frac = summary.get("frac_saturated")
         if not finite(frac) or frac < INFO_FRACTION:  # type: ignore[operator]
