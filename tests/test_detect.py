@@ -136,3 +136,14 @@ def test_a_saturated_output_layer_is_confidence_not_a_pathology() -> None:
     )
     o.depth = ["fc0", "hidden", "fc1", "out"]
     assert [f.module for f in saturation.detect(o)] == ["hidden"]
+
+
+def test_embedding_tables_are_left_out_of_the_depth_profile() -> None:
+    emb = ParamInfo("emb.weight", "emb", 2, 50_000 * 64, sparse_rows=True)
+    rs = rows(30)
+    for r in rs:
+        r["grad_norm/emb.weight"] = 1e-3  # RMS ≈ 2e-8: diluted by 50k rows, not vanishing
+    o = obs(rs)
+    o.params = [emb, *PARAMS]
+    o.depth = ["emb", *DEPTH]
+    assert vanishing.detect(o) == []

@@ -12,12 +12,17 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class ParamInfo:
-    """A watched parameter: qualified name, owning module, shape facts used to normalise its norms."""
+    """A watched parameter: qualified name, owning module, shape facts used to normalise its norms.
+
+    ``sparse_rows`` marks lookup tables (``nn.Embedding``): a batch touches only a few rows, so their
+    per-element gradient RMS is diluted by the vocabulary size and says nothing about depth.
+    """
 
     name: str
     module: str
     ndim: int
     numel: int
+    sparse_rows: bool = False
 
 
 @dataclass(frozen=True)

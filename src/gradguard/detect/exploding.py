@@ -123,7 +123,7 @@ def depth_profile(obs: Observation) -> list[tuple[str, float]]:
     recent = obs.rows[-20:]
     per_module: dict[str, list[float]] = {}
     for p in obs.params:
-        if p.ndim < 2 or p.module not in order:
+        if p.ndim < 2 or p.sparse_rows or p.module not in order:
             continue
         vals = finite_values(recent, f"grad_norm/{p.name}")
         if not vals:

@@ -111,11 +111,14 @@ class Monitor:
         self.max_calls = max_calls
 
         owner: dict[int, str] = {}
+        lookup: set[int] = set()
         for mname, m in model.named_modules():
             for _, p in m.named_parameters(recurse=False):
                 owner.setdefault(id(p), mname)
+                if isinstance(m, nn.Embedding | nn.EmbeddingBag):
+                    lookup.add(id(p))
         self.params = [
-            ParamInfo(name=n, module=owner.get(id(p), ""), ndim=p.dim(), numel=p.numel()) for n, p in named
+            ParamInfo(n, owner.get(id(p), ""), p.dim(), p.numel(), sparse_rows=id(p) in lookup) for n, p in named
         ]
         self._names = [p.name for p in self.params]
         self._keys = {
