@@ -450,3 +450,48 @@ def test_norms_see_gradients_changed_after_backward_and_accumulated_ones() -> No
     assert hist[1]["grad_norm/fc0.weight"] == pytest.approx(want, rel=RTOL)
     mon.close()
     assert not any(p._post_accumulate_grad_hooks for p in model.parameters())
+
+
+def _cnn() -> tuple[nn.Module, Tensor]:
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
+    return model, torch.randn(6, 3, 8, 8)
+
+
+def _transformer() -> tuple[nn.Module, Tensor]:
+    layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, dropout=0.1, batch_first=True)
+    return nn.Sequential(nn.TransformerEncoder(layer, num_layers=2), nn.Linear(16, 4)), torch.randn(5, 7, 16)
+
+
+@pytest.mark.parametrize("build", [_cnn, _transformer], ids=["cnn_bn_inplace", "transformer"])
+def test_real_architectures_train_watched_without_errors_or_warnings(build) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    model, x = build()
+    twin = copy.deepcopy(model)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    mon = gg.watch(model, console=False, sample_every=2)
+    for _ in range(6):
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        mon.step(loss)
+        opt.step()
+    hist = mon.history
+    assert len(hist) == 6 and all(math.isfinite(r["grad_norm"]) for r in hist)
+    assert not [f for f in mon.findings if f.rank >= 1]
+    mon.close()
+    for m in model.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks
+    model.eval()
+    twin.load_state_dict(model.state_dict())
+    twin.eval()
+    assert torch.equal(model(x), twin(x))
