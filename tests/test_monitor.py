@@ -495,3 +495,27 @@ def test_real_architectures_train_watched_without_errors_or_warnings(build) -> N
     twin.load_state_dict(model.state_dict())
     twin.eval()
     assert torch.equal(model(x), twin(x))
+
+
+def test_detail_every_step_matches_reference() -> None:
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = gg.watch(model, detail_every=1, console=False)
+    prev = None
+    ratios = []
+    for step in range(5):
+        x, y = data(step)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        mon.step()
+        w = model.fc1.weight.detach()
+        ratios.append(None if prev is None else float((w - prev).norm() / w.norm()))
+        prev = w.clone()
+        opt.step()
+    hist = mon.history
+    assert "update_ratio/fc1.weight" not in hist[0]
+    for row, want in zip(hist[1:], ratios[1:], strict=True):
+        assert row["update_ratio/fc1.weight"] == pytest.approx(want, rel=1e-4)
+        assert row["grad_max/fc1.weight"] > 0
+    assert "act/fc1/mean" not in hist[1]  # activations still follow sample_every
+    mon.close()

@@ -37,6 +37,7 @@ from gradguard.stats.distributed import is_distributed, make_reduce_fn
 DEFAULTS: dict[str, Any] = {
     "log_every": 10,
     "sample_every": 10,
+    "detail_every": None,
     "window": 200,
     "dead_window": 5,
     "log_dir": None,
@@ -71,6 +72,7 @@ class Monitor:
         *,
         log_every: int = 10,
         sample_every: int = 10,
+        detail_every: int | None = None,
         window: int = 200,
         dead_window: int = 5,
         log_dir: str | os.PathLike[str] | None = None,
@@ -84,6 +86,8 @@ class Monitor:
             raise InputError(f"watch() needs a torch.nn.Module, got {type(model).__name__}: {model!r:.80}")
         check_number("log_every", log_every, low=1, integer=True)
         check_number("sample_every", sample_every, low=1, integer=True)
+        if detail_every is not None:
+            check_number("detail_every", detail_every, low=1, integer=True)
         check_number("window", window, low=10, integer=True)
         check_number("dead_window", dead_window, low=1, integer=True)
         check_number("max_calls", max_calls, low=1, integer=True)
@@ -107,6 +111,7 @@ class Monitor:
         self.model = model
         self.log_every = log_every
         self.sample_every: Schedule = every(sample_every)
+        self.detail_every: Schedule = every(sample_every if detail_every is None else detail_every)
         self.replay_enabled = replay
         self.max_calls = max_calls
 
@@ -229,9 +234,9 @@ class Monitor:
         if self._stats.device is not None and first.device != self._stats.device:
             self._flush()  # the model moved: read the old device's rows before re-allocating
         self._stats.ensure_device(first.device)
-        detail = self.sample_every(step)
+        detail = self.detail_every(step)
         meta, bad = self._stats.record(step, loss, detail)
-        if self.sample_every(step + 1):
+        if self.detail_every(step + 1):
             self._stats.snapshot(step)  # weights before the optimizer step feed the next update ratio
         sample = self._tap.disarm()
         if sample is not None:
@@ -562,7 +567,9 @@ def watch(model: nn.Module, **options: Any) -> Monitor:
 
     Options:
         log_every (int, 10): steps between fetches (detection and sinks run then).
-        sample_every (int, 10): steps between sampled steps (activation hooks, detail statistics).
+        sample_every (int, 10): steps between sampled steps (activation hooks).
+        detail_every (int, None → sample_every): steps between max|g|, ‖w‖ and update-ratio measurements
+            (1 = every step, at the cost of one weight copy and three extra passes over the weights per step).
         window (int ≥ 10, 200): steps of history the rules look back on.
         dead_window (int, 5): sampled steps over which a ReLU unit must never fire (peak output 0) to be
             called dead.
