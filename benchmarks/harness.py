@@ -13,7 +13,7 @@ this module holds what they share, so that all tables are measured the same way:
   ratio to the bare loop is the median over periods of the *paired* ratio (both sums taken over the same
   rounds), and the spread is its interquartile range.
 - **Peak RSS** cannot be separated between configurations sharing a process, so each configuration's peak
-  is taken in its own short child process (``ru_maxrss`` of ``RUSAGE_SELF``).
+  is taken in its own short child process (``VmHWM``, see :func:`peak_rss_mib`).
 - **Syncs** (CUDA only) are counted with ``torch.cuda.set_sync_debug_mode("warn")``, which warns on every
   synchronising call (``.item()``, ``.tolist()``, device-to-host copies, ``nonzero``).
 - **Profiles** of a configuration that misses its target come from ``py-spy`` sampling a child process
@@ -213,10 +213,22 @@ def child(args: Sequence[str], timeout: float = 300.0) -> dict[str, object]:
 
 
 def peak_rss_mib() -> float:
-    """This process's peak resident set size in MiB (Linux reports ``ru_maxrss`` in KiB)."""
+    """This process's peak resident set size in MiB.
+
+    Linux: ``VmHWM`` of ``/proc/self/status``, the high-water mark of this process's own address space.
+    ``getrusage(RUSAGE_SELF).ru_maxrss`` is the fallback elsewhere; on Linux it is *not* used because it
+    survives ``execve``: a child started by a large benchmark process would report the parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, bytes on macOS
 
 
 def pyspy_top(args: Sequence[str], marker: str, n: int = 8, timeout: float = 300.0) -> list[tuple[str, float]] | str:

@@ -286,8 +286,8 @@ def run(opts: harness.Options) -> harness.Section:
         "MSE; they take turns step by step in one process, the order reversed every round. Ratio = median over "
         "periods of 10 steps of the paired ratio (configuration / bare loop, same rounds), with the "
         "interquartile range in brackets. Peak RSS: each configuration alone in a fresh child process "
-        f"({CHILD_STEPS} steps), `ru_maxrss`, and in brackets what its set-up and steps added to the peak "
-        "reached with the model built (so a tool's own imports count against it).",
+        f"({CHILD_STEPS} steps), its `VmHWM` (see Method), and in brackets what the configuration's set-up "
+        "and steps added to the peak reached with the model built (so a tool's own imports count against it).",
         "",
     ]
     targets: list[harness.Target] = []

@@ -138,8 +138,10 @@ def method(opts: harness.Options) -> str:
         "its interquartile range (the **spread**). Absolute times are medians per step; the ratios are the "
         "result.",
         "- **Peak RSS** per configuration: each configuration alone in a fresh child process for a few steps, "
-        "`resource.getrusage(RUSAGE_SELF).ru_maxrss` (interleaving in one process cannot separate peaks). It "
-        "includes the interpreter, torch and the model.",
+        "its `VmHWM` from `/proc/self/status` (interleaving in one process cannot separate peaks; "
+        "`getrusage(RUSAGE_SELF).ru_maxrss` is not used because on Linux it survives `execve`, so a child "
+        "started by this large process would report the parent's peak). It includes the interpreter, torch and "
+        "the model.",
         "- **Syncs** per step (CUDA runs only): synchronising calls warned about by "
         "`torch.cuda.set_sync_debug_mode(\"warn\")` over 3 steps.",
         "- **Profiles.** Where a gradguard target is missed, that configuration is run alone in a child process "
