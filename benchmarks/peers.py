@@ -339,10 +339,32 @@ def run(opts: harness.Options) -> harness.Section:
                 top = harness.pyspy_top(_child_args(key, "gradguard", opts, steps=4 * harness.PERIOD),
                                        "<locals>.step (peers.py")
                 body += [harness.profile_text(top, f"gradguard default on {base.label}"), ""]
+    body += _breakdown(opts)
     body += ["### Code of each configuration", ""]
     for cfg in CONFIGS:
         body += [f"**{cfg.label}**", "", "```python", source(cfg), "```", ""]
     return harness.Section("## Monitor overhead", "\n".join(body), targets)
+
+
+def _breakdown(opts: harness.Options) -> list[str]:
+    """``benchmarks/overhead.py``'s per-part timing of the monitor on workload (a), as a table."""
+    try:
+        import overhead
+
+        steps = 20 if opts.smoke else 100
+        parts = overhead.breakdown(overhead.mlp_case, steps, opts.smoke)
+    except Exception as e:  # another helper's script: report, do not lose the other tables
+        return [f"(`benchmarks/overhead.py` breakdown unavailable: `{type(e).__name__}: {e}`)", ""]
+    rows = [[("↳ " if label.startswith(" ") else "") + label.strip(), f"{ms:.2f}"] for label, ms in parts.items()]
+    return [
+        "### Where gradguard's time goes on (a)",
+        "",
+        "`benchmarks/overhead.py`'s breakdown: each part of the default monitor timed with the training thread's "
+        f"CPU time over {steps} steps, in ms per 10-step period (one sampled step, one fetch).",
+        "",
+        harness.table(["part", "ms / period"], rows, "lr"),
+        "",
+    ]
 
 
 CHILD_STEPS = 2  # the first step allocates the optimizer state; the second holds it with a full graph
