@@ -5,7 +5,8 @@ multiplies its input by +inf, so it is the *producer*: zeros become NaN and ever
 non-finite. Two tools:
 
 - gradguard: ``gg.watch(model)`` with its defaults (``replay=True``); the finding of kind ``nonfinite``
-  names the module (on CPU on the very step, on accelerators at the next fetch, ≤ 10 steps later);
+  names the module and reaches the sinks (here a sink that records it; nothing polls the monitor) on CPU
+  on the very step, on accelerators at the next fetch, ≤ 10 steps later;
 - PyTorch ``torch.autograd.detect_anomaly()`` left on for the whole run: it raises in the backward pass at
   the first autograd function whose output holds a NaN and names that *function*.
 
@@ -36,6 +37,7 @@ import harness
 from models import LR
 
 import gradguard as gg
+from gradguard.sinks import Sink
 
 
 class Fault(nn.Module):
@@ -67,12 +69,25 @@ def _arm(model: nn.Module, on: bool) -> None:
     fault.armed = on
 
 
-def trainer(model: nn.Module, x: Tensor, y: Tensor, tool: str) -> tuple[Callable[[], None], gg.Monitor | None]:
+class Named(Sink):
+    """Receives findings the way a user's sink does (at the monitor's fetch), keeps the first ``nonfinite``."""
+
+    def __init__(self) -> None:
+        self.finding: gg.Finding | None = None
+
+    def on_finding(self, finding: gg.Finding) -> None:
+        if finding.kind == "nonfinite" and self.finding is None:
+            self.finding = finding
+
+
+def trainer(
+    model: nn.Module, x: Tensor, y: Tensor, tool: str, sink: Named | None = None
+) -> tuple[Callable[[], None], gg.Monitor | None]:
     """One training step of ``tool`` ("bare", "gg_noreplay", "gradguard", "detect_anomaly")."""
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     mon = None
     if tool in ("gradguard", "gg_noreplay"):
-        mon = gg.watch(model, console=False, replay=tool == "gradguard")
+        mon = gg.watch(model, console=False, replay=tool == "gradguard", sinks=[sink] if sink else [])
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -95,7 +110,8 @@ def trainer(model: nn.Module, x: Tensor, y: Tensor, tool: str) -> tuple[Callable
 def time_to_name(tool: str, smoke: bool, device: str, healthy: int, max_steps: int = 20) -> dict[str, object]:
     """Run ``healthy`` good steps, arm the fault, and time the steps until ``tool`` names a producer."""
     model, x, y = faulty_mlp(smoke, device)
-    step, mon = trainer(model, x, y, tool)
+    sink = Named()
+    step, mon = trainer(model, x, y, tool, sink)
     now = harness.clock(device)
     good: list[float] = []
     for _ in range(healthy):
@@ -113,10 +129,8 @@ def time_to_name(tool: str, smoke: bool, device: str, healthy: int, max_steps: i
             m = re.search(r"Function '(\w+)' returned nan", str(e))
             named = f"autograd function `{m.group(1)}`" if m else f"error: {str(e)[:80]}"
             break
-        if mon is not None:
-            hit = [f for f in mon.findings if f.kind == "nonfinite"]
-            if hit:
-                named = f"module `{hit[0].module}`" if hit[0].module else "the loss"
+        if sink.finding is not None:  # delivered by the monitor's own schedule; nothing is polled
+            named = f"module `{sink.finding.module}`" if sink.finding.module else "the loss"
     harness.sync(device)
     elapsed = now() - t0
     if mon is not None:
