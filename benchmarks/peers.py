@@ -208,17 +208,29 @@ class Config:
     packages: tuple[str, ...] = ()  # importable modules it needs
     target: dict[str, float] | None = None  # workload key → limit on the ratio to bare
     max_steps: int | None = None  # timed steps when it is far slower than the bare loop
+    reports: str = ""  # what the user gets for the cost
 
 
 MONITOR_TARGETS = {"mlp": 1.05, "lstm": 1.02}
 CONFIGS: tuple[Config, ...] = (
-    Config("bare", "bare loop", bare),
-    Config("gradguard", "gradguard default `gg.watch(model)`", gradguard_default, target=MONITOR_TARGETS),
-    Config("gradguard_act", "gradguard, activation statistics every step", gradguard_activations_every_step),
-    Config("detect_anomaly", "PyTorch `detect_anomaly`", detect_anomaly),
-    Config("lightning", "Lightning `grad_norm` + `clip_grad_norm_`", lightning_grad_norm_clip, ("lightning",)),
-    Config("surgeon", "torch-surgeon 0.1.0 `Surgeon`", torch_surgeon, ("torch_surgeon",)),
-    Config("cockpit", "Cockpit 1.0.2 economy", cockpit_economy, ("cockpit", "backpack"), max_steps=2),
+    Config("bare", "bare loop", bare, reports="nothing"),
+    Config("gradguard", "gradguard default `gg.watch(model)`", gradguard_default, target=MONITOR_TARGETS,
+           reports="every step: per-parameter gradient norms, global norm, NaN/Inf flag; every 10th step: max|g|, "
+           "‖w‖, update ratio, per-module activation summaries (mean, std, zeros, saturation, per-unit activity, "
+           "per-time-step profiles of recurrent modules); findings: exploding, vanishing, non-finite with the "
+           "producing module, dead units, saturation, loss spikes"),
+    Config("gradguard_act", "gradguard, activation statistics every step", gradguard_activations_every_step,
+           reports="the same, with the 10th-step statistics on every step"),
+    Config("detect_anomaly", "PyTorch `detect_anomaly`", detect_anomaly,
+           reports="an error at the first backward function that returns NaN, with the forward traceback"),
+    Config("lightning", "Lightning `grad_norm` + `clip_grad_norm_`", lightning_grad_norm_clip, ("lightning",),
+           reports="per-parameter and total gradient norms (logged every 50 steps), norm clipping"),
+    Config("surgeon", "torch-surgeon 0.1.0 `Surgeon`", torch_surgeon, ("torch_surgeon",),
+           reports="per leaf module: mean, std, norm of the output gradient, ratio to its EMA (vanishing, "
+           "exploding, stagnant), fraction of near-zero outputs"),
+    Config("cockpit", "Cockpit 1.0.2 economy", cockpit_economy, ("cockpit", "backpack"), max_steps=2,
+           reports="loss, gradient norm, 1-d gradient histogram, distance from init, update size, step-size "
+           "α (SGD only), norm / inner-product / orthogonality tests (per-sample gradients)"),
 )
 BY_KEY = {c.key: c for c in CONFIGS}
 
@@ -340,6 +352,8 @@ def run(opts: harness.Options) -> harness.Section:
                                        "<locals>.step (peers.py")
                 body += [harness.profile_text(top, f"gradguard default on {base.label}"), ""]
     body += _breakdown(opts)
+    body += ["### What each configuration reports", "",
+             harness.table(["configuration", "what the user gets"], [[c.label, c.reports] for c in CONFIGS]), ""]
     body += ["### Code of each configuration", ""]
     for cfg in CONFIGS:
         body += [f"**{cfg.label}**", "", "```python", source(cfg), "```", ""]
