@@ -230,7 +230,7 @@ CONFIGS: tuple[Config, ...] = (
            "exploding, stagnant), fraction of near-zero outputs"),
     Config("cockpit", "Cockpit 1.0.2 economy", cockpit_economy, ("cockpit", "backpack"), max_steps=2,
            reports="loss, gradient norm, 1-d gradient histogram, distance from init, update size, step-size "
-           "α (SGD only), norm / inner-product / orthogonality tests (per-sample gradients)"),
+           "α of the local parabola, norm / inner-product / orthogonality tests (from per-sample gradients)"),
 )
 BY_KEY = {c.key: c for c in CONFIGS}
 
