@@ -297,3 +297,15 @@ def test_guard_without_monitor(tmp_path: Path) -> None:
     trainer(tmp_path, cb, epochs=1).fit(module, loader())
     assert cb.monitor is None and cb.guard.skipped == 1
     assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_guard_refuses_fused_optimizer_under_amp(tmp_path: Path) -> None:
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    net = make_net()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3, fused=True)
+    assert opt._step_supports_amp_scaling  # the optimizer really unscales inside step()
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    cb = GradGuardCallback(guard={}, watch_options={"console": False})
+    with pytest.raises(ConfigError, match="fused"):
+        trainer(tmp_path, cb, plugins=[plugin]).fit(Regressor(net, optimizer=opt), loader())

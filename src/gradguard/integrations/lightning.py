@@ -9,7 +9,9 @@ Lightning's own ``gradient_clip_val`` clipping, then the parameter update. So:
 * the loss is taken in ``on_before_backward`` (summed over accumulated micro-batches, which Lightning has
   already divided by ``accumulate_grad_batches``; divided by the AMP scale where it was scaled);
 * the monitor is stepped in ``on_before_optimizer_step``: after backward, after AMP unscaling, before any
-  clipping and before the update — it sees the true, raw gradient;
+  clipping and before the update — it sees the true, raw gradient. (Exception: optimizers that unscale
+  inside ``step()``, e.g. ``Adam(fused=True)`` under AMP — Lightning skips ``unscale_`` for them, so the
+  monitor then sees gradients times the loss scale, and ``guard=`` refuses them.)
 * with ``guard=``, :class:`gradguard.Guard` runs right after the monitor, in the same hook: it clips,
   decides, and applies the update itself (``optimizer.step()`` with its LR factor) or skips it, rolls
   back, backs off. It then sets every gradient to ``None``: torch optimizers skip parameters without a
@@ -212,6 +214,13 @@ class GradGuardCallback(Callback):
             optimizer = trainer.optimizers[0]
             if isinstance(optimizer, torch.optim.LBFGS):
                 raise ConfigError("guard= cannot drive LBFGS (it re-evaluates the closure inside step())")
+            if _unscale_factor(trainer) is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+                # Fused optimizers unscale inside step(), so Lightning does not unscale before this hook: the
+                # Guard would judge gradients multiplied by the loss scale.
+                raise ConfigError(
+                    f"guard= with AMP needs an optimizer Lightning unscales before the step; "
+                    f"{type(optimizer).__name__}(fused=True) unscales inside step(): use fused=False"
+                )
             # The scaler is Lightning's: it already unscaled, and it steps/updates after this hook.
             self.guard = gg.Guard(pl_module, optimizer, monitor=self.monitor, **self._guard_options)
         self._loss = None
