@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu", help="cpu: thread CPU time; wall")
     parser.add_argument("--breakdown", action="store_true", help="also time each part of the monitor (MLP case)")
     parser.add_argument("--write", action="store_true", help="write the '## Monitor overhead' section of BENCHMARKS.md")
+    parser.add_argument("--out", default=None, help="markdown file to write the section into (default BENCHMARKS.md)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"machine: {_timing.machine()}; clock: {args.clock}")
@@ -198,13 +199,13 @@ def main(argv: list[str] | None = None) -> int:
         for label, ms in parts.items():
             print(f"  {label:58s} {ms:7.2f}")
     if args.write:
-        write_section(results, parts, args.clock)
+        write_section(results, parts, args.clock, args.out)
     return 0
 
 
-def write_section(results: list[dict], parts: dict[str, float], clock: str) -> None:
-    """Replace (or append) the ``## Monitor overhead`` section of BENCHMARKS.md with these figures."""
-    path = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
+def write_section(results: list[dict], parts: dict[str, float], clock: str, out: str | None = None) -> None:
+    """Replace (or append) the ``## Monitor overhead`` section of BENCHMARKS.md (or ``out``) with these figures."""
+    path = Path(out) if out else Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
     lines = [
         "## Monitor overhead",
         "",
