@@ -194,7 +194,7 @@ def _growth_through_time(obs: Observation) -> list[Finding]:
                 ),
                 advice=(
                     "Use a bounded cell activation (tanh, the default) or keep the recurrent weights near the "
-                    "identity (IRNN: gg.init.apply(model, 'orthogonal') with gain ≤ 1); "
+                    "identity (IRNN: gg.init.apply(model, 'identity'), or 'orthogonal' with gain ≤ 1); "
                     + ADVICE[0].lower() + ADVICE[1:] + "."
                 ),
                 evidence=evidence,
