@@ -86,6 +86,7 @@ def lab(opts: harness.Options) -> harness.Section:
     elif opts.lab_full:
         runs.append(("`gradguard lab run --all` (full suite)", ["--all"]))
     rows = []
+    lab_targets: list[harness.Target] = []
     for label, args in runs:
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
@@ -95,13 +96,20 @@ def lab(opts: harness.Options) -> harness.Section:
                 env={**os.environ, "PYTHONPATH": str(harness.ROOT / "src")},
             )
             wall = time.perf_counter() - t0
-            claims = [c for m in Path(tmp).glob("*/metrics.json")
+            claims = [(m.parent.name, c) for m in sorted(Path(tmp).glob("*/metrics.json"))
                       for c in json.loads(m.read_text(encoding="utf-8")).get("claims", [])]
             done = len(list(Path(tmp).glob("*/metrics.json")))
-        held = sum(bool(c.get("holds")) for c in claims)
-        status = "ok" if proc.returncode == 0 else f"exit {proc.returncode}: " + (
-            (proc.stderr.strip().splitlines() or proc.stdout.strip().splitlines() or ["no output"])[-1][:160])
+        held = sum(bool(c.get("holds")) for _, c in claims)
+        failing = [f"`{exp}/{c.get('id')}` (measured {c.get('measured')}, expected {c.get('expected')})"
+                   for exp, c in claims if not c.get("holds")]
+        if proc.returncode == 0:
+            status = "ok"
+        elif failing:
+            status = f"exit {proc.returncode}: claims not holding: " + "; ".join(failing)
+        else:
+            status = f"exit {proc.returncode}: " + (proc.stderr.strip().splitlines() or ["no output"])[-1][:160]
         rows.append([label, f"{wall:.1f}", str(done), f"{held}/{len(claims)}", status])
+        lab_targets.append(harness.Target(f"{label}: every claim holds", float("nan"), float("nan"), not failing))
     if not opts.lab_full and not opts.smoke:
         rows.append(["`gradguard lab run --all` (full suite)", "—", "—", "—", "not run (`--lab-full` runs it)"])
     body = (
@@ -109,7 +117,7 @@ def lab(opts: harness.Options) -> harness.Section:
         "temporary folder; the exit status is non-zero when a claim does not hold.\n\n"
         + harness.table(["command", "wall s", "experiments finished", "claims holding", "status"], rows, "lrrrl")
     )
-    return harness.Section("## Lab", body)
+    return harness.Section("## Lab", body, [] if opts.smoke else lab_targets)
 
 
 SECTIONS: dict[str, Runner] = {
