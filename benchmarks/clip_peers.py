@@ -100,7 +100,8 @@ def run(opts: harness.Options) -> harness.Section:
     rounds, calls = (2, 2) if opts.smoke else (30, CALLS)
     body = [str(__doc__).split("\n\n", 1)[1].strip(), "",
             "AGC has no installed peer package (timm's `adaptive_clip_grad` is the usual reference; timm is not a "
-            "dependency), so it is compared with `clip_grad_norm_` only.", ""]
+            "dependency), so it is compared with `clip_grad_norm_` only. `benchmarks/clip.py` is the standalone "
+            "version on synthetic gradients of the same shapes (`python benchmarks/clip.py`).", ""]
     targets: list[harness.Target] = []
     for key in ("mlp", "transformer"):
         w = models.build(key, smoke=opts.smoke, device=opts.device)

@@ -301,6 +301,7 @@ def run(opts: harness.Options) -> harness.Section:
         "interquartile range in brackets. Peak RSS: each configuration alone in a fresh child process "
         f"({CHILD_STEPS} steps), its `VmHWM` (see Method), and in brackets what the configuration's set-up "
         "and steps added to the peak reached with the model built (so a tool's own imports count against it).",
+        "`benchmarks/overhead.py` is the standalone two-way version (bare against gradguard only).",
         "",
     ]
     targets: list[harness.Target] = []
