@@ -53,7 +53,7 @@ def nan(opts: harness.Options) -> harness.Section:
 
 
 def _script(module: str, heading: str, full: list[str], smoke: list[str], opts: harness.Options,
-            label: tuple[str, ...], ratio: str) -> harness.Section:
+            label: tuple[str, ...], ratio: str, prefix: str = "") -> harness.Section:
     """Run another helper's script in process (its ``main(argv)``) and take what it prints as the section.
 
     Its targets are read back from its Markdown table: the rows whose ``target`` cell reads ``≤ X×``, with
@@ -68,11 +68,11 @@ def _script(module: str, heading: str, full: list[str], smoke: list[str], opts: 
     body = "\n".join(ln for ln in out.getvalue().strip().splitlines() if ln.strip() != heading).strip()
     if opts.device != "cpu":
         body = f"(`benchmarks/{module}.py` has no device option: CPU figures.)\n\n" + body
-    targets = [] if opts.smoke else _table_targets(body, label, ratio)
+    targets = [] if opts.smoke else _table_targets(body, label, ratio, prefix)
     return harness.Section(heading, body, targets)
 
 
-def _table_targets(text: str, label: tuple[str, ...], ratio: str) -> list[harness.Target]:
+def _table_targets(text: str, label: tuple[str, ...], ratio: str, prefix: str = "") -> list[harness.Target]:
     header: list[str] = []
     targets = []
     for line in text.splitlines():
@@ -89,7 +89,7 @@ def _table_targets(text: str, label: tuple[str, ...], ratio: str) -> list[harnes
         value = re.search(r"[\d.]+", cells[header.index(ratio)])
         if limit is None or value is None:
             continue
-        what = " on ".join(cells[header.index(c)] for c in label if c in header)
+        what = prefix + " on ".join(cells[header.index(c)] for c in label if c in header)
         v, lim = float(value.group()), float(limit.group(1))
         targets.append(harness.Target(what, v, lim, v <= lim))
     return targets
@@ -122,7 +122,8 @@ for _ in range(300):
 
 
 def probe(opts: harness.Options) -> harness.Section:
-    return _script("probe", "## Probe", [], ["--quick"], opts, ("case",), "probe / step")
+    return _script("probe", "## Probe", [], ["--quick"], opts, ("case",), "probe / step",
+                   "`gg.probe` / training step on ")
 
 
 def lab(opts: harness.Options) -> harness.Section:
