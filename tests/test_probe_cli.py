@@ -96,8 +96,16 @@ def test_probe_losses(factories: Path, tmp_path: Path, loss: str, capsys: pytest
 
 def test_probe_by_package_module_reference(tmp_path: Path, factories: Path, monkeypatch: pytest.MonkeyPatch,
                                            capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.syspath_prepend(str(factories.parent))
-    assert main(["probe", "models:healthy", "--input-shape", "4x6x1", "--out", str(tmp_path / "o")]) == 0
+    # A package name no other test imports: a module cached in sys.modules under the same name would shadow it.
+    package = tmp_path / "gg_probe_test_zoo"
+    package.mkdir()
+    (package / "__init__.py").write_text("", encoding="utf-8")
+    (package / "factories.py").write_text(factories.read_text(encoding="utf-8"), encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("gg_probe_test_zoo", "gg_probe_test_zoo.factories"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    ref = "gg_probe_test_zoo.factories:healthy"
+    assert main(["probe", ref, "--input-shape", "4x6x1", "--out", str(tmp_path / "o")]) == 0
     assert (tmp_path / "o" / "report.html").is_file()
     capsys.readouterr()
 

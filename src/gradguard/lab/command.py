@@ -110,9 +110,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     total = sum(len(r.claims) for r in results)
     console.print(f"{total - failed}/{total} claims hold")
     for r in results:
-        console.print(f"report: {r.folder / REPORT}")
+        console.print(f"report: {r.folder / REPORT}", soft_wrap=True, markup=False)
     if len(results) > 1:
-        console.print(f"index: {out / INDEX}")
+        console.print(f"index: {out / INDEX}", soft_wrap=True, markup=False)
     return EXIT_FAILED if failed else EXIT_OK
 
 
@@ -124,8 +124,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     console = Console(highlight=False)
     folders = find_experiments(folder)
     for f in folders:
-        console.print(f"report: {render_folder(f)}")
+        console.print(f"report: {render_folder(f)}", soft_wrap=True, markup=False)
     if folders != [folder]:
         index = render_index_file(folder, [load_experiment(f) for f in folders])
-        console.print(f"index: {index}")
+        console.print(f"index: {index}", soft_wrap=True, markup=False)
     return EXIT_OK

@@ -85,7 +85,7 @@ class LSTM(nn.Module):
             raise ValueError(f"LSTM expects a 3-d input (batch, time, features), got shape {tuple(x.shape)}")
         if not self.batch_first:
             x = x.transpose(0, 1)
-        batch, steps, _ = x.shape
+        batch = x.shape[0]
         phi = ACTIVATIONS[self.activation]
         if state is None:
             zeros = x.new_zeros(self.num_layers, batch, self.hidden_size)
@@ -102,8 +102,10 @@ class LSTM(nn.Module):
                 proj = proj + getattr(self, f"bias_ih_l{k}") + getattr(self, f"bias_hh_l{k}")
             h, c = h_all[k], c_all[k]
             outs = []
-            for t in range(steps):
-                gates = proj[:, t] + h @ w_hh.T
+            # unbind, not proj[:, t]: the backward of one indexing per step would materialise a full-size
+            # zero gradient each time (quadratic in the length); unbind's backward is a single stack.
+            for p_t in proj.unbind(1):
+                gates = p_t + h @ w_hh.T
                 i, f, g, o = gates.chunk(4, dim=1)
                 c = torch.sigmoid(f) * c + torch.sigmoid(i) * phi(g)
                 h = torch.sigmoid(o) * phi(c)

@@ -32,14 +32,21 @@ def activation_summary(x: Tensor, saturation: str | None = None) -> Tensor:
     the scale of the rest; ``frac_zero`` counts exact zeros (dead ReLU outputs); ``frac_saturated`` is
     the share of entries in the flat region of ``saturation`` (see :data:`SATURATION_MARGIN`), 0 when
     ``saturation`` is None; ``nonfinite`` counts NaN/Inf entries.
+    Moments are taken of ``x / max|x|`` and scaled back, so that outputs beyond float32's square range
+    (|x| > 1.8e19) still get a finite std.
     """
     x = x.detach().float().reshape(-1)
     finite = x.isfinite()
     n_finite = finite.sum().float()
     xf = x.where(finite, x.new_zeros(()))
     denom = n_finite.clamp(min=1.0)
-    mean = xf.sum() / denom
-    var = ((xf - mean) ** 2).where(finite, x.new_zeros(())).sum() / denom
+    # Moments of x / s with s = max |x| over the finite entries, scaled back: float32 squares overflow
+    # beyond |x| ≈ 1.8e19, exactly the outputs of a blowing-up layer whose scale we must report.
+    scale = xf.abs().amax().clamp(min=torch.finfo(torch.float32).tiny) if x.numel() else x.new_ones(())
+    xs = xf / scale
+    mean_s = xs.sum() / denom
+    var_s = ((xs - mean_s) ** 2).where(finite, x.new_zeros(())).sum() / denom
+    mean, std = mean_s * scale, var_s.sqrt() * scale
     frac_zero = (x == 0).sum().float() / max(x.numel(), 1)
     if saturation == "sigmoid":
         sat = ((x < SATURATION_MARGIN) | (x > 1 - SATURATION_MARGIN)) & finite
@@ -50,7 +57,7 @@ def activation_summary(x: Tensor, saturation: str | None = None) -> Tensor:
     frac_sat = sat.sum().float() / denom
     nonfinite = x.numel() - n_finite
     numel = x.new_tensor(float(x.numel()))
-    return torch.stack([v.reshape(()).float() for v in (mean, var.sqrt(), frac_zero, frac_sat, nonfinite, numel)])
+    return torch.stack([v.reshape(()).float() for v in (mean, std, frac_zero, frac_sat, nonfinite, numel)])
 
 
 def unit_activity(x: Tensor, unit_dim: int = -1) -> Tensor:
