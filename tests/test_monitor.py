@@ -519,3 +519,15 @@ def test_detail_every_step_matches_reference() -> None:
         assert row["grad_max/fc1.weight"] > 0
     assert "act/fc1/mean" not in hist[1]  # activations still follow sample_every
     mon.close()
+
+
+def test_a_second_report_of_the_same_event_does_not_replace_a_more_severe_one() -> None:
+    mon = gg.watch(small_mlp(), console=False)
+    diagnosis = gg.Finding("nonfinite", "", 4, "error", "NaN born in the input batch", "clean the data", {})
+    mon.report(diagnosis)
+    mon.report(gg.Finding("nonfinite", "", 4, "warning", "Guard skipped step 4", "nothing", {}))
+    assert mon.findings == [diagnosis]
+    later = gg.Finding("nonfinite", "", 9, "warning", "Guard skipped step 9", "nothing", {})
+    mon.report(later)  # a new event: the newest state wins
+    assert mon.findings == [later]
+    mon.close()

@@ -427,6 +427,10 @@ class Monitor:
 
     def _update_finding(self, finding: Finding) -> None:
         old = self._findings.get(finding.key)
+        if old is not None and old.step == finding.step and old.rank > finding.rank:
+            # The same event seen by a second reporter (the Guard skipping the NaN step this monitor already
+            # localised): a less severe, less specific account must not replace the diagnosis.
+            return
         self._findings[finding.key] = finding
         if old is None or (old.severity, old.message) != (finding.severity, finding.message):
             for sink in self.sinks:
