@@ -44,6 +44,10 @@ def classifier():
     return nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 4))
 
 
+def dropout_net():
+    return nn.Sequential(nn.Linear(10, 32), nn.Dropout(0.5), nn.Linear(32, 4))
+
+
 def broken():
     raise RuntimeError("cannot build\\nsecond line")
 
@@ -91,6 +95,21 @@ def test_probe_losses(factories: Path, tmp_path: Path, loss: str, capsys: pytest
     assert code == 0
     kind = {"mse": "mse", "ce": "loss_fn", "default": "projection"}[loss]
     assert json.loads((tmp_path / "report.json").read_text())["loss_kind"] == kind
+    capsys.readouterr()
+
+
+def test_probe_eval_flag_probes_in_eval_mode(factories: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Dropout(0.5) zeroes about half its outputs in training mode and none in eval mode."""
+    zeros = {}
+    for flag in ([], ["--eval"]):
+        out = tmp_path / ("eval" if flag else "train")
+        assert main(["probe", f"{factories}:dropout_net", "--input-shape", "64x10", "--out", str(out), *flag]) == 0
+        data = json.loads((out / "report.json").read_text(encoding="utf-8"))
+        assert data["options"]["train"] is not bool(flag)
+        zeros[bool(flag)] = next(row["frac_zero"] for row in data["layers"] if row["type"] == "Dropout")
+    assert zeros[True] == 0.0
+    assert zeros[False] == pytest.approx(0.5, abs=0.05)  # 2048 Bernoulli(0.5) draws: 5 % is > 4 standard errors
     capsys.readouterr()
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +16,7 @@ from torch import Tensor, nn
 
 from gradguard.errors import ConfigError, InputError
 from gradguard.preflight.core import _float_tensors, probe
+from gradguard.report.files import write_json_atomic
 
 LOSSES = ("default", "mse", "ce")
 #: Exit codes shared with :mod:`gradguard.cli`.
@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     try:
         html_path = report.to_html(out / "report.html")
-        (out / "report.json").write_text(json.dumps(report.to_dict(), indent=1, default=str), encoding="utf-8")
+        write_json_atomic(out / "report.json", report.to_dict())  # strict JSON: NaN is spelled "nan"
     except OSError as exc:
         raise ConfigError(f"--out {str(out)!r} is not writable: {exc.strerror or exc}") from None
     print(f"wrote {html_path} and {out / 'report.json'}", file=sys.stderr)

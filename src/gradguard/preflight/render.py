@@ -15,6 +15,8 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from gradguard.report.files import write_bytes_atomic
+
 if TYPE_CHECKING:
     from gradguard.preflight.core import ProbeReport
 
@@ -181,7 +183,8 @@ def report_html(report: ProbeReport) -> str:
 
 
 def write_html(report: ProbeReport, path: Path) -> Path:
-    """Write :func:`report_html` to ``path`` (parent folders are created)."""
+    """Write :func:`report_html` to ``path`` (parent folders are created; written to a temporary name and
+    renamed, so a killed run never leaves a half-written page)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(report_html(report), encoding="utf-8")
+    write_bytes_atomic(path, report_html(report).encode("utf-8"))
     return path
