@@ -532,3 +532,122 @@ def test_bad_input_is_refused_clearly() -> None:
         guard.step(1.0)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="scalar"):
         guard.step(torch.ones(3))
+
+
+# ------------------------------------------------------------------ campaign regressions: snapshots, windows
+def _stepper(model: nn.Module, opt: torch.optim.Optimizer, guard: Guard) -> Callable[..., bool]:
+    g = torch.Generator().manual_seed(3)
+    data = [(torch.randn(16, 6, generator=g), torch.randn(16, 1, generator=g)) for _ in range(8)]
+    count = itertools.count()
+
+    def one(poison: bool = False, scale: float = 1.0) -> bool:
+        x, y = data[next(count) % len(data)]
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y * scale)
+        loss.backward()
+        return guard.step(loss * math.nan if poison else loss)
+
+    return one
+
+
+def test_snapshot_is_committed_only_after_the_next_step_is_healthy() -> None:
+    """A periodic snapshot taken right after a bad but finite update must never become the rollback target.
+
+    Regression: the campaign's lr_jump runs rolled back to a snapshot taken right after the 100× update.
+    Here the update that precedes the 10th snapshot is made destructive (the learning rate ×1e3 for that
+    step), the next steps fail, and the rollback must land on the previous, committed snapshot.
+    """
+    torch.manual_seed(0)
+    model = _Net()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    guard = Guard(model, opt, clip=None, snapshot_every=5)
+    one = _stepper(model, opt, guard)
+    for _ in range(5):
+        assert one()
+    assert guard.candidate_step == 5 and guard.snapshot_step == 0
+    candidate = copy.deepcopy(dict(model.state_dict()))
+    assert one()  # step 5 is healthy: the state after update 4 becomes the rollback target
+    assert guard.candidate_step is None and guard.snapshot_step == 5
+    for _ in range(3):
+        assert one()
+    opt.param_groups[0]["lr"] = 10.0  # a schedule bug on the update that precedes the next snapshot
+    assert one()
+    opt.param_groups[0]["lr"] = 1e-2
+    assert guard.candidate_step == 10
+    damaged = copy.deepcopy(dict(model.state_dict()))
+    for _ in range(guard.rollback_after):  # the damaged state fails every batch (NaN stands for "fails")
+        assert not one(poison=True)
+    assert guard.rollbacks == 1 and guard.candidate_step is None and guard.snapshot_step == 5
+    for k, t in model.state_dict().items():
+        assert torch.equal(t, candidate[k]), k
+    assert not torch.equal(model.state_dict()["body.0.weight"], damaged["body.0.weight"])
+
+
+def test_guard_still_judges_spikes_right_after_rolling_back_to_the_start() -> None:
+    """Regression: the windows used to be restored with the construction snapshot, i.e. emptied, so after a
+    rollback to step 0 the guard applied anything finite for min_history steps."""
+    torch.manual_seed(0)
+    model = _Net()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    guard = Guard(model, opt, clip=None, snapshot_every=1000)
+    one = _stepper(model, opt, guard)
+    for _ in range(40):
+        assert one()
+    for _ in range(guard.rollback_after):
+        assert not one(poison=True)
+    assert guard.rollbacks == 1 and guard.snapshot_step == 0
+    assert not one(scale=1e3), "an outlier batch right after the rollback must be skipped"
+    assert guard.events[-1].reason == "loss_spike"
+    assert one(), "and ordinary batches applied"
+
+
+def test_spike_threshold_is_the_student_t_equivalent_of_spike_z() -> None:
+    stats = pytest.importorskip("scipy.stats")
+    from gradguard.guard import MAD_EFFICIENCY, spike_threshold
+
+    for z in (3.0, 6.0):
+        for n in (2, 16, 40, 128, 5000):
+            nu = max(1.0, MAD_EFFICIENCY * (n - 1))
+            ref = math.sqrt(1 + math.pi / (2 * n)) * stats.t.isf(stats.norm.sf(z), nu)
+            assert spike_threshold(z, n) == pytest.approx(ref, rel=1e-7), (z, n)
+    assert spike_threshold(6.0, 16) > 70 and 7 < spike_threshold(6.0, 128) < 8
+    assert spike_threshold(6.0, 10**8) == pytest.approx(6.0, rel=1e-3)
+
+
+# The first 16 gradient norms of the campaign's clean CNN run (seed 1) and its steps 16, 21-23: the network
+# leaving its initial plateau. The 16 values cluster (MAD 0.02 for a spread of std 0.07), so the old rule
+# saw z = 7.7 and skipped six healthy steps, rolled back to step 0 and halved the LR (final loss 2× worse).
+CLEAN_CNN_NORMS = [0.536, 0.451, 0.431, 0.422, 0.431, 0.559, 0.467, 0.319, 0.429, 0.434, 0.448, 0.346, 0.548,
+                   0.441, 0.584, 0.491]
+
+
+def _norm_driven_guard(window: list[float]) -> tuple[Guard, Callable[[float], bool]]:
+    """A guard fed gradients of chosen norms (learning rate 0: the state never moves)."""
+    p = nn.Parameter(torch.zeros(4))
+    opt = torch.optim.SGD([p], lr=0.0)
+    guard = Guard(nn.ParameterList([p]), opt, clip=None)
+
+    def feed(norm: float) -> bool:
+        p.grad = torch.full((4,), norm / 2.0)  # ‖g‖ = 2 · entry
+        return guard.step(torch.tensor(1.0))
+
+    for v in window:
+        assert feed(v)
+    return guard, feed
+
+
+def test_early_gradient_rise_on_a_short_clustered_window_is_not_a_spike() -> None:
+    from gradguard.stats import robust_zscore
+
+    z_old = float(robust_zscore(torch.tensor(0.65), torch.tensor(CLEAN_CNN_NORMS)))
+    assert z_old > 6, "the old rule (z > 6 on 16 values) would skip this step"
+    _, feed = _norm_driven_guard(CLEAN_CNN_NORMS)
+    assert all(feed(v) for v in (0.65, 0.794, 0.842, 1.028))
+    # ... while a real spike on the same short window is still skipped,
+    guard, feed = _norm_driven_guard(CLEAN_CNN_NORMS)
+    assert not feed(20.0) and guard.events[-1].reason == "grad_spike"
+    # and with a full window of the same distribution the threshold approaches spike_z again.
+    rng = torch.Generator().manual_seed(0)
+    history = (0.45 + 0.07 * torch.randn(128, generator=rng)).tolist()
+    guard, feed = _norm_driven_guard(history)
+    assert not feed(0.45 + 0.07 * 1.4826 * 12)

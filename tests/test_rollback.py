@@ -110,19 +110,25 @@ def assert_bit_equal(a: Any, b: Any, path: str = "") -> None:
 
 
 def _train_to_snapshot(run: Run) -> tuple[int, dict[str, Any]]:
-    """Train (stepping the schedule after each step) until the guard takes its second periodic snapshot.
+    """Train (stepping the schedule after each step) until the guard's second periodic snapshot is committed.
 
-    Returns the next data step and a copy of the state as the snapshot saw it: inside ``guard.step``,
-    after that step's update and before that step's ``scheduler.step()``.
+    The guard captures a snapshot inside ``guard.step``, after that step's update and before that step's
+    ``scheduler.step()``, and commits it when the next step is applied. Returns the data step right after
+    the snapshot (which this function has already trained on: it is the step that committed it) and a
+    copy of the state as the snapshot saw it.
     """
     step = 0
     while True:
         assert run.step(step)
         step += 1
-        taken = run.guard.snapshot_step == run.guard.steps and run.guard.steps >= 2 * SNAPSHOT_EVERY
+        taken = run.guard.candidate_step == run.guard.steps and run.guard.steps >= 2 * SNAPSHOT_EVERY
         copy_ = run.state() if taken else None
         run.sched.step()
         if copy_ is not None:
+            assert run.guard.snapshot_step < step  # not the rollback target yet
+            assert run.step(step)
+            run.sched.step()
+            assert run.guard.snapshot_step == step and run.guard.candidate_step is None
             return step, copy_
 
 
@@ -131,7 +137,7 @@ def test_rollback_restores_every_piece_of_state_bit_for_bit() -> None:
     step, snap = _train_to_snapshot(run)
     # Move every piece of state away from the snapshot: good steps (weights, BN statistics, Adam moments
     # and step counts, schedule position, scaler growth tracker) ...
-    for k in range(3):
+    for k in range(1, 3):
         assert run.step(step + k)
         run.sched.step()
     moved = run.state()
@@ -155,10 +161,9 @@ def test_resumed_trajectory_equals_a_run_that_never_saw_the_fault() -> None:
     # The same run, moved on by two good steps after its last snapshot, then poisoned until the guard
     # rolls back; the schedule is stepped after every call, as a training loop does.
     run = Run(backoff=1.0)
-    resume, _ = _train_to_snapshot(run)
-    for s in (resume, resume + 1):
-        assert run.step(s)
-        run.sched.step()
+    resume, _ = _train_to_snapshot(run)  # also trained on data step `resume`
+    assert run.step(resume + 1)
+    run.sched.step()
     for s in range(resume + 2, resume + 2 + run.guard.rollback_after):
         assert not run.step(s, poison=True)
         run.sched.step()  # after the rollback this is the schedule step of the snapshot's own step
@@ -183,10 +188,11 @@ def test_default_backoff_changes_the_resumed_trajectory() -> None:
         ref.sched.step()
     run = Run()
     resume, _ = _train_to_snapshot(run)
-    for s in range(resume, resume + run.guard.rollback_after):
+    for s in range(resume + 1, resume + 1 + run.guard.rollback_after):
         assert not run.step(s, poison=True)
         run.sched.step()
     assert run.guard.rollbacks == 1 and run.guard.lr_factor == pytest.approx(0.5)
+    del run.losses[-1:]  # the committing step after the snapshot was undone by the rollback
     for s in range(resume, STEPS):
         assert run.step(s)
         run.sched.step()

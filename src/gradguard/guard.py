@@ -14,7 +14,8 @@ What one ``step(loss)`` does, in order:
 1. with a ``GradScaler``: ``scaler.unscale_(optimizer)``, so clipping and measuring see true gradients;
 2. the clipping policy measures and clips (``ClipResult``), or, without one, the global 2-norm is measured;
 3. the loss and gradient norm are compared with their recent history by a robust z-score
-   (median/MAD over the last ``window`` applied steps, :func:`gradguard.stats.robust_zscore`);
+   (median/MAD over the last ``window`` applied steps, :func:`gradguard.stats.robust_zscore`), against a
+   threshold corrected for the window's size (:func:`spike_threshold`);
 4. **the one host synchronisation of the step**: a single small vector (loss, norm, threshold, clipped,
    z-scores, spike flags, the scaler's found-inf) is fetched with one ``.tolist()``. Whether to update
    must be decided on the host (the optimizer step is host code), so one fetch per step is the minimum;
@@ -23,23 +24,31 @@ What one ``step(loss)`` does, in order:
    a rollback copy to or from the host);
 5. the update is applied (``optimizer.step()`` under the current LR factor; with a scaler, then
    ``scaler.update()``), or skipped, when the loss or any gradient is non-finite, or the loss or the
-   gradient norm spikes (z > ``spike_z`` and more than ``spike_min_excess`` above the median);
+   gradient norm spikes (z above ``spike_threshold(spike_z, n)`` for a window of n values, and more than
+   ``spike_min_excess`` above the median);
 6. after ``rollback_after`` consecutive skips, the model (parameters and buffers), optimizer, scaler,
-   scheduler, clipping policy and the guard's own windows are restored bit-exactly to the last snapshot
-   (taken every ``snapshot_every`` consecutive good steps, and once at construction), and the LR is
-   multiplied by ``backoff``; the factor then grows back to 1 geometrically over ``recover_steps`` good
-   steps. The LR factor is applied only around ``optimizer.step()`` (the group's ``lr`` is restored right
-   after), so any ``torch.optim.lr_scheduler`` keeps its own schedule untouched.
+   scheduler and clipping policy are restored bit-exactly to the last snapshot, and the LR is multiplied
+   by ``backoff``. A snapshot is taken once at construction and then every ``snapshot_every`` good steps,
+   but only *committed* as the rollback target when the next step is healthy too: the state after an
+   update is first measured by the following step, so a snapshot committed at once could already hold
+   the damage of a bad but finite update. The guard's spike windows are kept across a rollback (they hold
+   only healthy measurements), so it is never blind after one. The LR factor grows back to 1
+   geometrically over ``recover_steps`` good steps. It is applied only around ``optimizer.step()``
+   (the group's ``lr`` is restored right after), so any ``torch.optim.lr_scheduler`` keeps its own schedule untouched.
 
 Default choices and why:
 
 * ``spike_z=6, window=128``: OLMo-core's ``SkipStepOptimizer`` skips a step whose loss or gradient norm is
   more than 6 standard deviations above the mean of the last 128 steps. gradguard uses the same numbers
-  with median/MAD instead of mean/std, because a spike inflates the std and hides the next one; a robust
-  z of 6 is as rare as a Gaussian 6σ event (≈1e-9) on well-behaved noise.
+  with median/MAD instead of mean/std, because a spike inflates the std and hides the next one. ``spike_z``
+  is the Gaussian rarity asked for (6σ ≈ 1e-9 per step); since the median and MAD are estimated from the
+  window itself, the z-score a value must exceed is the Student-t equivalent for that many points
+  (:func:`spike_threshold`: 76 with 16 values, 9.6 with 64, 7.5 with 128, → 6 as the window grows).
 * ``min_history=16``: OLMo-core waits for half its window (64) because a mean/std estimate from few
-  points is fragile; the median/MAD is already stable with 16, and explosions in short runs (SEEDS S0)
-  often happen before step 64. Non-finite values are caught from the first step regardless.
+  points is fragile. gradguard starts at 16, because explosions in short runs (SEEDS S0) often happen
+  before step 64, and lets the small-sample threshold above carry the fragility: early on only gross
+  spikes (a 1000× outlier batch, a diverging loss) are skipped. Non-finite values are caught from the
+  first step regardless.
 * ``spike_min_excess=0.1``: a plateau where the MAD is ~0 would otherwise turn a 1-ulp wobble into an
   infinite z-score; a spike must also exceed the median by 10%.
 * ``rollback_after=5``: one bad batch is a skip; a bad *state* fails every batch. Five skips in a row
@@ -60,6 +69,7 @@ caused by growth and for clips of a gradient norm ≥ ``clip_report_ratio`` × t
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
 from collections import deque
@@ -68,6 +78,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -76,13 +87,66 @@ from gradguard.errors import ConfigError, InputError, StateError, check_number
 from gradguard.findings import Finding
 from gradguard.stats import RingBuffer, robust_zscore, tensor_norms, total_norm
 
-__all__ = ["ACTIONS", "Guard", "GuardEvent"]
+__all__ = ["ACTIONS", "Guard", "GuardEvent", "spike_threshold"]
 
 #: Actions a :class:`GuardEvent` can record.
 ACTIONS = ("skip", "clip", "rollback", "lr_backoff", "lr_restored", "reset_window")
 
 # Positions in the vector fetched once per step.
 _LOSS, _NORM, _THRESH, _CLIPPED, _ZLOSS, _ZNORM, _LSPIKE, _NSPIKE, _FOUND_INF, _AFTER, _NMED = range(11)
+
+
+#: Asymptotic efficiency of the MAD as an estimator of a Gaussian σ (its variance is 1.3605·σ²/n against
+#: σ²/(2n) for the standard deviation): a MAD from n points is worth about 0.3675·n points of a std.
+MAD_EFFICIENCY = 0.3675
+
+
+@functools.lru_cache(maxsize=4096)
+def spike_threshold(z: float, n: int) -> float:
+    """Robust z-score that a new value must exceed to be as rare as a ``z``-σ Gaussian event, when the median
+    and MAD it is scored against come from only ``n`` samples.
+
+    ``T(z, n) = sqrt(1 + π/(2n)) · t⁻¹_ν(Φ(z))`` with ``ν = max(1, MAD_EFFICIENCY · (n − 1))``: the
+    prediction-interval form of a studentised deviate (a new observation against a location and scale
+    estimated from the same distribution). The scale is estimated, so the deviate follows Student's t, not
+    the normal, with the degrees of freedom a MAD of n points is worth; the location is estimated too, and
+    ``πσ²/(2n)`` is the variance of the sample median. ``T → z`` as ``n → ∞``: with z = 6,
+    ``T`` is 76 at n = 16, 9.6 at n = 64 and 7.5 at n = 128. Without this correction a 16-point window whose
+    MAD happens to be small (clustered values) turns an ordinary 2σ rise into "z > 6" — the false skips the
+    reliability campaign found early in clean CNN and transformer runs.
+    """
+    nu = max(1.0, MAD_EFFICIENCY * (n - 1))
+    target = math.log(0.5 * math.erfc(z / math.sqrt(2.0)))  # log Φ̄(z)
+    lo, hi = 0.0, 1e12  # bisection on log t-survival(x), which falls monotonically in x
+    for _ in range(200):
+        mid = math.sqrt(lo * hi) if lo > 0 else max(z, 1.0)
+        if _log_t_survival(mid, nu) > target:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-9 * hi:
+            break
+    return math.sqrt(1.0 + math.pi / (2.0 * n)) * hi
+
+
+# Gauss–Legendre nodes and weights on (0, 1) for the t-tail integral below.
+_GL_X, _GL_W = np.polynomial.legendre.leggauss(256)
+_GL_X, _GL_W = 0.5 * (_GL_X + 1.0), 0.5 * _GL_W
+
+
+def _log_t_survival(x: float, nu: float) -> float:
+    """``log P(T > x)`` for Student's t with ``nu`` ≥ 1 degrees of freedom and ``x`` > 0.
+
+    ``∫ₓ^∞ f(t) dt = ∫₀¹ f(x/s) · x/s² ds`` (``t = x/s``), whose integrand behaves like ``s^(ν−1)`` near 0
+    and is smooth for ``ν ≥ 1``, so a fixed Gauss–Legendre rule is accurate (to ~1e-10 relative against
+    ``scipy.stats.t.sf``, see the tests). Evaluated in logs so that tails of 1e-300 do not underflow.
+    """
+    s = _GL_X
+    t = x / s
+    log_norm = math.lgamma((nu + 1) / 2) - math.lgamma(nu / 2) - 0.5 * math.log(nu * math.pi)
+    log_f = log_norm - (nu + 1) / 2 * np.log1p(t * t / nu) + np.log(x) - 2 * np.log(s)
+    m = float(log_f.max())
+    return m + math.log(float(np.sum(_GL_W * np.exp(log_f - m))))
 
 
 @dataclass(frozen=True)
@@ -121,14 +185,14 @@ class Guard:
         min_history: applied steps needed before spikes are judged.
         spike_min_excess: a spike must also exceed the window's median by this fraction of it.
         rollback_after: consecutive skips that trigger a rollback.
-        snapshot_every: consecutive good steps between snapshots.
+        snapshot_every: good steps between snapshots (each committed after one more healthy step).
         backoff: LR multiplier applied at each rollback.
         recover_steps: good steps over which the LR factor grows back to 1.
         min_lr_factor: floor of the LR factor.
         snapshot_dir: directory for an on-disk snapshot (``torch.save``; restored with
             ``torch.load(weights_only=True)``); ``None`` keeps it in memory on the tensors' own devices,
-            which costs one more copy of the parameters, buffers and optimizer state (≈ 3× the parameter
-            memory with Adam).
+            which costs a copy of the parameters, buffers and optimizer state (≈ 3× the parameter memory
+            with Adam), and a second one for the one step a new snapshot waits to be committed.
         max_events: how many recent events ``events`` keeps.
         clip_report_ratio: clips of a norm ≥ ratio × the median norm of recent steps are also findings.
     """
@@ -205,6 +269,8 @@ class Guard:
         self._rollbacks_since_progress = 0
         self._skip_reasons: list[str] = []
         self._memory_snapshot: dict[str, Any] | None = None
+        self._candidate: tuple[dict[str, Any], int] | None = None
+        self._good_since_snapshot = 0
         self.snapshot_step = 0
         self.snapshot()
 
@@ -218,7 +284,17 @@ class Guard:
         return {"losses": self._losses.state_dict(), "norms": self._norms.state_dict()}
 
     def snapshot(self) -> None:
-        """Record the current state as the rollback target (done every ``snapshot_every`` good steps)."""
+        """Record the current state as the rollback target now (a pending automatic candidate is dropped).
+
+        Call it when you know the state is good (after loading a checkpoint, say); the guard's own periodic
+        snapshots go through :meth:`_capture_candidate` and are promoted only once validated.
+        """
+        self._discard_candidate()
+        self._good_since_snapshot = 0
+        self._commit(self._capture(), self.steps)
+
+    def _capture(self) -> dict[str, Any]:
+        """Copies of everything a rollback restores (device-side clones; no host sync)."""
         state: dict[str, Any] = {
             "model": {k: t.detach().clone() for k, t in self._model_tensors().items()},
             "optimizer": copy.deepcopy(self.optimizer.state_dict()),
@@ -231,14 +307,42 @@ class Guard:
             state["scaler"] = copy.deepcopy(self.scaler.state_dict())
         if self.scheduler is not None:
             state["scheduler"] = copy.deepcopy(self.scheduler.state_dict())
-        self.snapshot_step = self.steps
-        self._good_since_snapshot = 0
+        return state
+
+    def _commit(self, state: dict[str, Any], step: int) -> None:
+        """Make ``state`` (taken at ``step``) the rollback target."""
+        self.snapshot_step = step
         if self.snapshot_path is None:
             self._memory_snapshot = state
         else:
             tmp = self.snapshot_path.with_suffix(".tmp")
             torch.save(state, tmp)
             os.replace(tmp, self.snapshot_path)  # atomic: a crash never leaves half a snapshot
+
+    def _capture_candidate(self) -> None:
+        """Take the periodic snapshot as a *candidate*, right after an update.
+
+        The state after update t is first measured by step t+1's loss and gradients (the loss of step t
+        was computed with the weights before that update). A snapshot committed at once could hold the
+        damage of a finite but destructive update (a learning-rate spike, an outlier batch below the spike
+        threshold), and every rollback would then return to it. So the candidate becomes the rollback target
+        only when the next step is applied (:meth:`_promote_candidate`) and is dropped when it is skipped.
+        """
+        self._candidate = (self._capture(), self.steps)
+
+    @property
+    def candidate_step(self) -> int | None:
+        """Step of the snapshot waiting for its validating step to be committed (``None`` when none is)."""
+        return None if self._candidate is None else self._candidate[1]
+
+    def _promote_candidate(self) -> None:
+        if self._candidate is not None:
+            state, step = self._candidate
+            self._candidate = None
+            self._commit(state, step)
+
+    def _discard_candidate(self) -> None:
+        self._candidate = None
 
     def _load_snapshot(self) -> dict[str, Any]:
         if self.snapshot_path is None:
@@ -326,13 +430,15 @@ class Guard:
             clipped, after = torch.zeros((), device=device), norm
         norm = norm.to(device)
         nan = torch.full((), math.nan, device=device)
-        if self._losses.pushes >= self.min_history:  # host counter: only applied (finite) steps are pushed
+        held = min(self._losses.pushes, self.window)  # host counter: only applied (finite) steps are pushed
+        if held >= self.min_history:
+            limit = spike_threshold(self.spike_z, held)  # a host float: comparing with it does not sync
             z_loss = robust_zscore(loss_d, self._losses.values)
             z_norm = robust_zscore(norm, self._norms.values)
             loss_med = torch.nanmedian(self._losses.values)
             norm_med = torch.nanmedian(self._norms.values)
-            loss_spike = (z_loss > self.spike_z) & (loss_d > loss_med + self.spike_min_excess * loss_med.abs())
-            norm_spike = (z_norm > self.spike_z) & (norm > norm_med * (1.0 + self.spike_min_excess))
+            loss_spike = (z_loss > limit) & (loss_d > loss_med + self.spike_min_excess * loss_med.abs())
+            norm_spike = (z_norm > limit) & (norm > norm_med * (1.0 + self.spike_min_excess))
         else:
             z_loss = z_norm = norm_med = nan
             loss_spike = norm_spike = torch.zeros((), dtype=torch.bool, device=device)
@@ -404,6 +510,8 @@ class Guard:
         return False
 
     def _apply(self, step: int, measured: Tensor, closure: Callable[[], Any] | None) -> None:
+        # This step's loss and gradients, measured on the state the last candidate captured, were healthy.
+        self._promote_candidate()
         groups = self.optimizer.param_groups
         saved = [g["lr"] for g in groups]
         if self.lr_factor != 1.0:
@@ -431,7 +539,8 @@ class Guard:
                 self.lr_factor = 1.0
                 self._event(step, "lr_restored", "recovered", {"lr_factor": 1.0})
         if self._good_since_snapshot >= self.snapshot_every:
-            self.snapshot()
+            self._good_since_snapshot = 0
+            self._capture_candidate()
 
     def _on_clip(self, step: int, numbers: dict[str, float], after: float, typical: float) -> None:
         nums = {**numbers, "norm_after": after, "typical_grad_norm": typical}
@@ -452,6 +561,9 @@ class Guard:
     def _on_skip(self, step: int, reason: str, numbers: dict[str, float]) -> None:
         self.skipped += 1
         self._good_run = 0
+        # The state the candidate holds failed its first measurement (or the scaler is still searching
+        # for a scale): never roll back to it. The next one is taken after snapshot_every good steps.
+        self._discard_candidate()
         self._event(step, "skip", reason, numbers)
         if reason == "amp_overflow":
             return  # the scaler's normal search for a usable scale, not a sign of a bad state
@@ -477,7 +589,15 @@ class Guard:
 
     def _rollback(self, step: int, numbers: dict[str, float]) -> None:
         reasons = list(self._skip_reasons)
+        # The spike windows are kept, not restored: they hold only measurements of applied (healthy) steps,
+        # which stay valid knowledge of what healthy looks like, and with window ≥ snapshot_every +
+        # rollback_after they reach back past the snapshot, so the level the restored state starts from
+        # is in them. Restoring them instead would leave the guard blind (fewer than min_history values)
+        # after every rollback to an early snapshot. The clip policy *is* restored: it shapes the updates.
+        windows = self._guard_state()
         self.restore()
+        self._losses.load_state_dict(windows["losses"])
+        self._norms.load_state_dict(windows["norms"])
         self.rollbacks += 1
         self._consecutive_skips = 0
         self._skip_reasons.clear()
