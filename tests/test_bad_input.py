@@ -231,6 +231,8 @@ API_CASES: list[tuple[str, Callable[[Path], Any], type[GradGuardError], str]] = 
     ("clip-autoclip-percentile", lambda t: gg.clip.AutoClip(percentile=150), ConfigError, "150"),
     ("init-unknown-scheme", lambda t: gg.init.apply(_mlp(), "glorious"), ConfigError, "glorious"),
     ("init-not-a-module", lambda t: gg.init.apply([1, 2], "he_normal"), InputError, "list"),
+    ("init-lsuv-batch-not-a-tensor", lambda t: gg.init.lsuv(_mlp(), "x"), InputError, "str 'x'"),
+    ("init-lsuv-batch-list-without-tensor", lambda t: gg.init.lsuv(_mlp(), [1.0, 2.0]), InputError, "[1.0, 2.0]"),
     ("l2-penalty-negative", lambda t: gg.l2_penalty(_mlp(), -0.1), ConfigError, "-0.1"),
     ("lstm-unknown-activation", lambda t: gg.nn.LSTM(1, 4, 1, activation="sigmoid"), ConfigError, "sigmoid"),
     ("lstm-zero-hidden", lambda t: gg.nn.LSTM(1, 0, 1), ConfigError, "hidden_size=0"),

@@ -433,6 +433,18 @@ def _weight(module: nn.Module) -> Tensor:
     return w
 
 
+def _check_batch(batch: Any) -> None:
+    """Refuse, before any weight is touched, a batch that cannot carry data: LSUV measures real outputs."""
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, tuple | list) else [batch]
+    if not any(isinstance(v, Tensor) for v in values):
+        shown = " ".join(repr(batch).split())
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise InputError(
+            f"lsuv batch must be a tensor, a tuple/list of the model's arguments or a mapping of its keyword "
+            f"arguments holding at least one tensor; got {type(batch).__name__} {shown}"
+        )
+
+
 def _forward(model: nn.Module, batch: Any) -> None:
     if isinstance(batch, Mapping):
         model(**batch)
@@ -474,6 +486,7 @@ def lsuv(
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if batch is None:
         raise ConfigError("lsuv needs a batch of inputs (batch=...): it measures each layer's output on real data")
+    _check_batch(batch)
     check_number("target_std", target_std, low=0.0, low_inclusive=False)
     check_number("tol", tol, low=0.0, low_inclusive=False)
     check_number("max_iter", max_iter, low=1, integer=True)
