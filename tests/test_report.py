@@ -11,7 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+import gradguard as gg
 from gradguard.lab import registry
 from gradguard.lab.runner import run_many
 from gradguard.report.figures import Figure, Panel, Series
@@ -128,7 +130,11 @@ def test_index_and_report_render_in_headless_chromium(tmp_path: Path) -> None:
     assert browser is not None
     out = tmp_path / "run"
     run_many(registry.select(["weighted-sum", "matrix-product"]), out, seed=0, quick=True, index=True)
-    for page in (out / INDEX, out / "matrix-product" / REPORT):
+    # The probe's page too, with its per-layer and per-time-step figures.
+    torch.manual_seed(0)
+    rnn = torch.nn.RNN(1, 16, batch_first=True)
+    probe_page = gg.probe(rnn, torch.randn(4, 30, 1), time_dim=1).to_html(tmp_path / "probe" / "report.html")
+    for page in (out / INDEX, out / "matrix-product" / REPORT, probe_page):
         shot = tmp_path / f"{page.parent.name}-{page.stem}.png"
         dom, log = _render(browser, page, tmp_path, shot)
         console = [line for line in log.splitlines() if ":CONSOLE" in line]

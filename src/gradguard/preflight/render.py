@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gradguard.report.files import write_bytes_atomic
+from gradguard.report.html import page
 
 if TYPE_CHECKING:
     from gradguard.preflight.core import ProbeReport
@@ -46,6 +47,33 @@ def layer_cells(report: ProbeReport) -> list[list[str]]:
     ]
 
 
+_REC_COLUMNS = ("module", "cell", "steps", "growth/step", "horizon", "ρ(W_hh)", "ρ·mean f'", "gate mean", "note")
+
+
+def time_lines(report: ProbeReport) -> list[str]:
+    """The input-gradient-through-time summary as short sentences (empty without ``time_dim``)."""
+    t = report.time
+    if t is None:
+        return []
+    reach = "reaches the first step" if t.reaches_start else f"{t.horizon:.1f} steps back"
+    return [f"steps: {len(t.norms)} (time_dim {t.time_dim}); peak at step {t.peak_step}",
+            f"per-step growth factor: {_g(t.growth)}; horizon (1e-3 of peak): {reach}"]
+
+
+def recurrent_cells(report: ProbeReport) -> list[list[str]]:
+    """One list of display strings per unrolled recurrent module, in :data:`_REC_COLUMNS` order."""
+    rows = []
+    for p in report.recurrent:
+        horizon = "–" if math.isnan(p.horizon) else (f"≥ {p.horizon:.0f} (all)" if p.reaches_start
+                                                      else f"{p.horizon:.1f}")
+        gate = f"{p.gate_name}: " + ", ".join(_g(v) for v in p.gate_mean) if p.gate_name else "–"
+        rho = ", ".join(_g(v) for v in p.spectral_radius) or "–"
+        srho = ", ".join(_g(v) for v in p.scaled_radius) or "–"
+        rows.append([p.module or "(model)", f"{p.cell} ({p.nonlinearity})", str(p.steps), _g(p.growth), horizon,
+                     rho, srho, gate, p.note])
+    return rows
+
+
 def _md_escape(s: str) -> str:
     return s.replace("|", "\\|").replace("\n", " ")
 
@@ -58,23 +86,11 @@ def report_markdown(report: ProbeReport) -> str:
     for cells in layer_cells(report):
         lines.append("| " + " | ".join(_md_escape(c) for c in cells) + " |")
     if report.time is not None:
-        t = report.time
-        reach = "reaches the first step" if t.reaches_start else f"{t.horizon:.1f} steps back"
-        lines += ["", "## Gradient through time at the input", "",
-                  f"- steps: {len(t.norms)} (time_dim {t.time_dim}); peak at step {t.peak_step}",
-                  f"- per-step growth factor: {_g(t.growth)}; horizon (1e-3 of peak): {reach}"]
+        lines += ["", "## Gradient through time at the input", ""] + [f"- {t}" for t in time_lines(report)]
     if report.recurrent:
-        lines += ["", "## Recurrent modules (unrolled)", "",
-                  "| module | cell | steps | growth/step | horizon | ρ(W_hh) | ρ·mean f' | gate mean | note |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for p in report.recurrent:
-            horizon = "–" if math.isnan(p.horizon) else (f"≥ {p.horizon:.0f} (all)" if p.reaches_start
-                                                          else f"{p.horizon:.1f}")
-            gate = f"{p.gate_name}: " + ", ".join(_g(v) for v in p.gate_mean) if p.gate_name else "–"
-            rho = ", ".join(_g(v) for v in p.spectral_radius) or "–"
-            srho = ", ".join(_g(v) for v in p.scaled_radius) or "–"
-            cells = [p.module or "(model)", f"{p.cell} ({p.nonlinearity})", str(p.steps), _g(p.growth), horizon,
-                     rho, srho, gate, p.note]
+        lines += ["", "## Recurrent modules (unrolled)", "", "| " + " | ".join(_REC_COLUMNS) + " |",
+                  "|" + "---|" * len(_REC_COLUMNS)]
+        for cells in recurrent_cells(report):
             lines.append("| " + " | ".join(_md_escape(c) for c in cells) + " |")
     lines += ["", "## Findings", ""]
     if not report.findings:
@@ -141,17 +157,22 @@ def plots(report: ProbeReport) -> dict[str, str]:
     return out
 
 
-_CSS = """body{font-family:sans-serif;margin:2em;max-width:80em}table{border-collapse:collapse;font-size:0.85em}
-td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}td:nth-child(2),td:nth-child(3){text-align:left}
-.error{color:#b00020}.warning{color:#a05a00}.info{color:#555}"""
+def _table(columns: tuple[str, ...], rows: list[list[str]], text: set[int]) -> str:
+    """An HTML table; the columns whose index is in ``text`` hold words, the others numbers."""
+    e = html.escape
+    out = ["<table><tr>" + "".join(f"<th>{e(c)}</th>" for c in columns) + "</tr>"]
+    for cells in rows:
+        out.append("<tr>" + "".join(f"<td>{e(c)}</td>" if i in text else f"<td class='num'>{e(c)}</td>"
+                                    for i, c in enumerate(cells)) + "</tr>")
+    return "".join(out) + "</table>"
 
 
 def report_html(report: ProbeReport) -> str:
-    """The whole report as one HTML string with embedded PNG plots."""
+    """The whole report as one self-contained HTML page (the lab's stylesheet) with embedded PNG plots."""
     e = html.escape
-    parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>gradguard probe</title>",
-             f"<style>{_CSS}</style></head><body>",
-             f"<h1>Probe report</h1><p>loss: {e(report.loss_kind)} = {e(_g(report.loss))}</p>", "<h2>Findings</h2>"]
+    parts = ["<h1>Probe report</h1>",
+             f"<p class='meta'>one forward and backward pass; loss: {e(report.loss_kind)} = {e(_g(report.loss))}</p>",
+             "<h2>Findings</h2>"]
     if not report.findings:
         parts.append("<p>No findings.</p>")
     else:
@@ -163,23 +184,20 @@ def report_html(report: ProbeReport) -> str:
     images = plots(report)
     parts.append("<h2>Layers (execution order)</h2>")
     if "layers" in images:
-        parts.append(f"<img alt='per-layer forward std and gradient norm' src='data:image/png;base64,"
-                     f"{images['layers']}'>")
-    parts.append("<table><tr>" + "".join(f"<th>{e(c)}</th>" for c in _COLUMNS) + "</tr>")
-    for cells in layer_cells(report):
-        parts.append("<tr>" + "".join(f"<td>{e(c)}</td>" for c in cells) + "</tr>")
-    parts.append("</table>")
-    if "time" in images:
+        parts.append(f"<figure><img alt='per-layer forward std and gradient norm' src='data:image/png;base64,"
+                     f"{images['layers']}'></figure>")
+    parts.append(_table(_COLUMNS, layer_cells(report), text={1, 2}))
+    if "time" in images or report.time is not None or report.recurrent:
         parts.append("<h2>Gradient through time</h2>")
-        parts.append(f"<img alt='gradient norm per time step' src='data:image/png;base64,{images['time']}'>")
-    if report.recurrent or report.time is not None:
-        md = report_markdown(report)
-        section = md[md.find("## Gradient through time"):] if report.time is not None else ""
-        rec = md[md.find("## Recurrent modules"):md.find("## Findings")] if report.recurrent else ""
-        text = (section.split("## Recurrent modules")[0].split("## Findings")[0] + rec).strip()
-        parts.append(f"<pre>{e(text)}</pre>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    if "time" in images:
+        parts.append(f"<figure><img alt='gradient norm per time step' src='data:image/png;base64,{images['time']}'>"
+                     "</figure>")
+    if report.time is not None:
+        parts.append("<h3>At the input</h3><ul>" + "".join(f"<li>{e(t)}</li>" for t in time_lines(report)) + "</ul>")
+    if report.recurrent:
+        parts.append("<h3>Recurrent modules (unrolled)</h3>")
+        parts.append(_table(_REC_COLUMNS, recurrent_cells(report), text={0, 1, 7, 8}))
+    return page("gradguard probe", "\n".join(parts))
 
 
 def write_html(report: ProbeReport, path: Path) -> Path:

@@ -29,6 +29,7 @@ figure { margin: 1.2rem 0; } figure img { max-width: 100%; border: 1px solid #ee
 figcaption { color: #444; font-size: .9rem; max-width: 60rem; }
 pre { background: #f6f8fa; padding: .8rem; overflow-x: auto; font-size: .82rem; }
 .summary { font-size: 1.02rem; max-width: 60rem; }
+.error { color: #b3261e; } .warning { color: #a05a00; } .info { color: #555; }
 """
 
 
@@ -47,7 +48,8 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def _page(title: str, body: str) -> str:
+def page(title: str, body: str) -> str:
+    """A complete self-contained page: the shared stylesheet inline, no scripts, no network fetch."""
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{escape(title)}</title>"
@@ -123,7 +125,7 @@ def render_experiment(results: ExperimentResults, images: dict[str, bytes]) -> s
     parts += ["<h2>Measurements</h2>", f"<table><tr><th>name</th><th>value</th></tr>{rows}</table>"]
     config = json.dumps(results.config, indent=1, ensure_ascii=False)
     parts += ["<h2>Configuration</h2>", f"<pre>{escape(config)}</pre>"]
-    return _page(f"gradguard lab: {m.get('title', results.id)}", "\n".join(parts))
+    return page(f"gradguard lab: {m.get('title', results.id)}", "\n".join(parts))
 
 
 def render_index(runs: list[ExperimentResults]) -> str:
@@ -149,4 +151,4 @@ def render_index(runs: list[ExperimentResults]) -> str:
         "<h2>All claims</h2>",
     ]
     parts.append(claims_table([(r.folder.name, c) for r in runs for c in r.claims]))
-    return _page("gradguard lab", "\n".join(parts))
+    return page("gradguard lab", "\n".join(parts))
