@@ -1,4 +1,7 @@
-"""The ``gradguard lab list|run`` and ``gradguard report DIR`` sub-commands."""
+"""The ``gradguard lab list|run`` and ``gradguard report DIR`` sub-commands.
+
+``report DIR`` redraws a lab run, or draws the log a monitor wrote with ``gg.watch(model, log_dir=DIR)``.
+"""
 
 from __future__ import annotations
 
@@ -38,8 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     # Parsed by hand so that a bad value gives gradguard's one-line error, not argparse's usage block.
     run.add_argument("--seed", default="0", metavar="N", help=f"random seed, 0..{SEED_MAX} (default 0)")
     run.set_defaults(func=_cmd_run)
-    rep = sub.add_parser("report", help="re-render the report of a finished lab run")
-    rep.add_argument("dir", metavar="DIR", help="a run folder (from `lab run --out`) or one experiment's folder")
+    rep = sub.add_parser("report", help="re-render a lab run's reports, or draw a watched run's log")
+    rep.add_argument("dir", metavar="DIR", help="a run folder (from `lab run --out`), one experiment's folder, "
+                     "or a monitor's log_dir (gg.watch(model, log_dir=DIR))")
     rep.set_defaults(func=_cmd_report)
 
 
@@ -119,9 +123,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from gradguard.report.files import find_experiments, load_experiment
     from gradguard.report.render import render_folder, render_index_file
+    from gradguard.report.watch import is_watch_folder, render_watch_report
 
     folder = Path(args.dir)
     console = Console(highlight=False)
+    if is_watch_folder(folder):  # a gg.watch(model, log_dir=...) folder, not a lab run
+        console.print(f"report: {render_watch_report(folder)}", soft_wrap=True, markup=False)
+        return EXIT_OK
     folders = find_experiments(folder)
     for f in folders:
         console.print(f"report: {render_folder(f)}", soft_wrap=True, markup=False)
