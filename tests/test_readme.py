@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from gradguard.cli import main
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -31,3 +33,5 @@ def test_tour_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pyte
     assert len(nan) == 1 and nan[0].step == 40 and "input batch" in nan[0].message, findings
     assert any(e.step == 40 and e.action == "skip" for e in namespace["guard"].events)  # type: ignore[attr-defined]
     assert (tmp_path / "probe.html").is_file() and (tmp_path / "runs" / "tour" / "metrics.jsonl").is_file()
+    assert main(["report", "runs/tour"]) == 0  # the tour's command-line step, on the log the tour wrote
+    assert (tmp_path / "runs" / "tour" / "report.html").is_file()
