@@ -71,14 +71,17 @@ def detect(obs: Observation) -> list[Finding]:
     evidence.update({"phase": origin.phase, **dict(origin.evidence)})
     name = f"`{origin.module}`" if origin.module else "the loss"
     params_bad = bool(origin.evidence.get("nonfinite_params"))
+    from_data = bool(origin.evidence.get("nonfinite_inputs"))
+    # A NaN that came with the batch was born before the model: no pass of any module produced it.
+    where = "in the data" if from_data else f"in the {origin.phase} pass of {name}"
     return [
         Finding(
             kind="nonfinite",
             module=origin.module,
             step=step,
             severity="error",
-            message=f"NaN/Inf was born at step {step} in the {origin.phase} pass of {name}: {origin.what}.",
-            advice=_advice(origin.phase, origin.module, params_bad, bool(origin.evidence.get("nonfinite_inputs"))),
+            message=f"NaN/Inf was born at step {step} {where}: {origin.what}.",
+            advice=_advice(origin.phase, origin.module, params_bad, from_data),
             evidence=evidence,
         )
     ]
