@@ -341,3 +341,24 @@ def test_registry_builds_every_policy() -> None:
         params = _params()
         result = policy(params)
         assert all(isinstance(t, torch.Tensor) and t.ndim == 0 for t in result)
+
+
+@pytest.mark.parametrize("q", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_history_quantile_by_selection_equals_torch_quantile(q: float) -> None:
+    """The history's quantile selects two order statistics instead of sorting; it must equal torch.quantile
+    (linear interpolation) on every fill level, including after the ring wraps and with +inf entries."""
+    hist = clip._History(capacity=50)
+    g = torch.Generator().manual_seed(5)
+    rows = []
+    for step in range(120):
+        row = torch.rand(7, generator=g) * 10
+        if step % 17 == 3:
+            row[2] = math.inf
+        hist.push(row)
+        rows.append(row)
+        window = torch.stack(rows[-50:])
+        finite_ref = torch.quantile(window, q, dim=0)
+        ours = hist.quantile(q)
+        # torch.quantile gives NaN next to an inf neighbour (inf − inf); the threshold must be inf there
+        ref = torch.where(finite_ref.isnan(), math.inf, finite_ref)
+        torch.testing.assert_close(ours, ref, rtol=1e-6, atol=0)
