@@ -87,7 +87,7 @@ from gradguard.errors import ConfigError, InputError, StateError, check_number
 from gradguard.findings import Finding
 from gradguard.stats import RingBuffer, robust_zscore, tensor_norms, total_norm
 
-__all__ = ["ACTIONS", "Guard", "GuardEvent", "spike_threshold"]
+__all__ = ["ACTIONS", "Guard", "GuardEvent", "spike_threshold", "spike_thresholds"]
 
 #: Actions a :class:`GuardEvent` can record.
 ACTIONS = ("skip", "clip", "rollback", "lr_backoff", "lr_restored", "reset_window")
@@ -101,7 +101,6 @@ _LOSS, _NORM, _THRESH, _CLIPPED, _ZLOSS, _ZNORM, _LSPIKE, _NSPIKE, _FOUND_INF, _
 MAD_EFFICIENCY = 0.3675
 
 
-@functools.lru_cache(maxsize=4096)
 def spike_threshold(z: float, n: int) -> float:
     """Robust z-score that a new value must exceed to be as rare as a ``z``-σ Gaussian event, when the median
     and MAD it is scored against come from only ``n`` samples.
@@ -115,18 +114,31 @@ def spike_threshold(z: float, n: int) -> float:
     MAD happens to be small (clustered values) turns an ordinary 2σ rise into "z > 6" — the false skips the
     reliability campaign found early in clean CNN and transformer runs.
     """
-    nu = max(1.0, MAD_EFFICIENCY * (n - 1))
+    return float(spike_thresholds(z, (n,))[0])
+
+
+@functools.lru_cache(maxsize=64)
+def spike_thresholds(z: float, counts: tuple[int, ...]) -> tuple[float, ...]:
+    """:func:`spike_threshold` for several window sizes at once (vectorised bisection; cached).
+
+    ``Guard`` builds its table for every window size from ``min_history`` to ``window`` at construction,
+    so a step only indexes a tuple.
+    """
+    n = np.asarray(counts, dtype=np.float64)
+    nu = np.maximum(1.0, MAD_EFFICIENCY * (n - 1.0))
+    log_norm = (
+        np.array([math.lgamma((v + 1) / 2) - math.lgamma(v / 2) for v in nu]) - 0.5 * np.log(nu * math.pi)
+    )
     target = math.log(0.5 * math.erfc(z / math.sqrt(2.0)))  # log Φ̄(z)
-    lo, hi = 0.0, 1e12  # bisection on log t-survival(x), which falls monotonically in x
-    for _ in range(200):
-        mid = math.sqrt(lo * hi) if lo > 0 else max(z, 1.0)
-        if _log_t_survival(mid, nu) > target:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo <= 1e-9 * hi:
-            break
-    return math.sqrt(1.0 + math.pi / (2.0 * n)) * hi
+    # t tails are heavier than the normal's, so the answer is ≥ z; bisection on log x, 64 halvings of a
+    # bracket [z, 1e12] leave a relative error far below 1e-12.
+    lo = np.full_like(nu, math.log(max(z, 1e-3)))
+    hi = np.full_like(nu, math.log(1e12))
+    for _ in range(64):
+        mid = 0.5 * (lo + hi)
+        above = _log_t_survival(np.exp(mid), nu, log_norm) > target
+        lo, hi = np.where(above, mid, lo), np.where(above, hi, mid)
+    return tuple((np.sqrt(1.0 + math.pi / (2.0 * n)) * np.exp(hi)).tolist())
 
 
 # Gauss–Legendre nodes and weights on (0, 1) for the t-tail integral below.
@@ -134,19 +146,19 @@ _GL_X, _GL_W = np.polynomial.legendre.leggauss(256)
 _GL_X, _GL_W = 0.5 * (_GL_X + 1.0), 0.5 * _GL_W
 
 
-def _log_t_survival(x: float, nu: float) -> float:
-    """``log P(T > x)`` for Student's t with ``nu`` ≥ 1 degrees of freedom and ``x`` > 0.
+def _log_t_survival(x: np.ndarray, nu: np.ndarray, log_norm: np.ndarray) -> np.ndarray:
+    """``log P(T > x)`` for Student's t with ``nu`` ≥ 1 degrees of freedom and ``x`` > 0, elementwise.
 
     ``∫ₓ^∞ f(t) dt = ∫₀¹ f(x/s) · x/s² ds`` (``t = x/s``), whose integrand behaves like ``s^(ν−1)`` near 0
     and is smooth for ``ν ≥ 1``, so a fixed Gauss–Legendre rule is accurate (to ~1e-10 relative against
-    ``scipy.stats.t.sf``, see the tests). Evaluated in logs so that tails of 1e-300 do not underflow.
+    ``scipy.stats.t.sf``, see the tests). ``log_norm`` is the log of the density's constant
+    ``Γ((ν+1)/2) / (Γ(ν/2)·√(νπ))``. Evaluated in logs so that tails of 1e-300 do not underflow.
     """
-    s = _GL_X
-    t = x / s
-    log_norm = math.lgamma((nu + 1) / 2) - math.lgamma(nu / 2) - 0.5 * math.log(nu * math.pi)
-    log_f = log_norm - (nu + 1) / 2 * np.log1p(t * t / nu) + np.log(x) - 2 * np.log(s)
-    m = float(log_f.max())
-    return m + math.log(float(np.sum(_GL_W * np.exp(log_f - m))))
+    x, nu, log_norm = x[:, None], nu[:, None], log_norm[:, None]
+    t = x / _GL_X
+    log_f = log_norm - (nu + 1) / 2 * np.log1p(t * t / nu) + np.log(x) - 2 * np.log(_GL_X)
+    m = log_f.max(axis=1, keepdims=True)
+    return (m + np.log(np.sum(_GL_W * np.exp(log_f - m), axis=1, keepdims=True)))[:, 0]
 
 
 @dataclass(frozen=True)
@@ -248,6 +260,7 @@ class Guard:
         self.recover_steps = int(check_number("recover_steps", recover_steps, low=1, integer=True))
         self.min_lr_factor = float(check_number("min_lr_factor", min_lr_factor, low=0.0, high=1.0, low_inclusive=False))
         self.clip_report_ratio = float(check_number("clip_report_ratio", clip_report_ratio, low=1.0))
+        self._limits = spike_thresholds(self.spike_z, tuple(range(self.min_history, self.window + 1)))
         check_number("max_events", max_events, low=1, integer=True)
         self.snapshot_path = None if snapshot_dir is None else Path(snapshot_dir) / "gradguard_guard_snapshot.pt"
         if self.snapshot_path is not None:
@@ -432,7 +445,7 @@ class Guard:
         nan = torch.full((), math.nan, device=device)
         held = min(self._losses.pushes, self.window)  # host counter: only applied (finite) steps are pushed
         if held >= self.min_history:
-            limit = spike_threshold(self.spike_z, held)  # a host float: comparing with it does not sync
+            limit = self._limits[held - self.min_history]  # a host float: comparing with it does not sync
             z_loss = robust_zscore(loss_d, self._losses.values)
             z_norm = robust_zscore(norm, self._norms.values)
             loss_med = torch.nanmedian(self._losses.values)
