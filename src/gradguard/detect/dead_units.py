@@ -8,6 +8,9 @@ whole layer is dead (the signal is cut), ``warning`` from :data:`WARN_FRACTION`,
 
 from __future__ import annotations
 
+import torch
+from torch import Tensor
+
 from gradguard.detect.base import Observation, fmt
 from gradguard.findings import Finding
 
@@ -18,13 +21,15 @@ WARN_FRACTION = 0.5
 
 def detect(obs: Observation) -> list[Finding]:
     """One ``dead_units`` finding per ReLU-like module with a large share of never-firing units."""
+    if obs.new == 0:
+        return []
+    names = [
+        n for n, peaks in obs.dead_window.items() if obs.dead_samples.get(n, 0) >= MIN_SAMPLES and peaks.numel() > 0
+    ]
     out = []
-    for name, peaks in obs.dead_window.items():
-        samples = obs.dead_samples.get(name, 0)
-        if samples < MIN_SAMPLES or peaks.numel() == 0 or obs.new == 0:
-            continue
-        dead = int((peaks <= 0).sum())  # NaN <= 0 is False: a NaN unit is not called dead
-        units = peaks.numel()
+    for name, dead in zip(names, _dead_counts([obs.dead_window[n] for n in names]), strict=True):
+        samples = obs.dead_samples[name]
+        units = obs.dead_window[name].numel()
         frac = dead / units
         if frac < INFO_FRACTION:
             continue
@@ -47,3 +52,16 @@ def detect(obs: Observation) -> list[Finding]:
             )
         )
     return out
+
+
+def _dead_counts(peaks: list[Tensor]) -> list[int]:
+    """Number of units with peak ≤ 0 in each vector (NaN ≤ 0 is False: a NaN unit is not called dead).
+
+    One comparison and one segment sum for all modules together (a cumulative sum read at each module's
+    end), not three small kernels per module.
+    """
+    if not peaks:
+        return []
+    ends = torch.tensor([p.numel() for p in peaks]).cumsum(0) - 1
+    cum = torch.cat([p.reshape(-1) for p in peaks]).le(0).cumsum(0)[ends]
+    return torch.diff(cum, prepend=cum.new_zeros(1)).tolist()

@@ -23,7 +23,10 @@ def _output_module(depth: Sequence[str]) -> str | None:
     A sigmoid/tanh *output* that saturates means confident predictions (e.g. a sigmoid before BCELoss on a
     well-trained classifier), not a gradient pathology, so it is not reported.
     """
-    leaves = [n for n in depth if not any(o.startswith(n + ".") for o in depth if o != n)]
+    # A name is a container when another name extends it by ".child": collect every proper prefix once
+    # (linear in the number of names, where testing each pair is quadratic).
+    parents = {o[:i] for o in depth for i, c in enumerate(o) if c == "."}
+    leaves = [n for n in depth if n not in parents]
     return leaves[-1] if leaves else None
 
 

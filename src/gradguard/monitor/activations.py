@@ -57,11 +57,14 @@ class Sample:
 
     step: int
     raw: list[tuple[str, Tensor]] = field(default_factory=list)
-    summaries: dict[str, list[Tensor]] = field(default_factory=dict)
+    #: One summary row per module call (fields ``SUMMARY_FIELDS``), filled by :meth:`ActivationTap.disarm`.
+    matrix: Tensor | None = None
+    #: Per module, its rows in ``matrix`` (one per call).
+    rows: dict[str, list[int]] = field(default_factory=dict)
     activity: dict[str, Tensor] = field(default_factory=dict)  # per-unit peak output (ReLU-like modules)
     time_forward: dict[str, Tensor] = field(default_factory=dict)
     time_grad: dict[str, Tensor] = field(default_factory=dict)
-    order: list[str] = field(default_factory=list)
+    order: dict[str, None] = field(default_factory=dict)  # module names in forward-completion order
 
 
 class ActivationTap:
@@ -103,24 +106,25 @@ class ActivationTap:
         if sample is None or not sample.raw:
             return None
         # Every call's summary in one batched computation (see gradguard.stats.batched).
-        matrix = activation_summaries([t for _, t in sample.raw], [self.kinds[n] for n, _ in sample.raw])
-        for (name, _), vec in zip(sample.raw, matrix.unbind(0), strict=True):
-            sample.summaries.setdefault(name, []).append(vec)
+        sample.matrix = activation_summaries([t for _, t in sample.raw], [self.kinds[n] for n, _ in sample.raw])
+        for i, (name, _) in enumerate(sample.raw):
+            sample.rows.setdefault(name, []).append(i)
         sample.raw.clear()
         return sample
 
     def _sample(self, out: Tensor) -> Tensor:
-        flat = out.detach().reshape(-1)
-        n = flat.numel()
+        n = out.numel()
         if n <= SUMMARY_SAMPLE:
-            return flat.clone()  # a copy: a later in-place op (ReLU(inplace=True)) must not change it
-        key = (n, flat.device)
+            # A copy: a later in-place op (ReLU(inplace=True)) must not change it.
+            return out.detach().reshape(-1).clone()
+        key = (n, out.device)
         idx = self._positions.get(key)
         if idx is None:
             g = torch.Generator().manual_seed(n)
-            idx = torch.randint(n, (SUMMARY_SAMPLE,), generator=g).to(flat.device)
+            idx = torch.randint(n, (SUMMARY_SAMPLE,), generator=g).to(out.device)
             self._positions[key] = idx
-        return flat.index_select(0, idx)
+        # take() indexes the flattened tensor whatever its strides: one gather, no reshape copy.
+        return torch.take(out.detach(), idx)
 
     def _make_hook(self, name: str, module: nn.Module):
         recurrent = is_recurrent(module)
@@ -141,8 +145,7 @@ class ActivationTap:
             if not isinstance(out, Tensor) or not out.is_floating_point() or out.numel() == 0:
                 return
             sample.raw.append((name, tap._sample(out)))
-            if name not in sample.order:
-                sample.order.append(name)
+            sample.order[name] = None
             if relu_like:
                 peak = unit_peak(out, unit_dim_for(out))
                 prev = sample.activity.get(name)

@@ -31,6 +31,7 @@ from gradguard.monitor.schedule import Schedule, every
 from gradguard.sinks.base import Sink
 from gradguard.sinks.console import ConsoleSink
 from gradguard.sinks.jsonl import JsonlSink
+from gradguard.stats.activations import SUMMARY_FIELDS
 from gradguard.stats.distributed import is_distributed, make_reduce_fn
 
 #: Option names accepted by :func:`watch`, with their defaults.
@@ -152,6 +153,7 @@ class Monitor:
         self._dead: dict[str, deque[Tensor]] = {}
         self._dead_window = dead_window
         self._latest_act: dict[str, dict[str, float]] = {}
+        self._act_keys: dict[str, list[str]] = {}
         self._time_forward: dict[str, Tensor] = {}
         self._time_grad: dict[str, Tensor] = {}
         self._depth: list[str] = []
@@ -226,29 +228,30 @@ class Monitor:
                     "reduce it first (e.g. loss.mean())"
                 )
         step = self._step
-        params = self._stats.params
-        first = next((p.grad for p in params if p.grad is not None), None)
-        if first is None:
+        present, grads = self._stats.gradients()
+        if not grads:
             self._no_gradients(step)
             return
-        if self._stats.device is not None and first.device != self._stats.device:
+        device = grads[0].device
+        if self._stats.device is not None and device != self._stats.device:
             self._flush()  # the model moved: read the old device's rows before re-allocating
-        self._stats.ensure_device(first.device)
-        detail = self.detail_every(step)
-        meta, bad = self._stats.record(step, loss, detail)
+        self._stats.ensure_device(device)
+        meta, values = self._stats.record(step, loss, self.detail_every(step), present, grads)
         if self.detail_every(step + 1):
             self._stats.snapshot(step)  # weights before the optimizer step feed the next update ratio
         sample = self._tap.disarm()
         if sample is not None:
             self._samples.append(sample)
         force = False
-        if first.device.type == "cpu" and self._stats.reduce_fn is None:
+        if device.type == "cpu" and self._stats.reduce_fn is None:
             # (issue 6) With a distributed reduce_fn the flag of a local shard may differ between ranks, and
             # a flush made on one rank only would wait forever in the collective: flush on schedule only.
             # Reading a CPU tensor is a memory load, not a device synchronisation, so the non-finite flag
             # is checked at every step and a NaN is localised on the very step it appears. On
-            # accelerators the flag waits for the logging schedule (see _flush).
-            force = self._check_nonfinite(meta, bool(bad), loss)
+            # accelerators the flag waits for the logging schedule (see _flush). Summed in float64 so that
+            # large finite norms cannot overflow into a false alarm.
+            flagged = not math.isfinite(float(values.sum(dtype=torch.float64)))
+            force = self._check_nonfinite(meta, flagged, loss)
         if self.sample_every(step + 1):
             self._tap.arm(step + 1)
         self._step += 1
@@ -354,7 +357,7 @@ class Monitor:
             depth=self._depth,
             activations=self._latest_act,
             saturation_kinds={n: k for n, k in self._tap.kinds.items() if k is not None},
-            dead_window={n: torch.stack(list(d)).amax(0) for n, d in self._dead.items() if d},
+            dead_window=self._dead_peaks(),
             dead_samples={n: len(d) for n, d in self._dead.items()},
             time_forward=self._time_forward,
             time_grad=self._time_grad,
@@ -404,26 +407,45 @@ class Monitor:
     def _absorb_sample(self, sample: Sample, row: dict[str, Any] | None) -> None:
         if sample.order:
             self._depth = list(sample.order)
-        names = list(sample.summaries)
-        calls = [len(sample.summaries[n]) for n in names]
-        # One host transfer for every module's summaries.
-        host = torch.stack([v for n in names for v in sample.summaries[n]]).cpu() if names else None
-        offsets = [sum(calls[:i]) for i in range(len(calls))]
-        for name, start, k in zip(names, offsets, calls, strict=True):
-            assert host is not None
-            pooled = pool_summaries(host[start : start + k])
-            self._latest_act[name] = pooled
-            if row is not None:
-                for field, value in pooled.items():
-                    row[f"act/{name}/{field}"] = value
-            act = sample.activity.get(name)
-            if act is not None and pooled["nonfinite"] == 0:
-                # A NaN output is "not > 0" everywhere; counting it would call live units dead.
-                self._dead.setdefault(name, deque(maxlen=self._dead_window)).append(act.cpu())
+        if sample.matrix is not None:
+            host = sample.matrix.cpu()  # one host transfer for every module's summaries
+            values = host.tolist()
+            for name, idx in sample.rows.items():
+                if len(idx) == 1:
+                    pooled = dict(zip(SUMMARY_FIELDS, values[idx[0]], strict=True))
+                else:
+                    pooled = pool_summaries(host[idx])
+                self._latest_act[name] = pooled
+                if row is not None:
+                    keys = self._act_keys.get(name)
+                    if keys is None:
+                        keys = self._act_keys[name] = [f"act/{name}/{field}" for field in SUMMARY_FIELDS]
+                    row.update(zip(keys, pooled.values(), strict=True))
+                act = sample.activity.get(name)
+                if act is not None and pooled["nonfinite"] == 0:
+                    # A NaN output is "not > 0" everywhere; counting it would call live units dead.
+                    self._dead.setdefault(name, deque(maxlen=self._dead_window)).append(act.cpu())
         for name, prof in sample.time_forward.items():
             self._time_forward[name] = prof.cpu()
         for name, prof in sample.time_grad.items():
             self._time_grad[name] = prof.cpu()
+
+    def _dead_peaks(self) -> dict[str, Tensor]:
+        """Per ReLU-like module, each unit's peak output over its window of sampled steps.
+
+        Modules whose windows hold tensors of the same shapes are reduced together: one stack and one
+        ``amax`` for all of them instead of two kernels per module.
+        """
+        groups: dict[tuple[torch.Size, ...], list[str]] = {}
+        for name, d in self._dead.items():
+            if d:
+                groups.setdefault(tuple(t.shape for t in d), []).append(name)
+        out: dict[str, Tensor] = {}
+        for shapes, names in groups.items():
+            block = torch.stack([t for n in names for t in self._dead[n]])
+            peaks = block.reshape(len(names), len(shapes), *shapes[0]).amax(1)
+            out.update(zip(names, peaks.unbind(0), strict=True))
+        return out
 
     def _update_finding(self, finding: Finding) -> None:
         old = self._findings.get(finding.key)

@@ -1,13 +1,25 @@
-"""Per-step parameter statistics kept on the device in preallocated buffers.
+"""Per-step parameter statistics kept on the device in a preallocated ring of rows.
 
-Every step costs one fused ``torch._foreach_norm`` over the gradients (the per-tensor L2 norms, whose sum
-of squares also gives the global norm and, since NaN and Inf propagate through it, a non-finite flag).
-The costlier statistics — max-abs, weight norm and the update ratio ‖Δw‖/‖w‖ — are taken on *detail*
-steps only (the activation schedule, every 10th step by default); the update ratio needs the weights of the
-step before, so those are copied with one ``torch._foreach_copy_`` on the step preceding a detail step.
-Measured on CPU (20-layer MLP, width 256): L2 norms 0.24 ms, max-abs by ``_foreach_norm(inf)`` 3.7 ms but
-by a loop of ``aminmax`` 0.2 ms, exact non-finite counts 3.4 ms — so the exact counts are computed only on
-steps whose flag is raised, never in the steady state.
+Every step costs one fused ``torch._foreach_norm`` over the gradients — the per-tensor L2 norms, whose
+sum of squares also gives the global norm and, since NaN and Inf propagate through it, a non-finite flag
+— and one ``torch.stack`` that writes those norms and the loss into the step's row. No Python loop over
+the parameters runs in this path beyond collecting their ``.grad`` tensors.
+
+Non-finite counts are exact without a per-step count: a finite norm proves the tensor has no NaN/Inf
+(count 0), and a non-finite one is counted exactly (:meth:`ParamStats.count_nonfinite`, two passes) on the
+very step it appears, before the optimizer changes the gradients — on CPU, where reading the flag is a
+memory load. On accelerators reading it would synchronise every step, so there the count of a flagged
+tensor is recorded as NaN ("some") and the flag is read on the logging schedule.
+
+Max-abs, the weight norm and the update ratio ‖Δw‖/‖w‖ are taken on *detail* steps (the activation
+schedule, every 10th step by default; ``detail_every=1`` for every step). They are not per-step by
+default because each is a full pass over memory the step does not otherwise touch at that moment, and
+the training step is memory-bound at the monitor's scale: measured on CPU (20-layer MLP, width 256,
+1 thread, in a training loop, 21 ms per bare step) the per-step L2 norms cost 0.4 ms, max-abs 0.45 ms
+(``aminmax``; ``_foreach_norm(inf)`` 3.7 ms), weight norms 0.35 ms and the update ratio 1.3 ms (a copy
+of the weights, then subtract and norm) — together ≈ 10 % of the step, against an overhead budget of 5 %
+for everything the monitor does. The update ratio needs the weights of the step before, so they are
+copied with one ``torch._foreach_copy_`` on the step preceding a detail step.
 
 Distributed training: norms of sharded parameters are partial. ``reduce_fn`` (if given) receives the
 stacked per-tensor *squared* norms as one block of shape ``(rows, 3 · n_params)`` — gradient, weight and
@@ -45,6 +57,9 @@ class RowMeta:
 class ParamStats:
     """Device-side ring of per-step parameter statistics, fetched to the host in blocks.
 
+    Row layout of the per-step buffer: ``P`` gradient norms (``named_parameters()`` order, NaN for a
+    parameter without a gradient) followed by the loss (NaN, or ignored when the step had none).
+
     Args:
         params: the watched parameters, in ``model.named_parameters()`` order.
         rows: buffered steps before a fetch is forced (the logging period).
@@ -57,23 +72,28 @@ class ParamStats:
         self.reduce_fn = reduce_fn
         # Checked once: per-tensor DTensor tests cost ~1 µs each, i.e. noticeable for every step.
         self._sharded = any(is_dtensor(p) for p in self.params)
+        self._all = tuple(range(len(self.params)))
         self.device: torch.device | None = None
         self.meta: list[RowMeta] = []
         self._snapshot: list[Tensor] | None = None
         self._snapshot_step = -1
         self._index_cache: dict[tuple[int, ...], Tensor] = {}
+        self._fast = False
 
     def _allocate(self, device: torch.device) -> None:
         n, p = self.rows, len(self.params)
         nan = float("nan")
         self.device = device
-        self.grad_n = torch.full((n, p), nan, device=device)
+        self.step_n = torch.full((n, p + 1), nan, device=device)  # gradient norms | loss
         self.weight_n = torch.full((n, p), nan, device=device)
         self.delta_n = torch.full((n, p), nan, device=device)
         self.grad_max = torch.full((n, p), nan, device=device)
-        self.loss = torch.full((n,), nan, device=device)
+        self._no_loss = torch.full((), nan, device=device)
         self._index_cache.clear()
         self._snapshot = None
+        # One device for every parameter: the norms can be stacked straight into a row of the buffer.
+        # Otherwise (model parallel) tensor_norms groups them by device first.
+        self._fast = not self._sharded and all(p.device == device for p in self.params)
 
     def pending(self) -> int:
         """Number of steps recorded on the device and not fetched yet."""
@@ -86,6 +106,14 @@ class ParamStats:
         self._allocate(device)
         return True
 
+    def gradients(self) -> tuple[tuple[int, ...], list[Tensor]]:
+        """``(indices, tensors)`` of the parameters that hold a gradient now, in parameter order."""
+        grads = [p.grad for p in self.params]
+        if all(g is not None for g in grads):
+            return self._all, grads  # type: ignore[return-value]
+        present = tuple(i for i, g in enumerate(grads) if g is not None)
+        return present, [grads[i] for i in present]  # type: ignore[misc]
+
     def _index(self, present: tuple[int, ...]) -> Tensor:
         idx = self._index_cache.get(present)
         if idx is None:
@@ -94,60 +122,71 @@ class ParamStats:
             self._index_cache[present] = idx
         return idx
 
-    def record(self, step: int, loss: Tensor | None, detail: bool) -> tuple[RowMeta, Tensor]:
-        """Write this step's statistics into the next free row; returns its metadata and 0-d "bad" flag.
+    def record(
+        self, step: int, loss: Tensor | None, detail: bool, present: tuple[int, ...], grads: list[Tensor]
+    ) -> tuple[RowMeta, Tensor]:
+        """Write this step's statistics into the next free row (``present``/``grads`` from :meth:`gradients`).
 
-        The flag is true when the loss or any gradient holds NaN/Inf; it stays on the device.
+        Returns the row's metadata and a device vector holding this step's gradient norms and loss: it is
+        non-finite exactly when the loss or a gradient holds NaN/Inf (one flag, read by the caller only
+        where reading is free). Nothing is copied to the host.
         """
-        present = tuple(i for i, p in enumerate(self.params) if p.grad is not None)
-        # integrations (issue 6): FSDP2 gradients are DTensors; measure this rank's shard only (no collective
-        # per step) and let reduce_fn combine the squared norms on the logging schedule.
-        grads: list[Tensor] = [self.params[i].grad for i in present]  # type: ignore[misc]
-        if self._sharded:
-            grads = [local_tensor(g) for g in grads]
         row = len(self.meta)
-        norms = tensor_norms(grads, 2.0)
-        # Norms, not squares, are buffered: a float32 square overflows for norms > 1.8e19, which an
-        # exploding run reaches long before its gradients hold an actual Inf. Squares are formed in
-        # float64 on fetch.
-        if len(present) == len(self.params):
-            self.grad_n[row].copy_(norms)
-        else:
-            self.grad_n[row].index_copy_(0, self._index(present), norms)
-        total = norms.sum()  # NaN/Inf in any norm (or the loss) makes the sum non-finite: one flag
-        if loss is not None:
-            lv = loss.detach().reshape(())
-            self.loss[row].copy_(lv)
-            total = total + lv
-        bad = ~torch.isfinite(total)
-        if detail:
-            self._record_detail(row, step, present, grads)
+        lv = self._no_loss if loss is None else loss.detach().reshape(()).to(self.step_n.device)
+        if self._sharded:
+            # integrations (issue 6): FSDP2 gradients are DTensors; measure this rank's shard only (no
+            # collective per step) and let reduce_fn combine the squared norms on the logging schedule.
+            grads = [local_tensor(g) for g in grads]
+        with torch.no_grad():
+            # Norms, not squares, are buffered: a float32 square overflows for norms > 1.8e19, which an
+            # exploding run reaches long before its gradients hold an actual Inf. Squares are formed in
+            # float64 on fetch.
+            norms = torch._foreach_norm(grads) if self._fast else list(tensor_norms(grads, 2.0))
+            if len(present) == len(self.params):
+                values = torch.stack([*norms, lv], out=self.step_n[row])  # one write: P norms and the loss
+            else:
+                values = torch.stack([*norms, lv]).to(self.step_n.dtype)
+                self.step_n[row].index_copy_(0, self._index((*present, len(self.params))), values)
+            if detail:
+                self._record_detail(row, step, present, grads)
+        if loss is None:
+            values = values[:-1]
         meta = RowMeta(step=step, has_loss=loss is not None, detail=detail, present=present)
         self.meta.append(meta)
-        return meta, bad
+        return meta, values
+
+    def _weights(self) -> list[Tensor]:
+        # Called under torch.no_grad(), so the parameters need no detach(); local shard under FSDP2 (issue 6).
+        return [local_tensor(p) for p in self.params] if self._sharded else list(self.params)
 
     def _record_detail(self, row: int, step: int, present: tuple[int, ...], grads: list[Tensor]) -> None:
         # max|g| as max(-min, max) of a per-tensor aminmax: 15x faster on CPU than _foreach_norm(inf).
-        mx = torch.stack([m for g in grads for m in torch.aminmax(g.detach())]).reshape(-1, 2).abs().amax(1).float()
-        idx = self._index(present)
-        self.grad_max[row].index_copy_(0, idx, mx)
-        weights = [local_tensor(p.detach()) for p in self.params]  # local shard under FSDP2 (issue 6)
-        self.weight_n[row].copy_(tensor_norms(weights, 2.0))
+        mx = torch.stack([m for g in grads for m in torch.aminmax(g)]).reshape(-1, 2).abs().amax(1).float()
+        self.grad_max[row].index_copy_(0, self._index(present), mx)
+        weights = self._weights()
+        self._norms_into(self.weight_n[row], weights)
         if self._snapshot is not None and self._snapshot_step == step - 1:
             torch._foreach_sub_(self._snapshot, weights)
-            self.delta_n[row].copy_(tensor_norms(self._snapshot, 2.0))
+            self._norms_into(self.delta_n[row], self._snapshot)
         self._snapshot_step = -1
+
+    def _norms_into(self, out: Tensor, tensors: list[Tensor]) -> None:
+        if self._fast:
+            torch.stack(torch._foreach_norm(tensors), out=out)
+        else:
+            out.copy_(tensor_norms(tensors, 2.0))
 
     def snapshot(self, step: int) -> None:
         """Copy the current weights (called after the step before a detail step, before the optimizer)."""
-        weights = [local_tensor(p.detach()) for p in self.params]  # local shard under FSDP2 (issue 6)
-        if self._snapshot is None or any(
-            s.shape != w.shape or s.device != w.device or s.dtype != w.dtype
-            for s, w in zip(self._snapshot, weights, strict=True)
-        ):
-            self._snapshot = [w.clone() for w in weights]
-        else:
-            torch._foreach_copy_(self._snapshot, weights)
+        with torch.no_grad():
+            weights = self._weights()
+            if self._snapshot is None or any(
+                s.shape != w.shape or s.device != w.device or s.dtype != w.dtype
+                for s, w in zip(self._snapshot, weights, strict=True)
+            ):
+                self._snapshot = [w.clone() for w in weights]
+            else:
+                torch._foreach_copy_(self._snapshot, weights)
         self._snapshot_step = step
 
     def count_nonfinite(self, meta: RowMeta) -> None:
@@ -161,28 +200,27 @@ class ParamStats:
         meta, self.meta = self.meta, []
         if n == 0 or self.device is None:
             return meta, {}
+        p = len(self.params)
         # One (rows, 3·P) block of squared norms: a distributed reduce_fn reduces it with one collective.
-        norms = torch.cat([self.grad_n[:n], self.weight_n[:n], self.delta_n[:n], self.grad_max[:n]], dim=1)
+        norms = torch.cat(
+            [self.step_n[:n, :p], self.weight_n[:n], self.delta_n[:n], self.grad_max[:n], self.step_n[:n, p:]], dim=1
+        )
         # copy=True: on CPU .cpu() would alias the buffers that are reset just below.
         host = norms.to("cpu", copy=True).double()
-        p3 = 3 * len(self.params)
+        p3 = 3 * p
         if self.reduce_fn is None:
             host[:, :p3] = host[:, :p3] ** 2
         else:
             dev = norms[:, :p3].double() if norms.device.type == "cuda" else norms[:, :p3]
             host[:, :p3] = self.reduce_fn(dev * dev).to("cpu").double()
-        loss = self.loss[:n].float().to("cpu", copy=True)
-        p = len(self.params)
         out = {
             "grad_sq": host[:, :p],
             "weight_sq": host[:, p : 2 * p],
             "delta_sq": host[:, 2 * p : 3 * p],
-            "grad_max": host[:, 3 * p :],
-            "loss": loss,
+            "grad_max": host[:, 3 * p : 4 * p],
+            "loss": host[:, 4 * p],
         }
         # Reset the rows just read so stale values never leak into a later step.
-        for t in (self.grad_n, self.weight_n, self.delta_n, self.grad_max):
+        for t in (self.step_n, self.weight_n, self.delta_n, self.grad_max):
             t[:n].fill_(float("nan"))
-        self.loss[:n].fill_(float("nan"))
         return meta, out
-
