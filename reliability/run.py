@@ -372,8 +372,18 @@ def render(judged: dict[str, Any], meta: dict[str, Any], tests: dict[str, Any] |
           f"{statistics.mean(lost) if lost else float('nan'):.0f} steps before the jump (to the construction-time "
           f"snapshot in {to_start} runs), so that progress is lost, and the LR factor is halved and regains 1 "
           f"only over the guard's `recover_steps`. In {len(poisoned)} run(s) the snapshot restored had been taken "
-          "*after* the jumped step was applied (the periodic snapshot fell on that step): the rollback restored "
-          "the damaged weights, and no number of rollbacks to that snapshot can undo the jump.")
+          "*after* the jumped step was applied. A periodic snapshot is committed as the rollback target only "
+          "once the following step is applied too (the state after an update is first measured by the next "
+          "step's loss), so a snapshot that falls on the jumped step is dropped when the next step spikes; "
+          "a nonzero count here would mean that rule is broken.")
+        w("")
+        w("The loss left after the rollback is the progress since that snapshot plus the halved learning rate. "
+          "Detecting the jump earlier would not remove it: the guard already names it on the step after "
+          "the jump in every run, and undoing one update needs either a snapshot of the step before (a copy "
+          "of the model and optimizer state every step, against the ≤ 1.05× step-time target) or measuring "
+          "the update/weight ratio ‖Δw‖/‖w‖, which needs the pre-step weights just the same. The LR itself "
+          "is visible to the guard for free, but a 100× rise is also what a warm restart or a manual change "
+          "looks like, so skipping on it would be a policy, not a default.")
         w("")
     w("## Runs that missed a target")
     w("")
