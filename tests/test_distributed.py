@@ -376,7 +376,7 @@ GUARD_OPTIONS = {
     "min_history": 4,
     "rollback_after": 2,
     "snapshot_every": 3,
-    "spike_z": 50.0,
+    "spike_z": 6.0,  # a Gaussian rarity: Guard corrects it for the few values a window of 8 holds
     "spike_min_excess": 1.0,
 }
 GUARD_STEPS = 12

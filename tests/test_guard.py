@@ -612,6 +612,10 @@ def test_spike_threshold_is_the_student_t_equivalent_of_spike_z() -> None:
             assert spike_threshold(z, n) == pytest.approx(ref, rel=1e-7), (z, n)
     assert spike_threshold(6.0, 16) > 70 and 7 < spike_threshold(6.0, 128) < 8
     assert spike_threshold(6.0, 10**8) == pytest.approx(6.0, rel=1e-3)
+    # A rarity no finite z-score reaches with so few values (erfc underflows past z ≈ 37): never a spike.
+    assert spike_threshold(50.0, 4) == math.inf and spike_threshold(1e9, 128) == math.inf
+    assert math.isfinite(spike_threshold(40.0, 128))
+    Guard(nn.Linear(2, 1), torch.optim.SGD(nn.Linear(2, 1).parameters(), lr=0.1), spike_z=1e9, min_history=2)
 
 
 # The first 16 gradient norms of the campaign's clean CNN run (seed 1) and its steps 16, 21-23: the network

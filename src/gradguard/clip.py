@@ -457,6 +457,8 @@ class AGC(ClipPolicy):
         # _foreach_norm), concatenated into one vector for the rule (five kernels, whatever the number of
         # units), and split back into views that _foreach_mul_ applies directly: per tensor only the three
         # passes AGC needs (‖W_i‖, ‖G_i‖, the scaling), no reshapes, no sync, no Python loop over units.
+        # The unit vectors are small, so they are combined out of place: a DTensor norm (FSDP2 shards) is a
+        # partial sum that in-place arithmetic would have to redistribute, which DTensor refuses.
         groups: dict[int, list[Tensor]] = {}
         for p in params:
             groups.setdefault(max(p.ndim, 1), []).append(p)
@@ -473,14 +475,14 @@ class AGC(ClipPolicy):
                     dims = tuple(range(1, ndim))
                     w_units = torch.cat([torch.linalg.vector_norm(p, dim=dims, keepdim=True) for p in ps])
                     g_units = torch.cat([torch.linalg.vector_norm(g, dim=dims, keepdim=True) for g in gs])
-                limit = w_units.clamp_min(self.eps).mul_(self.clip_factor)
+                limit = w_units.clamp_min(self.eps) * self.clip_factor
                 # λ·max(‖W_i‖, eps) / ‖G_i‖ capped at 1: exactly 1 for a unit within its limit, NaN for a
                 # NaN unit (clamp propagates NaN), 0 for an infinite one — what the rule's "if" gives.
-                coef = limit.div_(g_units.clamp_min(NORM_EPS)).clamp_max_(1.0)
+                coef = (limit / g_units.clamp_min(NORM_EPS)).clamp_max(1.0)
                 torch._foreach_mul_(gs, coef.unbind() if ndim == 1 else coef.split([g.shape[0] for g in gs]))
                 # The units partition every gradient, so the global norms follow from the unit norms.
                 norms_before.append(torch.linalg.vector_norm(g_units))
-                norms_after.append(torch.linalg.vector_norm(g_units.mul_(coef)))
+                norms_after.append(torch.linalg.vector_norm(g_units * coef))
                 lowest.append(coef.min())
             before = torch.linalg.vector_norm(torch.stack(norms_before))
             after = torch.linalg.vector_norm(torch.stack(norms_after))

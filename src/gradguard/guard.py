@@ -130,16 +130,22 @@ def spike_thresholds(z: float, counts: tuple[int, ...]) -> tuple[float, ...]:
     log_norm = (
         np.array([math.lgamma((v + 1) / 2) - math.lgamma(v / 2) for v in nu]) - 0.5 * np.log(nu * math.pi)
     )
-    target = math.log(0.5 * math.erfc(z / math.sqrt(2.0)))  # log Φ̄(z)
-    # t tails are heavier than the normal's, so the answer is ≥ z; bisection on log x, 64 halvings of a
-    # bracket [z, 1e12] leave a relative error far below 1e-12.
+    tail = 0.5 * math.erfc(z / math.sqrt(2.0))
+    # log Φ̄(z); past z ≈ 37 erfc underflows, and the asymptotic series −z²/2 − log(z·√(2π)) + log(1 − 1/z²)
+    # is exact to double precision there.
+    target = math.log(tail) if tail > 0 else -z * z / 2 - math.log(z * math.sqrt(2 * math.pi)) + math.log1p(-1 / z**2)
+    # t tails are heavier than the normal's, so the answer is ≥ z; bisection on log x over [z, 1e300],
+    # 80 halvings leave a relative error below 1e-12. Where even 1e300 is not rare enough (a huge spike_z
+    # with few values), no finite z-score is a spike: the threshold is inf.
     lo = np.full_like(nu, math.log(max(z, 1e-3)))
-    hi = np.full_like(nu, math.log(1e12))
-    for _ in range(64):
+    hi = np.full_like(nu, math.log(1e300))
+    unreachable = _log_t_survival(np.exp(hi), nu, log_norm) > target
+    for _ in range(80):
         mid = 0.5 * (lo + hi)
         above = _log_t_survival(np.exp(mid), nu, log_norm) > target
         lo, hi = np.where(above, mid, lo), np.where(above, hi, mid)
-    return tuple((np.sqrt(1.0 + math.pi / (2.0 * n)) * np.exp(hi)).tolist())
+    limits = np.where(unreachable, math.inf, np.sqrt(1.0 + math.pi / (2.0 * n)) * np.exp(hi))
+    return tuple(limits.tolist())
 
 
 # Gauss–Legendre nodes and weights on (0, 1) for the t-tail integral below.
@@ -156,8 +162,8 @@ def _log_t_survival(x: np.ndarray, nu: np.ndarray, log_norm: np.ndarray) -> np.n
     ``Γ((ν+1)/2) / (Γ(ν/2)·√(νπ))``. Evaluated in logs so that tails of 1e-300 do not underflow.
     """
     x, nu, log_norm = x[:, None], nu[:, None], log_norm[:, None]
-    t = x / _GL_X
-    log_f = log_norm - (nu + 1) / 2 * np.log1p(t * t / nu) + np.log(x) - 2 * np.log(_GL_X)
+    log_t = np.log(x) - np.log(_GL_X)  # t = x/s, in logs: t² overflows for x near 1e300
+    log_f = log_norm - (nu + 1) / 2 * np.logaddexp(0.0, 2 * log_t - np.log(nu)) + np.log(x) - 2 * np.log(_GL_X)
     m = log_f.max(axis=1, keepdims=True)
     return (m + np.log(np.sum(_GL_W * np.exp(log_f - m), axis=1, keepdims=True)))[:, 0]
 
