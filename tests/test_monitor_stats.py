@@ -27,6 +27,22 @@ def test_batched_summaries_equal_per_tensor_reference() -> None:
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_batched_summaries_equal_lengths_and_no_saturating_rows() -> None:
+    """The equal-length path (no padding) and the path without sigmoid/tanh rows match the reference too."""
+    torch.manual_seed(1)
+    xs = [
+        torch.randn(4, 8),
+        torch.relu(torch.randn(32)),
+        torch.tanh(3 * torch.randn(2, 16)),
+        torch.tensor([1.0, math.nan, -math.inf, 0.0] * 8),
+        torch.zeros(32),
+    ]
+    for kinds in ([None, None, "tanh", "sigmoid", None], [None] * 5):
+        got = activation_summaries(xs, kinds)
+        want = torch.stack([activation_summary(x, k) for x, k in zip(xs, kinds, strict=True)])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_batched_summaries_empty() -> None:
     assert activation_summaries([], []).shape == (0, 6)
 

@@ -62,6 +62,8 @@ def _dead_counts(peaks: list[Tensor]) -> list[int]:
     """
     if not peaks:
         return []
+    if all(p.shape == peaks[0].shape for p in peaks):  # the usual case: layers of one width
+        return torch.stack(peaks).reshape(len(peaks), -1).le(0).sum(1).tolist()
     ends = torch.tensor([p.numel() for p in peaks]).cumsum(0) - 1
     cum = torch.cat([p.reshape(-1) for p in peaks]).le(0).cumsum(0)[ends]
     return torch.diff(cum, prepend=cum.new_zeros(1)).tolist()

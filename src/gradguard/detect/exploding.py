@@ -66,9 +66,11 @@ def _growth_in_time(obs: Observation) -> Finding | None:
     base = statistics.median(window)
     if not base > 0:
         return None
-    z = float(robust_zscore(torch.tensor(latest), torch.tensor(window)))
     ratio = latest / base
-    if ratio < GROWTH or z < Z_MIN:
+    if ratio < GROWTH:
+        return None  # both tests must pass; the ratio is free, the z-score costs tensor work (every fetch)
+    z = float(robust_zscore(torch.tensor(latest), torch.tensor(window)))
+    if z < Z_MIN:
         return None
     grown = _grown_tensors(obs, len(window))
     top = grown[:3]

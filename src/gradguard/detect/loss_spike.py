@@ -25,14 +25,18 @@ Z_MIN = 6.0
 FACTOR = 10.0
 
 
+def spike_factors(values: Sequence[float], window: Sequence[float]) -> list[float]:
+    """Each value over the median of ``window`` (``inf`` when that median is ≤ 0)."""
+    med = sorted(window)[len(window) // 2]
+    return [x / med if med > 0 else math.inf for x in values]
+
+
 def spike_scores(values: Sequence[float], window: Sequence[float]) -> tuple[list[float], list[float]]:
     """``(z, factor)`` of each value against ``window``; z on the log scale when everything is positive."""
-    med = sorted(window)[len(window) // 2]
-    raw = list(values)
+    factors = spike_factors(values, window)
     if min(values) > 0 and min(window) > 0:
         values, window = [math.log(x) for x in values], [math.log(x) for x in window]
     z = robust_zscore(torch.tensor(values, dtype=torch.float64), torch.tensor(window, dtype=torch.float64))
-    factors = [x / med if med > 0 else math.inf for x in raw]
     return z.tolist(), factors
 
 
@@ -47,8 +51,8 @@ def _scan(rows: Sequence[Mapping[str, Any]], new: int, key: str) -> tuple[int, f
     if len(window) < MIN_WINDOW:
         return None
     hits = [(int(r["step"]), float(r[key])) for r in rows[start:] if finite(r.get(key))]
-    if not hits:
-        return None
+    if not hits or max(spike_factors([v for _, v in hits], window)) < FACTOR:
+        return None  # a spike needs both tests; the factor is free, the z-score costs tensor work
     zs, factors = spike_scores([v for _, v in hits], window)
     best = None
     for (step, value), z, factor in zip(hits, zs, factors, strict=True):

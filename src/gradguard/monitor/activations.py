@@ -113,10 +113,11 @@ class ActivationTap:
         return sample
 
     def _sample(self, out: Tensor) -> Tensor:
+        # ``out`` is detached by the caller.
         n = out.numel()
         if n <= SUMMARY_SAMPLE:
             # A copy: a later in-place op (ReLU(inplace=True)) must not change it.
-            return out.detach().reshape(-1).clone()
+            return out.reshape(-1).clone()
         key = (n, out.device)
         idx = self._positions.get(key)
         if idx is None:
@@ -124,7 +125,7 @@ class ActivationTap:
             idx = torch.randint(n, (SUMMARY_SAMPLE,), generator=g).to(out.device)
             self._positions[key] = idx
         # take() indexes the flattened tensor whatever its strides: one gather, no reshape copy.
-        return torch.take(out.detach(), idx)
+        return torch.take(out, idx)
 
     def _make_hook(self, name: str, module: nn.Module):
         recurrent = is_recurrent(module)
@@ -144,10 +145,11 @@ class ActivationTap:
             out = output[0] if isinstance(output, tuple | list) and output else output
             if not isinstance(out, Tensor) or not out.is_floating_point() or out.numel() == 0:
                 return
-            sample.raw.append((name, tap._sample(out)))
+            det = out.detach()  # once: nothing below may enter the autograd graph
+            sample.raw.append((name, tap._sample(det)))
             sample.order[name] = None
             if relu_like:
-                peak = unit_peak(out, unit_dim_for(out))
+                peak = unit_peak(det, unit_dim_for(det))
                 prev = sample.activity.get(name)
                 sample.activity[name] = peak if prev is None or prev.shape != peak.shape else torch.maximum(prev, peak)
             if recurrent and out.dim() == 3:

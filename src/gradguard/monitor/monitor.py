@@ -137,6 +137,7 @@ class Monitor:
             reduce_fn = make_reduce_fn([p for _, p in named])
         self._stats = ParamStats([p for _, p in named], rows=log_every, reduce_fn=reduce_fn)
         self._tap = ActivationTap(model, {n: m for n, m in model.named_modules() if n != ""})
+        self._saturation_kinds = {n: k for n, k in self._tap.kinds.items() if k is not None}
 
         self.sinks: list[Sink] = []
         if log_dir is not None:
@@ -248,10 +249,11 @@ class Monitor:
             # a flush made on one rank only would wait forever in the collective: flush on schedule only.
             # Reading a CPU tensor is a memory load, not a device synchronisation, so the non-finite flag
             # is checked at every step and a NaN is localised on the very step it appears. On
-            # accelerators the flag waits for the logging schedule (see _flush). Summed in float64 so that
-            # large finite norms cannot overflow into a false alarm.
-            flagged = not math.isfinite(float(values.sum(dtype=torch.float64)))
-            force = self._check_nonfinite(meta, flagged, loss)
+            # accelerators the flag waits for the logging schedule (see _flush). Summed as Python floats
+            # (float64) so that large finite norms cannot overflow into a false alarm.
+            flagged = not math.isfinite(sum(values.tolist()))
+            if flagged or self._bad_episode:
+                force = self._check_nonfinite(meta, flagged, loss)
         if self.sample_every(step + 1):
             self._tap.arm(step + 1)
         self._step += 1
@@ -356,7 +358,7 @@ class Monitor:
             params=self.params,
             depth=self._depth,
             activations=self._latest_act,
-            saturation_kinds={n: k for n, k in self._tap.kinds.items() if k is not None},
+            saturation_kinds=self._saturation_kinds,
             dead_window=self._dead_peaks(),
             dead_samples={n: len(d) for n, d in self._dead.items()},
             time_forward=self._time_forward,

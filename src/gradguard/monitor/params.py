@@ -132,22 +132,29 @@ class ParamStats:
         where reading is free). Nothing is copied to the host.
         """
         row = len(self.meta)
-        lv = self._no_loss if loss is None else loss.detach().reshape(()).to(self.step_n.device)
+        # Every torch call counts here (a few µs each, several times that right after a backward pass has
+        # flushed the caches), so the common case takes no reshape, device move or grad-mode switch.
+        lv = self._no_loss if loss is None else loss.detach()
+        if lv.dim():
+            lv = lv.reshape(())
+        if lv.device != self.step_n.device:
+            lv = lv.to(self.step_n.device)
         if self._sharded:
             # integrations (issue 6): FSDP2 gradients are DTensors; measure this rank's shard only (no
             # collective per step) and let reduce_fn combine the squared norms on the logging schedule.
             grads = [local_tensor(g) for g in grads]
-        with torch.no_grad():
-            # Norms, not squares, are buffered: a float32 square overflows for norms > 1.8e19, which an
-            # exploding run reaches long before its gradients hold an actual Inf. Squares are formed in
-            # float64 on fetch.
-            norms = torch._foreach_norm(grads) if self._fast else list(tensor_norms(grads, 2.0))
-            if len(present) == len(self.params):
-                values = torch.stack([*norms, lv], out=self.step_n[row])  # one write: P norms and the loss
-            else:
-                values = torch.stack([*norms, lv]).to(self.step_n.dtype)
-                self.step_n[row].index_copy_(0, self._index((*present, len(self.params))), values)
-            if detail:
+        # Norms, not squares, are buffered: a float32 square overflows for norms > 1.8e19, which an
+        # exploding run reaches long before its gradients hold an actual Inf. Squares are formed in
+        # float64 on fetch. Gradients do not require grad, so no autograd graph is built here.
+        norms = torch._foreach_norm(grads) if self._fast else list(tensor_norms(grads, 2.0))
+        if len(present) == len(self.params):
+            values = torch.stack([*norms, lv], out=self.step_n[row])  # one write: P norms and the loss
+        else:
+            values = torch.stack([*norms, lv]).to(self.step_n.dtype)
+            self.step_n[row].fill_(float("nan"))  # parameters without a gradient read NaN
+            self.step_n[row].index_copy_(0, self._index((*present, len(self.params))), values)
+        if detail:
+            with torch.no_grad():
                 self._record_detail(row, step, present, grads)
         if loss is None:
             values = values[:-1]
@@ -161,13 +168,19 @@ class ParamStats:
 
     def _record_detail(self, row: int, step: int, present: tuple[int, ...], grads: list[Tensor]) -> None:
         # max|g| as max(-min, max) of a per-tensor aminmax: 15x faster on CPU than _foreach_norm(inf).
-        mx = torch.stack([m for g in grads for m in torch.aminmax(g)]).reshape(-1, 2).abs().amax(1).float()
-        self.grad_max[row].index_copy_(0, self._index(present), mx)
+        mx = torch.stack([m for g in grads for m in torch.aminmax(g)]).reshape(-1, 2).abs().amax(1)
+        if len(present) == len(self.params):
+            self.grad_max[row].copy_(mx)
+        else:
+            self.grad_max[row].fill_(float("nan"))
+            self.grad_max[row].index_copy_(0, self._index(present), mx.to(self.grad_max.dtype))
         weights = self._weights()
         self._norms_into(self.weight_n[row], weights)
         if self._snapshot is not None and self._snapshot_step == step - 1:
             torch._foreach_sub_(self._snapshot, weights)
             self._norms_into(self.delta_n[row], self._snapshot)
+        else:
+            self.delta_n[row].fill_(float("nan"))  # no weights of the step before: no update ratio
         self._snapshot_step = -1
 
     def _norms_into(self, out: Tensor, tensors: list[Tensor]) -> None:
@@ -201,26 +214,28 @@ class ParamStats:
         if n == 0 or self.device is None:
             return meta, {}
         p = len(self.params)
-        # One (rows, 3·P) block of squared norms: a distributed reduce_fn reduces it with one collective.
-        norms = torch.cat(
+        p3 = 3 * p
+        # One (rows, 3·P) block of norms (gradient, weight, update) then max|g| and the loss; a fresh
+        # tensor, so the ring rows need no reset: every row is rewritten before it is read again (the
+        # detail columns only on detail rows, which are the only ones read back).
+        block = torch.cat(
             [self.step_n[:n, :p], self.weight_n[:n], self.delta_n[:n], self.grad_max[:n], self.step_n[:n, p:]], dim=1
         )
-        # copy=True: on CPU .cpu() would alias the buffers that are reset just below.
-        host = norms.to("cpu", copy=True).double()
-        p3 = 3 * p
+        host = block.to("cpu", torch.float64)
         if self.reduce_fn is None:
-            host[:, :p3] = host[:, :p3] ** 2
+            host[:, :p3].square_()
         else:
-            dev = norms[:, :p3].double() if norms.device.type == "cuda" else norms[:, :p3]
+            plain = [i for i, m in enumerate(meta) if not m.detail]
+            if plain:
+                block[plain, p:p3] = float("nan")  # not measured on those steps (see the module docstring)
+            # A distributed reduce_fn reduces the squared norms with one collective.
+            dev = block[:, :p3].double() if block.device.type == "cuda" else block[:, :p3]
             host[:, :p3] = self.reduce_fn(dev * dev).to("cpu").double()
         out = {
             "grad_sq": host[:, :p],
             "weight_sq": host[:, p : 2 * p],
-            "delta_sq": host[:, 2 * p : 3 * p],
-            "grad_max": host[:, 3 * p : 4 * p],
+            "delta_sq": host[:, 2 * p : p3],
+            "grad_max": host[:, p3 : 4 * p],
             "loss": host[:, 4 * p],
         }
-        # Reset the rows just read so stale values never leak into a later step.
-        for t in (self.step_n, self.weight_n, self.delta_n, self.grad_max):
-            t[:n].fill_(float("nan"))
         return meta, out

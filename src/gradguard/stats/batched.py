@@ -34,14 +34,20 @@ def activation_summaries(xs: Sequence[Tensor], saturation: Sequence[str | None])
     m = len(xs)
     if m == 0:
         return torch.zeros(0, 6)
-    flats = [x.detach().reshape(-1).float() for x in xs]
+    flats = [x.detach().reshape(-1) for x in xs]
     device = flats[0].device
-    # Rows padded to the longest tensor; ``valid`` masks the padding out of every count. Row-wise
-    # reductions of one (m, L) matrix are far cheaper than m separate summaries or a scatter.
-    buf = pad_sequence(flats, batch_first=True)
-    n = torch.tensor([f.numel() for f in flats], device=device, dtype=torch.float32)
-    valid = torch.arange(buf.shape[1], device=device)[None, :] < n[:, None]
-    finite = torch.isfinite(buf) & valid
+    lengths = [f.numel() for f in flats]
+    if all(k == lengths[0] for k in lengths):
+        # Equal lengths (the monitor's fixed-size samples): one stack, no padding and no padding mask.
+        buf = torch.stack(flats).float()
+        valid = None
+    else:
+        # Rows padded to the longest tensor; ``valid`` masks the padding out of every count. Row-wise
+        # reductions of one (m, L) matrix are far cheaper than m separate summaries or a scatter.
+        buf = pad_sequence([f.float() for f in flats], batch_first=True)
+        valid = torch.arange(buf.shape[1], device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+    n = torch.tensor(lengths, device=device, dtype=torch.float32)
+    finite = torch.isfinite(buf) if valid is None else torch.isfinite(buf) & valid
     zero = buf.new_zeros(())
     xf = torch.where(finite, buf, zero)
     n_fin = finite.sum(1).float()
@@ -49,12 +55,16 @@ def activation_summaries(xs: Sequence[Tensor], saturation: Sequence[str | None])
     mean = xf.sum(1) / denom
     dev = torch.where(finite, xf - mean[:, None], zero)
     var = (dev * dev).sum(1) / denom
-    frac_zero = ((buf == 0) & valid).sum(1).float() / n.clamp(min=1.0)
-    codes = torch.tensor([_KIND_CODE[k] for k in saturation], device=device)[:, None]
-    sig = (buf < SATURATION_MARGIN) | (buf > 1 - SATURATION_MARGIN)
-    tnh = buf.abs() > 1 - SATURATION_MARGIN
-    sat = (((codes == 1) & sig) | ((codes == 2) & tnh)) & finite
-    frac_sat = sat.sum(1).float() / denom
+    zeros = buf == 0 if valid is None else (buf == 0) & valid
+    frac_zero = zeros.sum(1).float() / n.clamp(min=1.0)
+    if any(k is not None for k in saturation):
+        codes = torch.tensor([_KIND_CODE[k] for k in saturation], device=device)[:, None]
+        sig = (buf < SATURATION_MARGIN) | (buf > 1 - SATURATION_MARGIN)
+        tnh = buf.abs() > 1 - SATURATION_MARGIN
+        sat = (((codes == 1) & sig) | ((codes == 2) & tnh)) & finite
+        frac_sat = sat.sum(1).float() / denom
+    else:
+        frac_sat = torch.zeros(m, device=device)  # no sigmoid/tanh-like row: nothing can saturate
     return torch.stack([mean, var.sqrt(), frac_zero, frac_sat, n - n_fin, n], dim=1)
 
 
