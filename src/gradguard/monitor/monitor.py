@@ -9,6 +9,7 @@ per step (see :mod:`gradguard.monitor.params`); activation hooks exist only on s
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import weakref
@@ -182,7 +183,8 @@ class Monitor:
         if not self._training_call():
             return
         cuda = None
-        if any(t.is_cuda for t in tensors_in((args, kwargs))):
+        # No CUDA tensor can exist before CUDA is initialised: skip walking the inputs on CPU-only runs.
+        if torch.cuda.is_initialized() and any(t.is_cuda for t in tensors_in((args, kwargs))):
             cuda = torch.cuda.get_rng_state_all()
         if len(self._calls) >= self.max_calls:
             self._calls.pop(0)
@@ -193,18 +195,11 @@ class Monitor:
         if not self._training_call() or not self._calls:
             return
         call = self._calls[-1]
-        outs = list(tensors_in(output))
+        outs = [output] if type(output) is Tensor else list(tensors_in(output))
         call.output_grads = [None] * len(outs)
         for i, t in enumerate(outs):
             if t.requires_grad:
-                t.register_hook(self._keep_grad(call, i))
-
-    @staticmethod
-    def _keep_grad(call: Call, i: int):
-        def hook(g: Tensor) -> None:
-            call.output_grads[i] = g.detach()
-
-        return hook
+                t.register_hook(functools.partial(_keep_grad, call.output_grads, i))
 
     # ----------------------------------------------------------------- the per-step entry point
     def step(self, loss: Tensor | None = None) -> None:
@@ -554,6 +549,11 @@ class Monitor:
                     h.remove()
         except Exception:
             pass
+
+
+def _keep_grad(grads: list[Tensor | None], i: int, g: Tensor) -> None:
+    """Tensor hook: remember the gradient that reached a model output (a reference, no copy)."""
+    grads[i] = g.detach()
 
 
 def _weak(obj: object, method: str) -> Any:
