@@ -28,7 +28,7 @@ def test_batched_summaries_equal_per_tensor_reference() -> None:
 
 
 def test_batched_summaries_equal_lengths_and_no_saturating_rows() -> None:
-    """The equal-length path (no padding) and the path without sigmoid/tanh rows match the reference too."""
+    """The equal-length path (no padding), a matrix of rows, and no sigmoid/tanh rows match the reference."""
     torch.manual_seed(1)
     xs = [
         torch.randn(4, 8),
@@ -37,10 +37,11 @@ def test_batched_summaries_equal_lengths_and_no_saturating_rows() -> None:
         torch.tensor([1.0, math.nan, -math.inf, 0.0] * 8),
         torch.zeros(32),
     ]
+    matrix = torch.stack([x.reshape(-1) for x in xs])
     for kinds in ([None, None, "tanh", "sigmoid", None], [None] * 5):
-        got = activation_summaries(xs, kinds)
         want = torch.stack([activation_summary(x, k) for x, k in zip(xs, kinds, strict=True)])
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(activation_summaries(xs, kinds), want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(activation_summaries(matrix, kinds), want, rtol=1e-5, atol=1e-6)
 
 
 def test_batched_summaries_empty() -> None:

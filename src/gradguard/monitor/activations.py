@@ -106,7 +106,13 @@ class ActivationTap:
         if sample is None or not sample.raw:
             return None
         # Every call's summary in one batched computation (see gradguard.stats.batched).
-        sample.matrix = activation_summaries([t for _, t in sample.raw], [self.kinds[n] for n, _ in sample.raw])
+        tensors = [t for _, t in sample.raw]
+        if all(t.shape == tensors[0].shape for t in tensors):
+            # The usual case (every output sampled to SUMMARY_SAMPLE entries): hand over one matrix.
+            matrix = activation_summaries(torch.stack(tensors), [self.kinds[n] for n, _ in sample.raw])
+        else:
+            matrix = activation_summaries(tensors, [self.kinds[n] for n, _ in sample.raw])
+        sample.matrix = matrix
         for i, (name, _) in enumerate(sample.raw):
             sample.rows.setdefault(name, []).append(i)
         sample.raw.clear()

@@ -20,11 +20,12 @@ from gradguard.stats.activations import SATURATION_MARGIN
 _KIND_CODE = {None: 0, "sigmoid": 1, "tanh": 2}
 
 
-def activation_summaries(xs: Sequence[Tensor], saturation: Sequence[str | None]) -> Tensor:
+def activation_summaries(xs: Sequence[Tensor] | Tensor, saturation: Sequence[str | None]) -> Tensor:
     """Row ``i`` equals ``activation_summary(xs[i], saturation[i])`` (fields ``SUMMARY_FIELDS``).
 
     Args:
-        xs: tensors on one device (any shapes; each is flattened).
+        xs: tensors on one device (any shapes; each is flattened), or one ``(m, L)`` matrix whose rows
+            are the tensors (nothing to flatten or pad).
         saturation: per tensor, ``None``, ``"sigmoid"`` or ``"tanh"``.
 
     Returns:
@@ -34,18 +35,14 @@ def activation_summaries(xs: Sequence[Tensor], saturation: Sequence[str | None])
     m = len(xs)
     if m == 0:
         return torch.zeros(0, 6)
-    flats = [x.detach().reshape(-1) for x in xs]
-    device = flats[0].device
-    lengths = [f.numel() for f in flats]
-    if all(k == lengths[0] for k in lengths):
-        # Equal lengths (the monitor's fixed-size samples): one stack, no padding and no padding mask.
-        buf = torch.stack(flats).float()
+    if isinstance(xs, Tensor):
+        buf = xs.detach().reshape(m, -1).float()
+        device = buf.device
+        lengths = [buf.shape[1]] * m
         valid = None
     else:
-        # Rows padded to the longest tensor; ``valid`` masks the padding out of every count. Row-wise
-        # reductions of one (m, L) matrix are far cheaper than m separate summaries or a scatter.
-        buf = pad_sequence([f.float() for f in flats], batch_first=True)
-        valid = torch.arange(buf.shape[1], device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+        buf, valid, lengths = _rows(xs)
+        device = buf.device
     n = torch.tensor(lengths, device=device, dtype=torch.float32)
     finite = torch.isfinite(buf) if valid is None else torch.isfinite(buf) & valid
     zero = buf.new_zeros(())
@@ -66,6 +63,21 @@ def activation_summaries(xs: Sequence[Tensor], saturation: Sequence[str | None])
     else:
         frac_sat = torch.zeros(m, device=device)  # no sigmoid/tanh-like row: nothing can saturate
     return torch.stack([mean, var.sqrt(), frac_zero, frac_sat, n - n_fin, n], dim=1)
+
+
+def _rows(xs: Sequence[Tensor]) -> tuple[Tensor, Tensor | None, list[int]]:
+    """``(matrix, valid mask or None, lengths)``: the tensors flattened into the rows of one matrix."""
+    flats = [x.detach().reshape(-1) for x in xs]
+    lengths = [f.numel() for f in flats]
+    if all(k == lengths[0] for k in lengths):
+        # Equal lengths (the monitor's fixed-size samples): one stack, no padding and no padding mask.
+        return torch.stack(flats).float(), None, lengths
+    # Rows padded to the longest tensor; ``valid`` masks the padding out of every count. Row-wise
+    # reductions of one (m, L) matrix are far cheaper than m separate summaries or a scatter.
+    buf = pad_sequence([f.float() for f in flats], batch_first=True)
+    device = buf.device
+    valid = torch.arange(buf.shape[1], device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+    return buf, valid, lengths
 
 
 def unit_peak(x: Tensor, unit_dim: int = -1) -> Tensor:
