@@ -85,6 +85,17 @@ def test_orthogonal_blocks_are_orthogonal(module: nn.Module) -> None:
         torch.testing.assert_close(block @ block.T, 4.0 * torch.eye(5), atol=1e-5, rtol=0)
 
 
+def test_orthogonal_takes_the_activation_gain() -> None:
+    """gain = calculate_gain(activation): √2 for ReLU, so QᵀQ·gain² = 2·I; default stays gain 1."""
+    lin = nn.Linear(8, 8)
+    init.apply(lin, "orthogonal", activation="relu")
+    torch.testing.assert_close(lin.weight.detach() @ lin.weight.detach().T, 2.0 * torch.eye(8), atol=1e-5, rtol=0)
+    init.apply(lin, "orthogonal")
+    torch.testing.assert_close(lin.weight.detach() @ lin.weight.detach().T, torch.eye(8), atol=1e-5, rtol=0)
+    with pytest.raises(ConfigError, match="gain"):
+        init.apply(lin, "orthogonal", gain=-1.0)
+
+
 def test_identity_layout_element_by_element() -> None:
     rnn = nn.RNN(3, 4, num_layers=2, nonlinearity="relu")
     before_ih = rnn.weight_ih_l0.detach().clone()

@@ -148,7 +148,7 @@ def _w_orthogonal(t: Tensor, o: Mapping[str, Any], g: torch.Generator | None) ->
     if t.ndim < 2:
         raise ConfigError("orthogonal init needs a weight with at least 2 dimensions")
     with torch.no_grad():
-        nn.init.orthogonal_(t, gain=o["gain"], generator=g)
+        nn.init.orthogonal_(t, gain=_gain(o, "linear"), generator=g)
 
 
 @dataclass(frozen=True)
@@ -192,7 +192,7 @@ SCHEMES: Mapping[str, SchemeInfo] = MappingProxyType(
         "lecun": SchemeInfo(
             "lecun", "W ~ N(0, gain²/fan_in)", {"distribution": "normal", **_GAINED, **_COMMON}, "LeCun et al. 1998"
         ),
-        "orthogonal": SchemeInfo("orthogonal", "W = gain·Q, QᵀQ = I", {"gain": 1.0, **_COMMON}, "Saxe et al. 2014"),
+        "orthogonal": SchemeInfo("orthogonal", "W = gain·Q, QᵀQ = I", {**_GAINED, **_COMMON}, "Saxe et al. 2014"),
         "identity": SchemeInfo(
             "identity", "RNN W_hh = scale·I, biases 0", {"scale": 1.0}, "Le, Jaitly & Hinton 2015 (IRNN)"
         ),
@@ -249,9 +249,7 @@ def _resolve(scheme: str, options: Mapping[str, Any]) -> dict[str, Any]:
         check_choice("mode", resolved["mode"], ("fan_in", "fan_out", "fan_avg"))
     if "distribution" in resolved:
         check_choice("distribution", resolved["distribution"], ("normal", "uniform"))
-    if scheme == "orthogonal":
-        check_number("gain", resolved["gain"], low=0.0, low_inclusive=False)
-    elif "activation" in resolved:
+    if "activation" in resolved:
         _gain(resolved, "linear")  # validates activation / gain now rather than mid-walk
     gen = resolved.get("generator")
     if gen is not None and not isinstance(gen, torch.Generator):

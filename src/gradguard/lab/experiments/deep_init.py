@@ -2,8 +2,9 @@
 
 A 10-hidden-layer MLP on scikit-learn digits, for each activation (sigmoid, tanh, ReLU) and each
 initialisation: N(0, 1), N(0, 0.01), 10×N(0, 1) (the "too large" init of S4.2), Xavier/Glorot (uniform,
-Var = gain²·2/(fan_in + fan_out), with the activation's gain, S2.2), He (normal, Var = 2/fan_in), orthogonal
-and LSUV (Mishkin & Matas 2016), all through :func:`gradguard.init.apply`. At initialisation we measure each
+Var = gain²·2/(fan_in + fan_out), with the activation's gain, S2.2), He (normal, Var = 2/fan_in),
+orthogonal (gain·Q with the activation's gain: without √2 a ReLU layer halves the variance) and LSUV
+(Mishkin & Matas 2016), all through :func:`gradguard.init.apply`. At initialisation we measure each
 layer's output std and the std of the back-propagated gradient ∂L/∂h_l (Glorot & Bengio 2010's picture);
 then every net trains for the same budget.
 """
@@ -32,7 +33,7 @@ INITS: dict[str, tuple[str, dict[str, Any]]] = {
     "10×N(0, 1)": ("normal", {"std": 10.0, "bias": 0.0}),
     "Xavier": ("xavier_uniform", {"activation": "{act}"}),
     "He": ("he_normal", {"activation": "relu"}),
-    "orthogonal": ("orthogonal", {}),
+    "orthogonal": ("orthogonal", {"activation": "{act}"}),
     "LSUV": ("lsuv", {}),
 }
 GOOD = ("Xavier", "He", "orthogonal", "LSUV")
