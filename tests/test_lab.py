@@ -7,11 +7,14 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
 from gradguard.cli import main
 from gradguard.errors import ConfigError
 from gradguard.lab import claims as C
 from gradguard.lab import registry
+from gradguard.lab.experiments.rnn_through_time import INPUTS, lstm_cell_path
 from gradguard.lab.runner import run_experiment, run_many
 from gradguard.report.files import CONFIG, FIGURES, INDEX, METRICS, REPORT, find_experiments, load_experiment
 
@@ -160,3 +163,18 @@ def test_full_mode_claims(experiment: str, tmp_path: Path) -> None:
     result = run_experiment(registry.get(experiment), tmp_path, seed=0, quick=False)
     failing = {(result.id, c["id"]) for c in result.claims if not c["holds"]}
     assert failing == {k for k in KNOWN_FALSE if k[0] == experiment}, result.claims
+
+
+def test_lstm_cell_path_against_a_gates_only_lstm() -> None:
+    """With zero weights the gates are constants, so ∂c_t/∂c_(t−1) = σ(b_f) exactly: the hand unroll must see it."""
+    lstm = nn.LSTM(INPUTS, 6, batch_first=True).double()
+    with torch.no_grad():
+        for p in lstm.parameters():
+            p.zero_()
+        lstm.bias_ih_l0[6:12] = 1.5  # forget gate (order i, f, g, o)
+        lstm.bias_ih_l0[12:18] = 0.3  # g ≠ 0, so c and h are not zero
+    x = torch.randn(3, 100, INPUTS, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    r = lstm_cell_path(lstm, x, torch.ones(6, dtype=torch.float64))
+    sig = 1 / (1 + math.exp(-1.5))
+    assert r["mean_forget"] == pytest.approx(sig, rel=1e-12)
+    assert r["measured_factor"] == pytest.approx(sig, rel=1e-9)

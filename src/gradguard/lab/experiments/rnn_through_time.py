@@ -56,6 +56,34 @@ def tanh_rnn(x: Tensor, w_hh: Tensor, w_xh: Tensor, readout: Tensor) -> dict[str
     return {"log_g": log_g, "mean_sq_deriv": torch.stack(derivs), "x_grad": xs.grad}
 
 
+def lstm_cell_path(lstm: nn.LSTM, x: Tensor, readout: Tensor) -> dict[str, float]:
+    """Unroll a one-layer ``nn.LSTM`` by hand (gate order i, f, g, o) and follow ‖∂L/∂c_t‖ back in time.
+
+    Returns the measured per-step factor of the cell-state gradient over the ``FIT`` window (batch mean of
+    the log slope) and the geometric mean over the same steps of the mean forget gate f_t — S3.2's
+    ∂c_t/∂c_{t−1} = diag(f_t) plus the smaller terms that pass through h_{t−1} and the gates.
+    """
+    w_ih, w_hh = lstm.weight_ih_l0, lstm.weight_hh_l0
+    bias = lstm.bias_ih_l0 + lstm.bias_hh_l0
+    h = x.new_zeros(x.shape[0], w_hh.shape[1])
+    c = h
+    cells, forget = [], []
+    for t in range(x.shape[1]):
+        i, f, g, o = (x[:, t] @ w_ih.T + h @ w_hh.T + bias).chunk(4, dim=1)
+        f = torch.sigmoid(f)
+        c = f * c + torch.sigmoid(i) * torch.tanh(g)
+        c.retain_grad()
+        h = torch.sigmoid(o) * torch.tanh(c)
+        cells.append(c)
+        forget.append(f.detach().mean(1))
+    _loss(h, readout).backward()
+    lo, hi = FIT
+    log_g = torch.stack([cc.grad.norm(dim=1).log() for cc in cells])  # type: ignore[union-attr]  # (T, batch)
+    measured = math.exp(float(((log_g[lo] - log_g[hi]) / (hi - lo)).mean()))
+    mean_f = math.exp(float(torch.stack(forget[lo + 1:hi + 1]).log().mean()))
+    return {"measured_factor": measured, "mean_forget": mean_f}
+
+
 def _module_x_grad(module: nn.Module, x: Tensor, readout: Tensor) -> Tensor:
     xs = x.clone().requires_grad_(True)
     out, _ = module(xs)
@@ -99,10 +127,17 @@ def run(ctx: RunContext) -> Result:
         "IRNN (ReLU, W_hh = I)": nn.RNN(INPUTS, HIDDEN, nonlinearity="relu", batch_first=True),
     }
     gg.init.apply(models["IRNN (ReLU, W_hh = I)"], "identity")  # W_hh = I, biases 0
+    metrics["cell_path"] = {}
     for b in FORGET_BIASES:
         lstm = nn.LSTM(INPUTS, HIDDEN, batch_first=True)
         gg.init.apply(lstm, "lstm_forget_bias", value=b)  # effective forget-gate bias b, other weights default
         models[f"LSTM, forget bias {b:g}"] = lstm
+        cell = lstm_cell_path(lstm.to(dt), x, readout)
+        metrics["cell_path"][f"{b:g}"] = cell
+        claims.append(C.at_least(
+            f"cell path b={b:g}", f"forget bias {b:g}: per-step factor of ‖∂L/∂c_t‖ / mean forget gate "
+            f"({cell['measured_factor']:.3f} / {cell['mean_forget']:.3f}; S3.2: ∂c_t/∂c_(t−1) = f_t + smaller terms)",
+            cell["measured_factor"] / cell["mean_forget"], 1.0))
     reach = Panel(f"input gradient against lag (relative to its largest); dotted: the {HORIZON_DROP:g} line",
                   "lag T − 1 − t (steps back from the output)", "‖∂L/∂x_t‖ / max_t (log scale)", [], yscale="log")
     horizons: dict[str, int] = {}
@@ -118,7 +153,8 @@ def run(ctx: RunContext) -> Result:
     rnn_h = horizons["tanh RNN (PyTorch init)"]
     lstm_h = [horizons[f"LSTM, forget bias {b:g}"] for b in FORGET_BIASES]
     claims += [
-        C.at_least("LSTM vs RNN", "horizon of the LSTM with forget bias 1 / horizon of the tanh RNN",
+        C.at_least("LSTM vs RNN", f"horizon of the LSTM with forget bias 1 / horizon of the tanh RNN "
+                                  f"({lstm_h[1]} / {rnn_h} steps)",
                    lstm_h[1] / max(rnn_h, 1), 10.0),
         C.is_true("forget bias", "the horizon grows with the forget bias (0 → 1 → 2)",
                   lstm_h[0] < lstm_h[1] < lstm_h[2], f"horizons {lstm_h}"),
