@@ -23,7 +23,7 @@ import json
 import sys
 import types
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,10 +147,10 @@ def torch_surgeon(w: Workload) -> Step:
 def cockpit_economy(w: Workload) -> Step:
     # Cockpit's documented loop with configuration("economy") (every step, its default schedule): BackPACK
     # extend() on model and loss, per-sample losses, backward inside the cockpit context.
-    _pkg_resources_shim()
-    from backpack import extend
-    from cockpit import Cockpit
-    from cockpit.utils.configuration import configuration
+    with _pkg_resources_shim():
+        from backpack import extend
+        from cockpit import Cockpit
+        from cockpit.utils.configuration import configuration
 
     model = extend(w.model)
     loss_fn = extend(torch.nn.MSELoss(reduction="mean"))
@@ -173,14 +173,14 @@ def cockpit_economy(w: Workload) -> Step:
     return step
 
 
-def _pkg_resources_shim() -> None:
+@contextlib.contextmanager
+def _pkg_resources_shim() -> Iterator[None]:
     """cockpit 1.0.2's ``__init__`` imports ``pkg_resources`` (gone from setuptools ≥ 81) only to read its
-    own version; provide those two names from ``importlib.metadata`` when the module is missing."""
-    if "pkg_resources" in sys.modules:
-        return
-    with contextlib.suppress(ImportError):
-        import pkg_resources  # noqa: F401
-
+    own version: while it is imported, provide those two names from ``importlib.metadata`` when the module
+    is missing, then take the stand-in out of ``sys.modules`` so that nothing else in the process sees it
+    (pytest, for one, calls into a ``pkg_resources`` it finds there)."""
+    if "pkg_resources" in sys.modules or importlib.util.find_spec("pkg_resources") is not None:
+        yield
         return
     shim = types.ModuleType("pkg_resources")
 
@@ -196,6 +196,11 @@ def _pkg_resources_shim() -> None:
     shim.DistributionNotFound = DistributionNotFound  # type: ignore[attr-defined]
     shim.get_distribution = get_distribution  # type: ignore[attr-defined]
     sys.modules["pkg_resources"] = shim
+    try:
+        yield
+    finally:
+        if sys.modules.get("pkg_resources") is shim:
+            del sys.modules["pkg_resources"]
 
 
 # --------------------------------------------------------------------------- registry

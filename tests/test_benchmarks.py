@@ -83,3 +83,14 @@ def test_run_all_smoke_writes_every_section(tmp_path: Path) -> None:
     assert 50 < int(found.group(1)) < 4000, "a child's own peak (torch alone is ~200 MiB), not this process's"
     lab = text.split("## Lab", 1)[1]
     assert "| ok |" in lab
+
+
+def test_pkg_resources_stand_in_lives_only_for_cockpits_import(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stand-in for setuptools' removed ``pkg_resources`` must not outlive the import that needs it."""
+    monkeypatch.delitem(sys.modules, "pkg_resources", raising=False)
+    monkeypatch.setattr(peers.importlib.util, "find_spec", lambda name, *a: None)
+    with peers._pkg_resources_shim():
+        from pkg_resources import get_distribution  # type: ignore[import-not-found]
+
+        assert get_distribution("torch").version == peers.importlib.metadata.version("torch")
+    assert "pkg_resources" not in sys.modules

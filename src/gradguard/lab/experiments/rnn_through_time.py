@@ -63,8 +63,9 @@ def lstm_cell_path(lstm: nn.LSTM, x: Tensor, readout: Tensor) -> dict[str, float
     the log slope) and the geometric mean over the same steps of the mean forget gate f_t — S3.2's
     ∂c_t/∂c_{t−1} = diag(f_t) plus the smaller terms that pass through h_{t−1} and the gates.
     """
-    w_ih, w_hh = lstm.weight_ih_l0, lstm.weight_hh_l0
-    bias = lstm.bias_ih_l0 + lstm.bias_hh_l0
+    p = dict(lstm.named_parameters())
+    w_ih, w_hh = p["weight_ih_l0"], p["weight_hh_l0"]
+    bias = p["bias_ih_l0"] + p["bias_hh_l0"]
     h = x.new_zeros(x.shape[0], w_hh.shape[1])
     c = h
     cells, forget = [], []
