@@ -45,6 +45,7 @@ def interleaved_periods(
     period: int,
     warmup: int = 1,
     clock: Callable[[], float] = time.perf_counter,
+    prepare: Mapping[str, Callable[[], None]] | None = None,
 ) -> dict[str, list[float]]:
     """Alternate single calls of the variants (order flipped every call) and sum them per period.
 
@@ -56,12 +57,17 @@ def interleaved_periods(
     machine shared with other jobs it excludes the time the thread waited for a core, and with
     ``torch.set_num_threads(1)`` all of torch's CPU work runs on that thread.
 
+    ``prepare[name]`` (optional) runs before every call of ``variants[name]``, untimed.
+
     Returns:
         name → seconds per period (``periods`` values each).
     """
     names = list(variants)
+    prep = dict(prepare or {})
     for _ in range(warmup * period):
         for n in names:
+            if n in prep:
+                prep[n]()
             variants[n]()
     sums: dict[str, list[float]] = {n: [] for n in names}
     k = 0
@@ -71,6 +77,8 @@ def interleaved_periods(
             order = names if k % 2 == 0 else names[::-1]
             k += 1
             for n in order:
+                if n in prep:
+                    prep[n]()
                 t0 = clock()
                 variants[n]()
                 acc[n] += clock() - t0

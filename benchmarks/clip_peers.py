@@ -1,11 +1,13 @@
 """Clipping on real gradients: gradguard's policies against torch, ``zclip`` and ``autoclip`` (issue 7, part 2).
 
-The gradients are those of one training batch of workload (a), the 20-layer MLP, and (c), the transformer
-encoder. Every variant clips its own copy of them, 20 calls per block; the variants take turns
-block by block, the order reversed every round, and each ratio is the median over rounds of the paired
-ratio to torch's ``clip_grad_norm_`` (interquartile range in brackets). After the first call the gradients
-are already clipped; every variant still measures and scales them on every call, as it would in training
-(denormals are flushed to zero, as adaptive thresholds follow the shrinking norms down).
+The gradients are those of workload (a), the 20-layer MLP, and (c), the transformer encoder, on 8
+different batches. Every variant clips its own copy of the model's gradients; before each call the next
+batch's gradients are copied in (not timed), so norms vary from call to call as in training and the
+policies' histories hold real spread — clipping the same gradients again and again would feed them
+identical norms, which flatters history-based policies (selecting from tied values is cheap). The
+variants take turns call by call, the order reversed every round, after 1000 untimed calls that fill
+QuantileClip's 1000-norm history; each ratio is the median over periods of 20 calls of the paired ratio
+to torch's ``clip_grad_norm_`` (interquartile range in brackets).
 
 Targets: ``ClipNorm`` ≤ 1.05× and the adaptive policies (AutoClip, AGC, ZClip) and per-tensor ``ClipNorm``
 ≤ 1.2× ``clip_grad_norm_``. A second ratio compares each gradguard policy with the same rule elsewhere
@@ -33,6 +35,10 @@ import models
 from gradguard import clip
 
 CALLS = 20
+#: Different batches whose gradients the calls cycle through (so norms vary as in training).
+BANK = 8
+#: Untimed calls first: fills QuantileClip's 1000-norm history, so its steady state is what is timed.
+WARMUP = 1000
 
 
 @dataclass(frozen=True)
@@ -81,23 +87,34 @@ VARIANTS: tuple[Variant, ...] = (
 BASE = VARIANTS[0].label
 
 
-def _with_grads(w: models.Workload) -> nn.Module:
-    model = w.model
+def _gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
     model.zero_grad(set_to_none=True)
-    F.mse_loss(model(w.x), w.y).backward()
-    return model
+    F.mse_loss(model(x), y).backward()
+    return [p.grad.detach().clone() for p in model.parameters() if p.grad is not None]
 
 
-def _copy(model: nn.Module) -> nn.Module:
-    twin = copy.deepcopy(model)
-    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
-        q.grad = None if p.grad is None else p.grad.detach().clone()
-    return twin
+def _bank(key: str, model: nn.Module, smoke: bool, device: str) -> list[list[torch.Tensor]]:
+    """The model's gradients on ``BANK`` different batches (those of the workload built with seeds 1, 2, …)."""
+    batches = [models.build(key, smoke=smoke, device=device, seed=s) for s in range(1, BANK + 1)]
+    return [_gradients(model, b.x, b.y) for b in batches]
+
+
+def _loader(params: list[nn.Parameter], bank: list[list[torch.Tensor]]) -> Callable[[], None]:
+    """Untimed preparation of each call: the next batch's gradients, copied into ``params``' ``.grad``."""
+    grads = [p.grad for p in params]
+    turn = [0]
+
+    def load() -> None:
+        torch._foreach_copy_(grads, bank[turn[0] % len(bank)])  # type: ignore[arg-type]
+        turn[0] += 1
+
+    return load
 
 
 def run(opts: harness.Options) -> harness.Section:
     """The ``## Clipping`` section: one table per workload."""
-    rounds, calls = (2, 2) if opts.smoke else (30, CALLS)
+    # Full run: 600 timed calls per variant, in periods of CALLS, after WARMUP untimed calls.
+    periods, period, warmup = (2, 2, 2) if opts.smoke else (30, CALLS, WARMUP)
     body = [str(__doc__).split("\n\n", 1)[1].strip(), "",
             "AGC has no installed peer package (timm's `adaptive_clip_grad` is the usual reference; timm is not a "
             "dependency), so it is compared with `clip_grad_norm_` only. `benchmarks/clip.py` is the standalone "
@@ -105,36 +122,34 @@ def run(opts: harness.Options) -> harness.Section:
     targets: list[harness.Target] = []
     for key in ("mlp", "transformer"):
         w = models.build(key, smoke=opts.smoke, device=opts.device)
-        model = _with_grads(w)
+        model = w.model
+        bank = _bank(key, model, opts.smoke, opts.device)
         n = sum(p.numel() for p in model.parameters())
-        blocks: dict[str, Callable[[], None]] = {}
+        steps: dict[str, Callable[[], None]] = {}
+        prepare: dict[str, Callable[[], None]] = {}
         missing: dict[str, str] = {}
         for v in VARIANTS:
             if v.package and importlib.util.find_spec(v.package) is None:
                 missing[v.label] = f"not installed: `{v.package}`"
                 continue
-            call = v.make(_copy(model))
-
-            def block(call: Callable[[], object] = call) -> None:
-                for _ in range(calls):
-                    call()
-
-            blocks[v.label] = block
-        # Clipped in place call after call, adaptive thresholds follow the shrinking norms down; flushing
-        # denormals keeps the arithmetic at normal speed (torch's default is off, restored below).
-        torch.set_flush_denormal(True)
-        try:
-            times = harness.interleave_steps(blocks, rounds=rounds, warmup=1, device=opts.device)
-        finally:
-            torch.set_flush_denormal(False)
+            twin = copy.deepcopy(model)
+            params = list(twin.parameters())
+            for p, g in zip(params, bank[0], strict=True):
+                p.grad = g.clone()
+            prepare[v.label] = _loader(params, bank)
+            call = v.make(twin)
+            steps[v.label] = lambda call=call: call()  # type: ignore[misc]
+        times = harness.interleave_steps(
+            steps, rounds=periods * period, warmup=warmup, device=opts.device, prepare=prepare
+        )
         rows = []
         profiles: list[str] = []
         for v in VARIANTS:
             if v.label in missing:
                 rows.append([v.label, "—", missing[v.label], "—", "—"])
                 continue
-            ratios = harness.period_ratios(times, v.label, BASE, period=1)
-            us = 1e6 * harness.quartiles(times[v.label])[1] / calls
+            ratios = harness.period_ratios(times, v.label, BASE, period=period)
+            us = 1e6 * harness.quartiles(times[v.label])[1]
             verdict = "—"
             if v.target is not None:
                 mid = harness.quartiles(ratios)[1]
@@ -145,15 +160,16 @@ def run(opts: harness.Options) -> harness.Section:
                     targets.append(harness.Target(f"{v.label} on {w.label}", mid, v.target, met))
                     verdict = f"≤ {v.target:.2f}× {harness.mark(met)}"
                     if not met and opts.profile:
-                        top = harness.torch_profile_top(blocks[v.label], 3, n=6)
+                        top = harness.torch_profile_top(steps[v.label], 3, n=6)
                         profiles.append(harness.profile_text(
                             top, f"{v.label} on {w.label}", "torch.profiler, operators by share of self CPU time"))
             same = "—"
             if v.peer is not None and v.peer in times:
-                same = f"{harness.ratio_text(harness.period_ratios(times, v.label, v.peer, period=1))} vs {v.peer}"
+                same = f"{harness.ratio_text(harness.period_ratios(times, v.label, v.peer, period=period))} vs {v.peer}"
             rows.append([v.label, f"{us:.0f}", harness.ratio_text(ratios), same, verdict])
         body += [f"### Gradients of {w.label} ({n / 1e6:.2f}M values)", "",
-                 f"{calls} calls per block, {rounds} interleaved blocks per variant after 1 warm-up block.", "",
+                 f"{periods * period} timed calls per variant, taking turns call by call, summed in periods of "
+                 f"{period} calls, after {warmup} untimed calls; gradients of {BANK} batches in turn.", "",
                  harness.table(["variant", "µs / call", "ratio to clip_grad_norm_", "ratio to the same rule elsewhere",
                                "target"], rows, "lrrll"), ""]
         for text in profiles:

@@ -93,6 +93,7 @@ def interleave_steps(
     warmup: int,
     device: str = "cpu",
     limits: Mapping[str, int] | None = None,
+    prepare: Mapping[str, Callable[[], None]] | None = None,
 ) -> dict[str, list[float]]:
     """Seconds (:func:`clock`) of each call of each ``steps[name]``, taking turns, order reversed every round.
 
@@ -103,12 +104,17 @@ def interleave_steps(
         device: ``"cuda..."`` adds a synchronisation after each timed call, so its time is the step's.
         limits: name → at most this many timed calls (a configuration hundreds of times slower than the
             bare loop takes part only in the first rounds; its times are paired with those rounds).
+        prepare: name → work run before every call of ``steps[name]`` (warm-up included) and not timed,
+            e.g. loading the next batch's gradients.
     """
     names = list(steps)
     limits = dict(limits or {})
+    prep = dict(prepare or {})
     for _ in range(warmup):
         for n in names:
             if n not in limits:  # a limited (very slow) configuration is warmed by its caller's first step
+                if n in prep:
+                    prep[n]()
                 steps[n]()
     sync(device)
     now = clock(device)
@@ -118,6 +124,9 @@ def interleave_steps(
         for n in order:
             if len(times[n]) >= limits.get(n, rounds):
                 continue
+            if n in prep:
+                prep[n]()
+                sync(device)
             t0 = now()
             steps[n]()
             sync(device)

@@ -343,10 +343,16 @@ def test_registry_builds_every_policy() -> None:
         assert all(isinstance(t, torch.Tensor) and t.ndim == 0 for t in result)
 
 
+@pytest.mark.parametrize("incremental", [False, True], ids=["selection", "incremental"])
 @pytest.mark.parametrize("q", [0.0, 0.1, 0.5, 0.9, 1.0])
-def test_history_quantile_by_selection_equals_torch_quantile(q: float) -> None:
-    """The history's quantile selects two order statistics instead of sorting; it must equal torch.quantile
-    (linear interpolation) on every fill level, including after the ring wraps and with +inf entries."""
+def test_history_quantile_by_selection_equals_torch_quantile(
+    q: float, incremental: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The history's quantile selects two order statistics instead of sorting (or, on a full ring, updates
+    them from the last call's); it must equal torch.quantile (linear interpolation) on every fill level,
+    including after the ring wraps and with +inf entries."""
+    if incremental:
+        monkeypatch.setattr(clip, "_INCREMENTAL_MIN", 1)
     hist = clip._History(capacity=50)
     g = torch.Generator().manual_seed(5)
     rows = []
@@ -362,3 +368,34 @@ def test_history_quantile_by_selection_equals_torch_quantile(q: float) -> None:
         # torch.quantile gives NaN next to an inf neighbour (inf − inf); the threshold must be inf there
         ref = torch.where(finite_ref.isnan(), math.inf, finite_ref)
         torch.testing.assert_close(ours, ref, rtol=1e-6, atol=0)
+
+
+def test_incremental_order_statistics_equal_selection_with_ties() -> None:
+    """On a full ring the lower order statistic is updated from the last call's (one replaced value per
+    column moves every rank by at most one). With heavy ties, zeros and held infinities — where a rank
+    argument could slip — it must stay bit-identical to selecting afresh, every call for 3000 calls."""
+    cols, slots, q = 9, 500, 0.9  # 4500 values: above the threshold for the incremental update
+    assert cols * slots >= clip._INCREMENTAL_MIN
+    hist = clip._History(capacity=slots)
+    g = torch.Generator().manual_seed(11)
+    incremental_calls = 0
+    for step in range(3000):
+        row = (torch.rand(cols, generator=g) * 4).round()  # only 0 … 4: every value is tied many times
+        if step % 7 == 0:
+            row[0] = math.inf
+        if step % 5 == 0:
+            row[1:4] = math.nan  # non-finite norms count as +inf
+        before = hist._lower
+        hist.push(row)
+        ours = hist.quantile(q)
+        if before is not None and before[0] == step and step >= slots:
+            incremental_calls += 1
+        held = hist.values[:, : min(step + 1, slots)]
+        n = held.shape[1]
+        pos = q * (n - 1)
+        low, high = clip._order_stats(held, math.floor(pos), min(math.floor(pos) + 1, n - 1))
+        if held.numel() >= clip._INCREMENTAL_MIN:
+            assert hist._lower is not None and torch.equal(hist._lower[2], low), step
+        expected = torch.where(high == clip._HELD_INF, math.inf, torch.lerp(low, high, pos - math.floor(pos)))
+        assert torch.equal(ours, expected), step
+    assert incremental_calls == 3000 - slots
