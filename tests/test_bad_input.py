@@ -239,6 +239,7 @@ API_CASES: list[tuple[str, Callable[[Path], Any], type[GradGuardError], str]] = 
     ("guard-optimizer-wrong-type", lambda t: gg.Guard(_mlp(), "adam"), InputError, "str"),
     ("guard-unknown-clip", lambda t: _guard(clip="gentle"), ConfigError, "gentle"),
     ("guard-spike-z-negative", lambda t: _guard(spike_z=-1.0), ConfigError, "spike_z=-1.0"),
+    ("guard-spike-jump-below-one", lambda t: _guard(spike_jump=0.5), ConfigError, "spike_jump=0.5"),
     ("guard-step-not-a-tensor", lambda t: _guard().step(0.5), InputError, "float"),
     ("guard-snapshot-from-another-model", _guard_restore_foreign_snapshot, StateError, "snapshot"),
     ("guard-snapshot-not-a-checkpoint", _guard_restore_garbage_snapshot, StateError, "snapshot"),

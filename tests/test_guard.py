@@ -625,11 +625,11 @@ CLEAN_CNN_NORMS = [0.536, 0.451, 0.431, 0.422, 0.431, 0.559, 0.467, 0.319, 0.429
                    0.441, 0.584, 0.491]
 
 
-def _norm_driven_guard(window: list[float]) -> tuple[Guard, Callable[[float], bool]]:
+def _norm_driven_guard(window: list[float], **options: Any) -> tuple[Guard, Callable[[float], bool]]:
     """A guard fed gradients of chosen norms (learning rate 0: the state never moves)."""
     p = nn.Parameter(torch.zeros(4))
     opt = torch.optim.SGD([p], lr=0.0)
-    guard = Guard(nn.ParameterList([p]), opt, clip=None)
+    guard = Guard(nn.ParameterList([p]), opt, clip=None, **options)
 
     def feed(norm: float) -> bool:
         p.grad = torch.full((4,), norm / 2.0)  # ‖g‖ = 2 · entry
@@ -655,3 +655,27 @@ def test_early_gradient_rise_on_a_short_clustered_window_is_not_a_spike() -> Non
     history = (0.45 + 0.07 * torch.randn(128, generator=rng)).tolist()
     guard, feed = _norm_driven_guard(history)
     assert not feed(0.45 + 0.07 * 1.4826 * 12)
+
+
+def test_a_steady_climb_is_not_a_spike_but_a_jump_from_it_is() -> None:
+    """A deep net leaving a plateau raises its gradient norm many-fold over a few dozen steps (measured:
+    0.0016 → 0.017 for a 20-layer ReLU MLP with Adam between steps 140 and 163). Against a quiet 128-step
+    window every step of the climb is a many-MAD outlier, so the z-score alone skipped healthy steps and
+    rolled back; the climb must be applied, and a sudden jump on top of it still skipped."""
+    from gradguard.guard import RECENT
+
+    rng = torch.Generator().manual_seed(0)
+    quiet = (0.002 * (1 + 0.1 * torch.randn(128, generator=rng))).tolist()
+    climb = [quiet[-1] * 1.08**k for k in range(1, 41)]  # 1.08× per step: 22× in 40 steps
+    # Without the jump margin (spike_jump=1: above the recent maximum is enough, which every step of a
+    # climb is) the z-score rule alone skips the climb and rolls back.
+    old, feed_old = _norm_driven_guard(quiet, spike_jump=1.0)
+    assert not all([feed_old(v) for v in climb])
+    assert any(e.action == "rollback" for e in old.events)
+    guard, feed = _norm_driven_guard(quiet)
+    assert all(feed(v) for v in climb), [(e.step, e.reason) for e in guard.events]
+    assert not [e for e in guard.events if e.action in ("skip", "rollback")]
+    top = max(climb[-RECENT:])
+    assert not feed(top * 10) and guard.events[-1].reason == "grad_spike"
+    assert not feed(top * 10), "skipped values are not pushed: the reference stays below the jump"
+    assert feed(top * 1.05), "back to the climb's level: applied"
