@@ -115,7 +115,7 @@ torch.set_num_threads(1)
 torch.manual_seed(0)
 model = guard.mlp(256, 20)
 x, y = torch.randn(128, 256), torch.randn(128, 1)
-step = guard.make_block(model, x, y, "guard")
+step, _ = guard.make_block(model, x, y, "guard")
 for _ in range(300):
     step()
 """
