@@ -474,12 +474,12 @@ class AutoClip(ClipPolicy):
             self._history.push(current)
         coefs, over = _coef(current, limit)
         if self.per == "global":
-            _mul_(grads, coefs[0])
-            after = before * coefs[0]
-        else:
-            _scale_(grads, coefs)
-            after = total_norm(norms * coefs, 2.0)
-        return ClipResult(before, after, limit.max(), over.any())
+            # One-element vectors: 0-d views, not reductions (each kernel is a few µs on CPU).
+            coef = coefs.reshape(())
+            _mul_(grads, coef)
+            return ClipResult(before, before * coef, limit.reshape(()), over.reshape(()))
+        _scale_(grads, coefs)
+        return ClipResult(before, total_norm(norms * coefs, 2.0), limit.max(), over.any())
 
     def state_dict(self) -> dict[str, Any]:
         return {
