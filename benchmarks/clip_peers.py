@@ -31,6 +31,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness
 import models
+from clip import loader
 
 from gradguard import clip
 
@@ -99,18 +100,6 @@ def _bank(key: str, model: nn.Module, smoke: bool, device: str) -> list[list[tor
     return [_gradients(model, b.x, b.y) for b in batches]
 
 
-def _loader(params: list[nn.Parameter], bank: list[list[torch.Tensor]]) -> Callable[[], None]:
-    """Untimed preparation of each call: the next batch's gradients, copied into ``params``' ``.grad``."""
-    grads = [p.grad for p in params]
-    turn = [0]
-
-    def load() -> None:
-        torch._foreach_copy_(grads, bank[turn[0] % len(bank)])  # type: ignore[arg-type]
-        turn[0] += 1
-
-    return load
-
-
 def run(opts: harness.Options) -> harness.Section:
     """The ``## Clipping`` section: one table per workload."""
     # Full run: 600 timed calls per variant, in periods of CALLS, after WARMUP untimed calls.
@@ -136,7 +125,7 @@ def run(opts: harness.Options) -> harness.Section:
             params = list(twin.parameters())
             for p, g in zip(params, bank[0], strict=True):
                 p.grad = g.clone()
-            prepare[v.label] = _loader(params, bank)
+            prepare[v.label] = loader(params, bank)
             call = v.make(twin)
             steps[v.label] = lambda call=call: call()  # type: ignore[misc]
         times = harness.interleave_steps(
