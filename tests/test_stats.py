@@ -8,6 +8,7 @@ from torch import nn
 
 from gradguard.stats import (
     RingBuffer,
+    Window,
     activation_summary,
     nonfinite_counts,
     robust_zscore,
@@ -119,13 +120,41 @@ def test_robust_zscore_matches_numpy_median_mad() -> None:
     assert z.item() == pytest.approx((10 - med) / (1.4826 * mad), rel=1e-5)
 
 
-def test_ring_buffer_stores_nan_for_nonfinite_and_wraps() -> None:
-    buf = RingBuffer(3)
+def test_window_stores_nan_for_nonfinite_and_wraps() -> None:
+    buf = Window(3)
     for v in [1.0, float("inf"), 2.0, 3.0]:
         buf.push(torch.tensor(v))
-    assert buf.count().item() == 2
-    assert sorted(x for x in buf.values.tolist() if not math.isnan(x)) == [2.0, 3.0]
+    assert buf.count().tolist() == [2]
+    assert sorted(x for x in buf.values[0].tolist() if not math.isnan(x)) == [2.0, 3.0]
     state = buf.state_dict()
     buf.push(torch.tensor(9.0))
     buf.load_state_dict(state)
     assert buf.pushes == 4
+
+
+def test_ring_buffer_is_a_deprecated_alias_of_a_one_row_window() -> None:
+    with pytest.warns(DeprecationWarning, match="Window"):
+        buf = RingBuffer(4)
+    assert isinstance(buf, Window) and buf.values.shape == (1, 4)
+
+
+def test_spike_rule_against_a_naive_median_mad_reference() -> None:
+    import numpy as np
+
+    from gradguard.stats import SpikeRule, spike_threshold
+
+    rng = np.random.default_rng(0)
+    window = (1.0 + 0.1 * rng.standard_normal(64)).tolist()
+    rule = SpikeRule()
+    for x in (1.05, 1.5, 2.1, 3.0, 50.0):
+        w = np.array(window)
+        med = np.median(w)  # n even: torch.nanmedian takes the lower middle value, so compare loosely
+        lo = np.sort(w)[len(w) // 2 - 1]
+        mad = np.sort(np.abs(w - lo))[len(w) // 2 - 1]
+        z = (x - lo) / (1.4826 * mad)
+        naive = bool(z > spike_threshold(6.0, 64) and x > 1.1 * lo and x > 2 * max(window[-8:]))
+        spike, zz, factor = rule.scan([x], window)[0]
+        assert spike == naive, x
+        assert zz == pytest.approx(z, rel=1e-6) and factor == pytest.approx(x / lo, rel=1e-9)
+        assert abs(factor - x / med) < 0.05 * x
+    assert not rule.scan([50.0], window[:15])[0][0], "fewer than min_history values: never a spike"

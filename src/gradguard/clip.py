@@ -260,7 +260,7 @@ class _History:
     """Norm history on the device: one row per column (tensor), one slot per call, float32.
 
     The write position and the number of filled slots are host-side counters (as in
-    :class:`gradguard.stats.RingBuffer`), so the quantile's interpolation position is computed on the
+    :class:`gradguard.stats.Window`), so the quantile's interpolation position is computed on the
     host. ``capacity=None`` grows without bound (doubling). A non-finite norm counts as ``+inf``: it is a
     very large norm, so it can only raise a high quantile, never turn the threshold into NaN. It is held
     as the largest float32 (:data:`_HELD_INF`) and reported as ``inf``.

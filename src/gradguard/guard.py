@@ -26,7 +26,7 @@ What one ``step(loss)`` does, in order:
    ``scaler.update()``), or skipped, when the loss or any gradient is non-finite, or the loss or the
    gradient norm spikes (z above ``spike_threshold(spike_z, n)`` for a window of n values, more than
    ``spike_min_excess`` above the median, and a jump to ``spike_jump`` × the largest of the last
-   ``RECENT`` applied values);
+   8 applied values: :class:`gradguard.stats.SpikeRule`, the same test the monitor's rules use);
 6. after ``rollback_after`` consecutive skips, the model (parameters and buffers), optimizer, scaler,
    scheduler and clipping policy are restored bit-exactly to the last snapshot, and the LR is multiplied
    by ``backoff``. A snapshot is taken once at construction and then every ``snapshot_every`` good steps,
@@ -52,7 +52,7 @@ Default choices and why:
   first step regardless.
 * ``spike_min_excess=0.1``: a plateau where the MAD is ~0 would otherwise turn a 1-ulp wobble into an
   infinite z-score; a spike must also exceed the median by 10%.
-* ``spike_jump=2`` over the last ``RECENT = 8`` applied steps: the z-score asks whether a value is rare
+* ``spike_jump=2`` over the last 8 applied steps: the z-score asks whether a value is rare
   for the window's distribution, which assumes the window is stationary. Healthy training drifts: a deep
   net leaving a plateau raises its gradient norm ten-fold over a few dozen steps (a 20-layer ReLU MLP
   with Adam goes from 0.0016 to 0.017 between steps 140 and 163), and against a quiet 128-step window
@@ -80,7 +80,6 @@ caused by growth and for clips of a gradient norm ≥ ``clip_report_ratio`` × t
 from __future__ import annotations
 
 import copy
-import functools
 import math
 import os
 from collections import deque
@@ -89,7 +88,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -97,88 +95,15 @@ from gradguard.clip import POLICIES, ClipPolicy, make_policy
 from gradguard.errors import ConfigError, InputError, StateError, check_number
 from gradguard.findings import Finding
 from gradguard.stats import tensor_norms, total_norm
-from gradguard.stats.robust import MAD_TO_SIGMA
+from gradguard.stats.windows import SpikeRule, Window
 
-__all__ = ["ACTIONS", "Guard", "GuardEvent", "spike_threshold", "spike_thresholds"]
+__all__ = ["ACTIONS", "Guard", "GuardEvent"]
 
 #: Actions a :class:`GuardEvent` can record.
 ACTIONS = ("skip", "clip", "rollback", "lr_backoff", "lr_restored", "reset_window")
-#: Applied steps whose maximum a spike must jump above (``spike_jump``; see the module docstring).
-RECENT = 8
 
 # Positions in the vector fetched once per step (loss and norm first: the pair a window stores).
 _LOSS, _NORM, _ZLOSS, _ZNORM, _LSPIKE, _NSPIKE, _NMED, _THRESH, _CLIPPED, _FOUND_INF, _AFTER = range(11)
-
-
-#: Asymptotic efficiency of the MAD as an estimator of a Gaussian σ (its variance is 1.3605·σ²/n against
-#: σ²/(2n) for the standard deviation): a MAD from n points is worth about 0.3675·n points of a std.
-MAD_EFFICIENCY = 0.3675
-
-
-def spike_threshold(z: float, n: int) -> float:
-    """Robust z-score that a new value must exceed to be as rare as a ``z``-σ Gaussian event, when the median
-    and MAD it is scored against come from only ``n`` samples.
-
-    ``T(z, n) = sqrt(1 + π/(2n)) · t⁻¹_ν(Φ(z))`` with ``ν = max(1, MAD_EFFICIENCY · (n − 1))``: the
-    prediction-interval form of a studentised deviate (a new observation against a location and scale
-    estimated from the same distribution). The scale is estimated, so the deviate follows Student's t, not
-    the normal, with the degrees of freedom a MAD of n points is worth; the location is estimated too, and
-    ``πσ²/(2n)`` is the variance of the sample median. ``T → z`` as ``n → ∞``: with z = 6,
-    ``T`` is 76 at n = 16, 9.6 at n = 64 and 7.5 at n = 128. Without this correction a 16-point window whose
-    MAD happens to be small (clustered values) turns an ordinary 2σ rise into "z > 6" — the false skips the
-    reliability campaign found early in clean CNN and transformer runs.
-    """
-    return float(spike_thresholds(z, (n,))[0])
-
-
-@functools.lru_cache(maxsize=64)
-def spike_thresholds(z: float, counts: tuple[int, ...]) -> tuple[float, ...]:
-    """:func:`spike_threshold` for several window sizes at once (vectorised bisection; cached).
-
-    ``Guard`` builds its table for every window size from ``min_history`` to ``window`` at construction,
-    so a step only indexes a tuple.
-    """
-    n = np.asarray(counts, dtype=np.float64)
-    nu = np.maximum(1.0, MAD_EFFICIENCY * (n - 1.0))
-    log_norm = (
-        np.array([math.lgamma((v + 1) / 2) - math.lgamma(v / 2) for v in nu]) - 0.5 * np.log(nu * math.pi)
-    )
-    tail = 0.5 * math.erfc(z / math.sqrt(2.0))
-    # log Φ̄(z); past z ≈ 37 erfc underflows, and the asymptotic series −z²/2 − log(z·√(2π)) + log(1 − 1/z²)
-    # is exact to double precision there.
-    target = math.log(tail) if tail > 0 else -z * z / 2 - math.log(z * math.sqrt(2 * math.pi)) + math.log1p(-1 / z**2)
-    # t tails are heavier than the normal's, so the answer is ≥ z; bisection on log x over [z, 1e300],
-    # 80 halvings leave a relative error below 1e-12. Where even 1e300 is not rare enough (a huge spike_z
-    # with few values), no finite z-score is a spike: the threshold is inf.
-    lo = np.full_like(nu, math.log(max(z, 1e-3)))
-    hi = np.full_like(nu, math.log(1e300))
-    unreachable = _log_t_survival(np.exp(hi), nu, log_norm) > target
-    for _ in range(80):
-        mid = 0.5 * (lo + hi)
-        above = _log_t_survival(np.exp(mid), nu, log_norm) > target
-        lo, hi = np.where(above, mid, lo), np.where(above, hi, mid)
-    limits = np.where(unreachable, math.inf, np.sqrt(1.0 + math.pi / (2.0 * n)) * np.exp(hi))
-    return tuple(limits.tolist())
-
-
-# Gauss–Legendre nodes and weights on (0, 1) for the t-tail integral below.
-_GL_X, _GL_W = np.polynomial.legendre.leggauss(256)
-_GL_X, _GL_W = 0.5 * (_GL_X + 1.0), 0.5 * _GL_W
-
-
-def _log_t_survival(x: np.ndarray, nu: np.ndarray, log_norm: np.ndarray) -> np.ndarray:
-    """``log P(T > x)`` for Student's t with ``nu`` ≥ 1 degrees of freedom and ``x`` > 0, elementwise.
-
-    ``∫ₓ^∞ f(t) dt = ∫₀¹ f(x/s) · x/s² ds`` (``t = x/s``), whose integrand behaves like ``s^(ν−1)`` near 0
-    and is smooth for ``ν ≥ 1``, so a fixed Gauss–Legendre rule is accurate (to ~1e-10 relative against
-    ``scipy.stats.t.sf``, see the tests). ``log_norm`` is the log of the density's constant
-    ``Γ((ν+1)/2) / (Γ(ν/2)·√(νπ))``. Evaluated in logs so that tails of 1e-300 do not underflow.
-    """
-    x, nu, log_norm = x[:, None], nu[:, None], log_norm[:, None]
-    log_t = np.log(x) - np.log(_GL_X)  # t = x/s, in logs: t² overflows for x near 1e300
-    log_f = log_norm - (nu + 1) / 2 * np.logaddexp(0.0, 2 * log_t - np.log(nu)) + np.log(x) - 2 * np.log(_GL_X)
-    m = log_f.max(axis=1, keepdims=True)
-    return (m + np.log(np.sum(_GL_W * np.exp(log_f - m), axis=1, keepdims=True)))[:, 0]
 
 
 def _copy_into(dst: Any, src: Any) -> Any:
@@ -202,60 +127,6 @@ def _copy_into(dst: Any, src: Any) -> Any:
         return type(src)(_copy_into(a, b) for a, b in zip(slots, src, strict=True))
     return copy.deepcopy(src)
 
-
-class _Windows:
-    """The last ``size`` (loss, gradient norm) pairs of applied steps: one ``(2, size)`` device tensor.
-
-    Empty slots are NaN. Only applied steps are pushed, and those were checked finite on the host, so a
-    push is one copy into the slot named by a host counter (no mask, no sync). The robust z-scores of both
-    quantities come from row-wise reductions of the one tensor: ~15 kernels per step for both, against ~40
-    for two separate windows.
-    """
-
-    def __init__(self, size: int, device: torch.device) -> None:
-        self.values = torch.full((2, size), math.nan, device=device)
-        self.pushes = 0
-
-    def push(self, pair: Tensor) -> None:
-        self.values[:, self.pushes % self.values.shape[1]] = pair
-        self.pushes += 1
-
-    def held(self) -> int:
-        return min(self.pushes, self.values.shape[1])
-
-    def recent_max(self, k: int) -> Tensor:
-        """Per row, the largest of the last ``k`` pushed values (of all of them while fewer were pushed).
-
-        The slots are found from the host counter, so this is one or two slices and reductions, no index
-        tensor and no sync.
-        """
-        size = self.values.shape[1]
-        k = min(k, self.held())
-        end = self.pushes % size  # one past the newest slot
-        if end >= k:
-            return self.values[:, end - k : end].amax(1)
-        older = self.values[:, size - (k - end) :].amax(1)  # the ring wrapped: oldest of the k at the end
-        return older if end == 0 else torch.maximum(older, self.values[:, :end].amax(1))
-
-    def scores(self, current: Tensor, eps: float = 1e-12) -> tuple[Tensor, Tensor]:
-        """(robust z of ``current`` (loss, norm) against each row, each row's median).
-
-        The formula of :func:`gradguard.stats.robust_zscore`, ``(x − med) / (1.4826·MAD + eps·|med| + eps)``,
-        for both rows at once.
-        """
-        med = self.values.nanmedian(dim=1).values
-        mad = (self.values - med[:, None]).abs().nanmedian(dim=1).values
-        return (current - med) / (mad * MAD_TO_SIGMA + med.abs() * eps + eps), med
-
-    def state_dict(self) -> dict[str, Any]:
-        """The format of two :class:`gradguard.stats.RingBuffer` s (``losses``, ``norms``)."""
-        return {name: {"values": self.values[i].clone(), "pushes": self.pushes}
-                for i, name in enumerate(("losses", "norms"))}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.values[0].copy_(state["losses"]["values"])
-        self.values[1].copy_(state["norms"]["values"])
-        self.pushes = int(state["losses"]["pushes"])
 
 
 @dataclass(frozen=True)
@@ -293,7 +164,7 @@ class Guard:
         window: number of recent applied steps the z-score is computed over.
         min_history: applied steps needed before spikes are judged.
         spike_min_excess: a spike must also exceed the window's median by this fraction of it.
-        spike_jump: a spike must also be at least this many times the largest of the last ``RECENT``
+        spike_jump: a spike must also be at least this many times the largest of the last 8
             applied values (a sudden jump, not a drift).
         rollback_after: consecutive skips that trigger a rollback.
         snapshot_every: good steps between snapshots (each committed after one more healthy step).
@@ -361,7 +232,11 @@ class Guard:
         self.recover_steps = int(check_number("recover_steps", recover_steps, low=1, integer=True))
         self.min_lr_factor = float(check_number("min_lr_factor", min_lr_factor, low=0.0, high=1.0, low_inclusive=False))
         self.clip_report_ratio = float(check_number("clip_report_ratio", clip_report_ratio, low=1.0))
-        self._limits = spike_thresholds(self.spike_z, tuple(range(self.min_history, self.window + 1)))
+        self._rule = SpikeRule(
+            z=self.spike_z, min_history=self.min_history, min_excess=self.spike_min_excess, jump=self.spike_jump
+        )
+        # Thresholds for every window size, once: a step only indexes a tuple of host floats.
+        self._limits = [self._rule.threshold(n) for n in range(self.min_history, self.window + 1)]
         check_number("max_events", max_events, low=1, integer=True)
         self.snapshot_path = None if snapshot_dir is None else Path(snapshot_dir) / "gradguard_guard_snapshot.pt"
         if self.snapshot_path is not None:
@@ -376,7 +251,7 @@ class Guard:
         self.applied = 0
         self.skipped = 0
         self.rollbacks = 0
-        self._windows = _Windows(self.window, device)
+        self._windows = Window(self.window, rows=2, device=device)
         self._consts: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
         self._consecutive_skips = 0
         self._good_run = 0
@@ -565,15 +440,7 @@ class Guard:
         held = self._windows.held()  # host counter: only applied (finite) steps are pushed
         if held >= self.min_history:
             limit = self._limits[held - self.min_history]  # a host float: comparing with it does not sync
-            z, med = self._windows.scores(current)
-            # A spike must also exceed the median by spike_min_excess of it, and jump to spike_jump × the
-            # recent maximum (see the module docstring); |·| keeps both margins upward for negative losses.
-            recent = self._windows.recent_max(RECENT)
-            spikes = (
-                (z > limit)
-                & (current > med + self.spike_min_excess * med.abs())
-                & (current > recent + (self.spike_jump - 1.0) * recent.abs())
-            )
+            spikes, z, med = self._rule.test(current, self._windows, limit)
             judged = torch.cat([z, spikes.float(), med[1:]])
         else:
             judged = unjudged
@@ -741,7 +608,7 @@ class Guard:
         if self._rollbacks_since_progress >= 2:
             # Rolled back twice without one good step in between: if the loss level has truly moved (new
             # data, curriculum), the old window would reject every step forever, so judge from scratch.
-            self._windows = _Windows(self.window, self._windows.values.device)
+            self._windows = Window(self.window, rows=2, device=self._windows.values.device)
             self._event(step, "reset_window", "rollback_loop", {"lr_factor": self.lr_factor})
 
     def _event(self, step: int, action: str, reason: str, numbers: Mapping[str, float]) -> None:

@@ -6,12 +6,14 @@ whether) to synchronise.
 
 from gradguard.stats.activations import activation_summary, saturation_kind, unit_activity
 from gradguard.stats.norms import nonfinite_counts, tensor_norms, total_norm
-from gradguard.stats.robust import RingBuffer, robust_zscore
 from gradguard.stats.spectral import activation_derivative, scaled_spectral_radius, spectral_radius
 from gradguard.stats.temporal import gradient_horizon, growth_factor, time_step_norms
+from gradguard.stats.windows import RingBuffer, SpikeRule, Window, robust_zscore, spike_threshold
 
 __all__ = [
     "RingBuffer",
+    "SpikeRule",
+    "Window",
     "activation_derivative",
     "activation_summary",
     "gradient_horizon",
@@ -21,6 +23,7 @@ __all__ = [
     "saturation_kind",
     "scaled_spectral_radius",
     "spectral_radius",
+    "spike_threshold",
     "tensor_norms",
     "time_step_norms",
     "total_norm",
