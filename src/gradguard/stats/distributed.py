@@ -24,6 +24,7 @@ waiting in the collective. Only output (console, files) is restricted to rank 0,
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,12 +32,10 @@ import torch
 from torch import Tensor
 
 from gradguard.errors import ConfigError, InputError
-from gradguard.stats.norms import tensor_norms
+from gradguard.stats.foreach import local_norms
 
-try:  # DTensor is public from torch 2.4 on; keep the import optional for minimal builds.
-    from torch.distributed.tensor import DTensor, Partial, Shard
-except ImportError:  # pragma: no cover - torch built without distributed support
-    DTensor = None  # type: ignore[assignment,misc]
+#: Imported by FSDP2's ``fully_shard`` and by ``distribute_tensor``: no DTensor exists before this module is.
+_DTENSOR_MODULE = "torch.distributed.tensor"
 
 
 def is_distributed() -> bool:
@@ -49,8 +48,20 @@ def is_distributed() -> bool:
 
 
 def is_dtensor(t: object) -> bool:
-    """True if ``t`` is a ``torch.distributed.tensor.DTensor`` (FSDP2 parameters and gradients are)."""
-    return DTensor is not None and isinstance(t, DTensor)
+    """True if ``t`` is a ``torch.distributed.tensor.DTensor`` (FSDP2 parameters and gradients are).
+
+    Looks the class up in ``sys.modules`` instead of importing it: a DTensor can only exist once
+    ``torch.distributed.tensor`` is imported, and importing it costs most of ``import gradguard`` otherwise.
+    """
+    dtensor = getattr(sys.modules.get(_DTENSOR_MODULE), "DTensor", None)
+    return dtensor is not None and isinstance(t, dtensor)
+
+
+def _placements(t: Tensor) -> tuple[Any, type, type]:
+    """``(t.placements, Partial, Shard)`` for a DTensor ``t`` (its module is loaded, so the import is free)."""
+    from torch.distributed.tensor import Partial, Shard
+
+    return t.placements, Partial, Shard  # type: ignore[attr-defined]
 
 
 def local_tensor(t: Tensor) -> Tensor:
@@ -77,7 +88,7 @@ def sharded_mask(tensors: Sequence[Tensor]) -> list[bool]:
         if not is_dtensor(t):
             mask.append(False)
             continue
-        placements = t.placements  # type: ignore[attr-defined]
+        placements, Partial, Shard = _placements(t)
         if any(isinstance(pl, Partial) for pl in placements):
             raise ConfigError(
                 f"a gradient has placements {placements}; a Partial (not yet reduced) gradient has no per-rank "
@@ -99,7 +110,7 @@ def shard_group(tensors: Sequence[Tensor]) -> Any:
     for t in tensors:
         if not is_dtensor(t):
             continue
-        placements = t.placements  # type: ignore[attr-defined]
+        placements, _, Shard = _placements(t)
         dims = [d for d, pl in enumerate(placements) if isinstance(pl, Shard)]
         if not dims:
             continue
@@ -163,7 +174,7 @@ def allreduce_norms(
     based on the result are identical everywhere.
 
     Args:
-        per_tensor_norms: 1-D float tensor of local norms (e.g. from ``gradguard.stats.tensor_norms`` on
+        per_tensor_norms: 1-D float tensor of local norms (e.g. from ``gradguard.stats.foreach.local_norms`` of
             :func:`local_tensors`).
         p: the norm order the local norms were computed with.
         group: process group (``None``: the default group). Use :func:`shard_group` for FSDP/HSDP.
@@ -208,13 +219,13 @@ def allreduce_norms(
 def global_norms(tensors: Sequence[Tensor], p: float = 2.0, group: Any = None) -> Tensor:
     """Per-tensor p-norms of (possibly sharded) tensors as if each were whole, on every rank.
 
-    Computes the local-shard norms with one fused ``_foreach_norm`` (:func:`gradguard.stats.tensor_norms`
-    over :func:`local_tensors`) and combines them with :func:`allreduce_norms` — one collective if any
-    tensor is sharded, none otherwise (DDP gradients are already equal on every rank).
+    Computes the local-shard norms with one fused ``_foreach_norm`` per device
+    (:func:`gradguard.stats.foreach.local_norms` of :func:`local_tensors`) and combines them with
+    :func:`allreduce_norms`: one collective if any tensor is sharded, none otherwise (DDP gradients are
+    already equal on every rank).
     ``group=None`` uses :func:`shard_group` of the tensors.
     """
-    local = local_tensors(tensors)
-    norms = tensor_norms(local, p)
+    norms = local_norms(local_tensors(tensors), p)
     mask = sharded_mask(tensors)
     if not any(mask):
         return norms

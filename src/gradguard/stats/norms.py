@@ -8,18 +8,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-
-def _by_device(tensors: Sequence[Tensor]) -> dict[torch.device, list[int]]:
-    groups: dict[torch.device, list[int]] = {}
-    for i, t in enumerate(tensors):
-        groups.setdefault(t.device, []).append(i)
-    return groups
-
-
-def _has_dtensor(tensors: Sequence[Tensor]) -> bool:
-    from gradguard.stats.distributed import is_dtensor
-
-    return any(is_dtensor(t) for t in tensors)
+from gradguard.stats.distributed import global_norms, is_dtensor
+from gradguard.stats.foreach import local_norms
 
 
 def tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
@@ -33,25 +23,14 @@ def tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
     >>> tensor_norms([torch.ones(4), torch.full((2,), 3.0)])
     tensor([2.0000, 4.2426])
     """
-    if len(tensors) == 0:
-        return torch.zeros(0)
-    if any(type(t) is not Tensor and type(t) is not torch.nn.Parameter for t in tensors) and _has_dtensor(tensors):
+    if any(type(t) is not Tensor and type(t) is not torch.nn.Parameter for t in tensors) and any(
+        is_dtensor(t) for t in tensors
+    ):
         # Sharded (FSDP2 / DTensor) tensors: the norm of the whole tensor, from the local shards' norms and
-        # one all-reduce (gradguard.stats.distributed), identical on every rank. torch's own DTensor
-        # dispatch would issue one collective per tensor and return DTensors that mix badly with plain
-        # tensors in clipping and Guard decisions (integrations, issue 6).
-        from gradguard.stats.distributed import global_norms
-
+        # one all-reduce, identical on every rank. torch's own DTensor dispatch would issue one collective
+        # per tensor and return DTensors that mix badly with plain tensors in clipping and Guard decisions.
         return global_norms(tensors, norm_type)
-    out_device = tensors[0].device
-    groups = _by_device(tensors)
-    if len(groups) == 1:
-        return torch.stack(torch._foreach_norm(list(tensors), norm_type)).float()
-    out = torch.empty(len(tensors), dtype=torch.float32, device=out_device)
-    for idx in groups.values():
-        norms = torch._foreach_norm([tensors[i] for i in idx], norm_type)
-        out[torch.tensor(idx, device=out_device)] = torch.stack(norms).float().to(out_device)
-    return out
+    return local_norms(tensors, norm_type)
 
 
 def total_norm(norms: Tensor, norm_type: float = 2.0) -> Tensor:
