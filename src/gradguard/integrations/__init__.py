@@ -1,33 +1,31 @@
 """Framework integrations: Lightning (:mod:`.lightning`), Keras 3 on PyTorch (:mod:`.keras`).
 
-Importing this package imports no framework; each submodule imports its own (an optional extra). The
-helpers here let core entry points accept framework objects without importing the framework.
+Importing this package imports no framework; each submodule imports its own (an optional extra). Model
+adaptation (a Keras model's torch view) lives at the bottom of the stack, in :mod:`gradguard.adapt`.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from torch import nn
 
+from gradguard import adapt
+
 
 def is_keras_model(obj: object) -> bool:
-    """True if ``obj`` is a Keras 3 layer or model (decided from its class hierarchy, without importing Keras)."""
-    return any(cls.__module__.startswith("keras.") and cls.__name__ == "Layer" for cls in type(obj).__mro__)
+    """Deprecated alias of :func:`gradguard.adapt.is_keras_model` (kept for one release)."""
+    warnings.warn("gradguard.integrations.is_keras_model is deprecated; use gradguard.adapt.is_keras_model",
+                  DeprecationWarning, stacklevel=2)
+    return adapt.is_keras_model(obj)
 
 
 def as_module(model: Any) -> nn.Module:
-    """The ``torch.nn.Module`` gradguard should hook for ``model``.
-
-    A Keras 3 model (PyTorch backend) becomes :func:`gradguard.integrations.keras.torch_view` of it —
-    readable names, working forward hooks, the same parameters; anything else is returned unchanged.
-    ``gg.watch`` and ``gg.probe`` call this so Keras models can be passed to them directly.
-    """
-    if is_keras_model(model):
-        from gradguard.integrations.keras import torch_view
-
-        return torch_view(model)
-    return model
+    """Deprecated alias of :func:`gradguard.adapt.as_module` (kept for one release)."""
+    warnings.warn("gradguard.integrations.as_module is deprecated; use gradguard.adapt.as_module",
+                  DeprecationWarning, stacklevel=2)
+    return adapt.as_module(model)
 
 
 __all__ = ["as_module", "is_keras_model"]

@@ -20,11 +20,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gradguard.adapt import as_module
 from gradguard.detect import Observation, ParamInfo, run_rules
 from gradguard.detect.base import Origin
 from gradguard.errors import ConfigError, InputError, StateError, check_number
 from gradguard.findings import KINDS, Finding
-from gradguard.integrations import as_module
 from gradguard.monitor.activations import ActivationTap, Sample, pool_summaries
 from gradguard.monitor.params import ParamStats, ReduceFn, RowMeta
 from gradguard.monitor.provenance import Call, localize, tensors_in

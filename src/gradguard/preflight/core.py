@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gradguard.adapt import as_module
 from gradguard.errors import ConfigError, GradGuardError, InputError, StateError, check_number
 from gradguard.findings import Finding
-from gradguard.integrations import as_module
 from gradguard.preflight.recurrent import cell_spec, is_recurrent, unroll_profile, unsupported_reason
 from gradguard.stats import (
     activation_summary,
