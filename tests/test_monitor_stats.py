@@ -1,4 +1,4 @@
-"""stats.batched.activation_summaries against activation_summary applied tensor by tensor."""
+"""stats.activations.activation_summaries against activation_summary applied tensor by tensor."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import torch
 
 from gradguard.stats import activation_summary
-from gradguard.stats.batched import activation_summaries
+from gradguard.stats.activations import activation_summaries
 
 
 def test_batched_summaries_equal_per_tensor_reference() -> None:
@@ -50,7 +50,7 @@ def test_batched_summaries_empty() -> None:
 
 def test_unit_peak_zero_exactly_when_unit_activity_counts_zero() -> None:
     from gradguard.stats import unit_activity
-    from gradguard.stats.batched import unit_peak
+    from gradguard.stats.activations import unit_peak
 
     torch.manual_seed(0)
     x = torch.relu(torch.randn(16, 12) - 1.5)

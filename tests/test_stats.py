@@ -9,14 +9,19 @@ from torch import nn
 from gradguard.stats import (
     RingBuffer,
     Window,
+    activation_summaries,
     activation_summary,
+    is_recurrent,
     nonfinite_counts,
     robust_zscore,
     saturation_kind,
     tensor_norms,
     total_norm,
     unit_activity,
+    unit_dim,
+    unit_peak,
 )
+from gradguard.stats.foreach import by_device, local_norms
 
 
 def _tensors() -> list[torch.Tensor]:
@@ -58,37 +63,65 @@ def test_nonfinite_counts_match_naive() -> None:
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def test_activation_summary_matches_naive() -> None:
-    x = torch.tanh(torch.randn(64, 32) * 3)
-    x[0, 0] = 0.0
-    got = activation_summary(x, "tanh")
-    want = torch.tensor(
-        [
-            x.mean().item(),
-            x.std(unbiased=False).item(),
-            (x == 0).float().mean().item(),
-            (x.abs() > 0.99).float().mean().item(),
-            0.0,
-            float(x.numel()),
-        ]
-    )
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+def _naive_summary(x: torch.Tensor, saturation: str | None) -> list[float]:
+    """The summary fields computed entry by entry in float64 Python arithmetic."""
+    values = [float(v) for v in x.reshape(-1).tolist()]
+    finite = [v for v in values if math.isfinite(v)]
+    n = max(len(finite), 1)
+    mean = sum(finite) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in finite) / n)
+    if saturation == "sigmoid":
+        sat = sum(v < 0.01 or v > 0.99 for v in finite)
+    elif saturation == "tanh":
+        sat = sum(abs(v) > 0.99 for v in finite)
+    else:
+        sat = 0
+    zeros = sum(v == 0 for v in values)
+    return [mean, std, zeros / max(len(values), 1), sat / n, float(len(values) - len(finite)), float(len(values))]
 
 
-def test_activation_summary_ignores_nonfinite_for_scale() -> None:
-    x = torch.tensor([1.0, 3.0, float("nan"), float("inf")])
-    mean, std, _, _, nonfinite, numel = activation_summary(x).tolist()
-    assert (nonfinite, numel) == (2.0, 4.0)
-    assert (mean, std) == pytest.approx((2.0, 1.0), rel=1e-6)
+#: (name, tensor, saturation kind): ordinary, sparse, saturating, non-finite, empty and beyond float32's
+#: square range (|x| > 1.8e19, where x² overflows: std 1.479e20, not inf).
+SUMMARY_CASES = [
+    ("normal", torch.randn(64, 32, generator=torch.Generator().manual_seed(0)), None),
+    ("relu", torch.relu(torch.randn(3, 4, 6, generator=torch.Generator().manual_seed(1))), None),
+    ("tanh", torch.tanh(3 * torch.randn(50, generator=torch.Generator().manual_seed(2))), "tanh"),
+    ("sigmoid", torch.sigmoid(4 * torch.randn(9, 9, generator=torch.Generator().manual_seed(3))), "sigmoid"),
+    ("nonfinite", torch.tensor([1.0, 3.0, math.nan, math.inf, -math.inf, 0.0]), "tanh"),
+    ("all-nonfinite", torch.tensor([math.nan, math.inf]), None),
+    ("zeros", torch.zeros(5), None),
+    ("empty", torch.zeros(0), None),
+    ("huge", torch.tensor([1e20, -1e20, 3e20, 0.0]), None),
+    ("huge-offset", torch.tensor([3e25, 3e25 + 1e19, 3e25 - 1e19, 3e25]), None),
+    ("tiny", torch.tensor([1e-40, -2e-40, 3e-40, 0.0]), None),
+]
 
 
-def test_activation_summary_std_of_huge_outputs_is_finite() -> None:
-    """A float32 square overflows beyond 1.8e19: the std of a blowing-up layer must still be measured."""
-    x = torch.tensor([1e20, -1e20, 3e20, -3e20])
-    mean, std, *_ = activation_summary(x).tolist()
-    want = x.double().std(unbiased=False).item()
-    assert mean == pytest.approx(0.0, abs=1e13)
-    assert std == pytest.approx(want, rel=1e-6)
+def _assert_matches_naive(got: torch.Tensor, x: torch.Tensor, kind: str | None) -> None:
+    want = torch.tensor(_naive_summary(x, kind), dtype=torch.float64)
+    # float32 results: relative 1e-5 of the value, or 1e-5 of the row's scale for a mean/std near 0.
+    scale = max((abs(v) for v in x.reshape(-1).tolist() if math.isfinite(v)), default=0.0)
+    atol = torch.tensor([1e-5 * scale, 1e-5 * scale, 1e-7, 1e-7, 0, 0], dtype=torch.float64)
+    assert torch.isfinite(got).all()
+    assert ((got.double() - want).abs() <= atol + 1e-5 * want.abs()).all(), (got.tolist(), want.tolist())
+
+
+@pytest.mark.parametrize(("x", "kind"), [c[1:] for c in SUMMARY_CASES], ids=[c[0] for c in SUMMARY_CASES])
+def test_activation_summary_matches_naive_float64(x: torch.Tensor, kind: str | None) -> None:
+    _assert_matches_naive(activation_summary(x, kind), x, kind)
+
+
+def test_activation_summaries_match_naive_float64_row_by_row() -> None:
+    # Rows of different lengths (padded), then equal lengths as a list and as one matrix.
+    xs, kinds = [c[1] for c in SUMMARY_CASES], [c[2] for c in SUMMARY_CASES]
+    for row, x, kind in zip(activation_summaries(xs, kinds), xs, kinds, strict=True):
+        _assert_matches_naive(row, x, kind)
+    equal = [x.reshape(-1) for x in xs if x.numel() == 4]
+    assert len(equal) >= 3
+    for batch in (equal, torch.stack(equal)):
+        for row, x in zip(activation_summaries(batch, [None] * len(equal)), equal, strict=True):
+            _assert_matches_naive(row, x, None)
+    assert activation_summaries([], []).shape == (0, 6)
 
 
 def test_sigmoid_saturation_fraction() -> None:
@@ -158,3 +191,60 @@ def test_spike_rule_against_a_naive_median_mad_reference() -> None:
         assert zz == pytest.approx(z, rel=1e-6) and factor == pytest.approx(x / lo, rel=1e-9)
         assert abs(factor - x / med) < 0.05 * x
     assert not rule.scan([50.0], window[:15])[0][0], "fewer than min_history values: never a spike"
+
+
+@pytest.mark.parametrize(
+    ("module", "shape", "after_conv", "want"),
+    [
+        (nn.Linear(3, 4), (8, 4), False, -1),
+        (nn.Linear(3, 4), (8, 10, 4), False, -1),  # a sequence through a Linear: features last
+        (nn.Conv1d(3, 4, 3), (8, 4, 10), False, 1),  # Conv1d counts channels, not positions
+        (nn.Conv2d(3, 4, 3), (8, 4, 5, 5), False, 1),
+        (nn.Conv3d(3, 4, 3), (8, 4, 2, 5, 5), False, 1),
+        (nn.ReLU(), (8, 4, 10), True, 1),  # ReLU after a Conv1d: still channels
+        (nn.ReLU(), (8, 4, 10), False, -1),  # ReLU after a Linear on a sequence
+        (nn.ReLU(), (8, 4, 5, 5), False, 1),  # images are channels-first whatever the module
+        (nn.ReLU(), (8, 4), True, -1),
+        (nn.LSTM(3, 4, batch_first=True), (8, 10, 4), False, -1),
+    ],
+)
+def test_unit_dim_indexes_features_or_channels(module: nn.Module, shape: tuple[int, ...], after_conv: bool,
+                                               want: int) -> None:
+    assert unit_dim(torch.zeros(shape), module, after_conv=after_conv) == want
+
+
+def test_dead_channel_of_a_conv1d_counted_once_by_unit_dim() -> None:
+    # Reference: channel c is dead when no batch element and no position is positive.
+    conv = nn.Conv1d(2, 3, 3)
+    y = torch.relu(conv(torch.randn(4, 2, 9)))
+    y[:, 1] = 0.0
+    counts = unit_activity(y, unit_dim(y, conv))
+    want = torch.tensor([float((y[:, c] > 0).sum()) for c in range(3)])
+    torch.testing.assert_close(counts, want)
+    assert (unit_peak(y, unit_dim(y, conv)) == 0).tolist() == (want == 0).tolist() == [False, True, False]
+
+
+def test_is_recurrent() -> None:
+    from gradguard.nn import LSTM as GGLSTM
+
+    class Marked(nn.Module):
+        gradguard_recurrent = True
+
+    recurrent = [nn.RNN(2, 3), nn.LSTM(2, 3), nn.GRU(2, 3), GGLSTM(2, 3), Marked()]
+    other = [nn.Linear(2, 3), nn.RNNCell(2, 3), nn.LSTMCell(2, 3), nn.Sequential(nn.LSTM(2, 3))]
+    assert [is_recurrent(m) for m in recurrent] == [True] * len(recurrent)
+    assert [is_recurrent(m) for m in other] == [False] * len(other)
+
+
+def test_by_device_groups_indices_in_first_seen_order() -> None:
+    meta, cpu = torch.empty(2, device="meta"), torch.zeros(2)
+    assert by_device([cpu, meta, cpu, meta]) == {torch.device("cpu"): [0, 2], torch.device("meta"): [1, 3]}
+    assert by_device([]) == {}
+
+
+@pytest.mark.parametrize("p", [2.0, math.inf, 0.0])
+def test_local_norms_match_naive(p: float) -> None:
+    ts = _tensors()
+    want = torch.stack([torch.linalg.vector_norm(t.reshape(-1), p) for t in ts])
+    torch.testing.assert_close(local_norms(ts, p), want, rtol=1e-6, atol=0)
+    assert local_norms([], p).shape == (0,)

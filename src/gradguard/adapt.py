@@ -23,9 +23,11 @@ any ``keras.layers.RNN``) become :class:`KerasRecurrent` modules that own their 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
 
 from gradguard.errors import InputError, StateError
 
@@ -43,6 +45,38 @@ def as_module(model: Any) -> nn.Module:
     Keras models can be passed to them directly.
     """
     return torch_view(model) if is_keras_model(model) else model
+
+
+def model_arguments(inputs: Any, *, name: str = "inputs") -> tuple[list[Any], dict[str, Any]]:
+    """``(args, kwargs)`` such that ``model(*args, **kwargs)`` runs the model on the batch ``inputs``.
+
+    A tensor or a ``PackedSequence`` (a tuple subclass, not to be unpacked) is the one positional argument;
+    a tuple or list holds the positional arguments; a mapping holds the keyword arguments. Anything else,
+    or arguments with no tensor among them, raise :class:`InputError` naming ``name``: a batch must carry
+    data.
+    """
+    if isinstance(inputs, Tensor | PackedSequence):
+        args, kwargs = [inputs], {}
+    elif isinstance(inputs, Mapping):
+        args, kwargs = [], dict(inputs)
+    elif isinstance(inputs, tuple | list):
+        args, kwargs = list(inputs), {}
+    else:
+        args, kwargs = [], {}
+    if not any(isinstance(v, Tensor | PackedSequence) for v in (*args, *kwargs.values())):
+        shown = " ".join(repr(inputs).split())
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise InputError(
+            f"{name} must be a tensor, a tuple/list of the model's positional arguments or a mapping of its "
+            f"keyword arguments, holding at least one tensor; got {type(inputs).__name__} {shown}"
+        )
+    return args, kwargs
+
+
+def call_model(model: nn.Module, inputs: Any, *, name: str = "inputs") -> Any:
+    """``model(*args, **kwargs)`` with the arguments :func:`model_arguments` reads from ``inputs``."""
+    args, kwargs = model_arguments(inputs, name=name)
+    return model(*args, **kwargs)
 
 
 #: Attribute under which a Keras model keeps its view, so repeated calls reuse one tree and one patch.
@@ -243,4 +277,13 @@ def torch_view(model: Any) -> KerasModel:
     return view
 
 
-__all__ = ["KerasLayer", "KerasModel", "KerasRecurrent", "as_module", "is_keras_model", "torch_view"]
+__all__ = [
+    "KerasLayer",
+    "KerasModel",
+    "KerasRecurrent",
+    "as_module",
+    "call_model",
+    "is_keras_model",
+    "model_arguments",
+    "torch_view",
+]

@@ -20,8 +20,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from gradguard.stats import saturation_kind
-from gradguard.stats.activations import SUMMARY_FIELDS
-from gradguard.stats.batched import activation_summaries, unit_peak
+from gradguard.stats.activations import SUMMARY_FIELDS, activation_summaries, unit_peak
 
 #: Entries of a module output summarised per call. Larger outputs are summarised on a fixed uniform
 #: random sample of positions (mean, std and fractions are then estimates with a standard error
@@ -105,7 +104,7 @@ class ActivationTap:
         sample, self.current = self.current, None
         if sample is None or not sample.raw:
             return None
-        # Every call's summary in one batched computation (see gradguard.stats.batched).
+        # Every call's summary in one batched computation (see gradguard.stats.activations).
         tensors = [t for _, t in sample.raw]
         if all(t.shape == tensors[0].shape for t in tensors):
             # The usual case (every output sampled to SUMMARY_SAMPLE entries): hand over one matrix.

@@ -4,7 +4,15 @@ Every function here takes tensors and returns tensors on the same device, so cal
 whether) to synchronise.
 """
 
-from gradguard.stats.activations import activation_summary, saturation_kind, unit_activity
+from gradguard.stats.activations import (
+    activation_summaries,
+    activation_summary,
+    is_recurrent,
+    saturation_kind,
+    unit_activity,
+    unit_dim,
+    unit_peak,
+)
 from gradguard.stats.norms import nonfinite_counts, tensor_norms, total_norm
 from gradguard.stats.spectral import activation_derivative, scaled_spectral_radius, spectral_radius
 from gradguard.stats.temporal import gradient_horizon, growth_factor, time_step_norms
@@ -15,9 +23,11 @@ __all__ = [
     "SpikeRule",
     "Window",
     "activation_derivative",
+    "activation_summaries",
     "activation_summary",
     "gradient_horizon",
     "growth_factor",
+    "is_recurrent",
     "nonfinite_counts",
     "robust_zscore",
     "saturation_kind",
@@ -28,4 +38,6 @@ __all__ = [
     "time_step_norms",
     "total_norm",
     "unit_activity",
+    "unit_dim",
+    "unit_peak",
 ]
