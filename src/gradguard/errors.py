@@ -1,6 +1,6 @@
 """Exceptions raised at gradguard's boundaries, and the small validators that raise them.
 
-Every message names the bad value and what is allowed (STYLE.md, principle 7).
+Every message names the bad value and what is allowed, in one line.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ class ConfigError(GradGuardError, ValueError):
 
 
 class InputError(GradGuardError, TypeError):
-    """An argument of the wrong type (not a module, not a tensor, ...)."""
+    """An input of the wrong type or shape (not a module, not a tensor, a loss that is not a scalar, ...)."""
 
 
 class StateError(GradGuardError, RuntimeError):
@@ -65,3 +65,21 @@ def check_number(
         hb = "]" if high_inclusive and high is not None else ")"
         raise ConfigError(f"{name}={value!r} is out of range; allowed: {lb}{lo}, {hi}{hb}")
     return value
+
+
+def check_scalar_loss(loss: Any, *, name: str = "loss") -> Any:
+    """Return ``loss`` if it is a tensor with exactly one element, else raise :class:`InputError`.
+
+    The loss is an input (the value ``backward()`` was called on), so a per-sample or per-token loss that
+    was not reduced is an :class:`InputError` everywhere: in ``Monitor.step``, ``Guard.step`` and ``probe``.
+    """
+    import torch  # here, not at the top: importing gradguard.errors must not import torch
+
+    if not isinstance(loss, torch.Tensor):
+        raise InputError(f"{name} must be a scalar torch.Tensor, got {type(loss).__name__}")
+    if loss.numel() != 1:
+        raise InputError(
+            f"{name} must be a scalar tensor (1 element), got shape {tuple(loss.shape)}; reduce it first "
+            "(e.g. loss.mean())"
+        )
+    return loss

@@ -2,8 +2,8 @@
 
 For a simple recurrence ``h_t = f(W h_{t−1} + U x_t + b)`` back-propagation through time multiplies by
 ``diag(f'_t)·W`` each step, so the gradient's per-step factor is governed by the spectral radius
-``ρ(W) = max_i |λ_i(W)|`` scaled by the typical derivative ``f'`` (SEEDS S3.1; Pascanu, Mikolov & Bengio
-2013, "On the difficulty of training recurrent neural networks"). ``ρ(W)·mean f' < 1`` predicts vanishing,
+``ρ(W) = max_i |λ_i(W)|`` scaled by the typical derivative ``f'`` (Pascanu, Mikolov & Bengio 2013, "On the
+difficulty of training recurrent neural networks"; docs/pathologies.md). ``ρ(W)·mean f' < 1`` predicts vanishing,
 ``> 1`` makes exploding possible.
 """
 

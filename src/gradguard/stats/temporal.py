@@ -1,10 +1,10 @@
 """Profiles over time steps: per-step norms, the per-step growth factor and the gradient horizon.
 
 Back-propagation through time multiplies the gradient by one Jacobian ``∂h_t/∂h_{t−1} = diag(f'_t)·W``
-per step (SEEDS S3.1), so the norm of ``∂L/∂h_{t−k}`` behaves like ``c·g^k`` for some per-step growth
-factor ``g``: vanishing when ``g < 1``, exploding when ``g > 1``. These functions measure ``g`` and how far
-back the gradient stays usable from such a profile. All of them take and return tensors and never
-synchronise with the host.
+per step (Pascanu et al. 2013; docs/pathologies.md), so the norm of ``∂L/∂h_{t−k}`` behaves like ``c·g^k``
+for some per-step growth factor ``g``: vanishing when ``g < 1``, exploding when ``g > 1``. These functions
+measure ``g`` and how far back the gradient stays usable from such a profile. All of them take and return
+tensors and never synchronise with the host.
 """
 
 from __future__ import annotations
