@@ -23,7 +23,7 @@ class Series:
     ``hist``: a histogram of ``y`` with ``bins`` bins. ``bar``: one bar per ``y`` at categories ``ticks``.
     ``heatmap``: matrix ``z`` with column labels ``ticks`` and row labels ``row_ticks``, cells annotated.
     ``image``: a dense heatmap, too many cells to annotate: matrix ``z`` (rows top to bottom, labelled
-    ``row_ticks``) over columns of equal width spanning ``x[0]..x[-1]`` on the x axis, coloured by ``cmap``
+    ``row_ticks``) over columns whose edges on the x axis are ``x`` (one more than columns), coloured by ``cmap``
     between ``vmin`` and ``vmax`` (colour bar titled ``zlabel``). Three cell values are not colours of the
     scale: ``None`` is "not logged" (light grey), NaN or +Inf is "non-finite value logged" (red), −Inf is
     "exact zero on a log scale" (black).

@@ -116,17 +116,24 @@ def power_mean_rows(values: np.ndarray, logged: np.ndarray, weights: np.ndarray 
 
 def bin_columns(cells: np.ndarray, logged: np.ndarray, steps: np.ndarray, span: tuple[int, int],
                 max_columns: int = MAX_COLUMNS) -> tuple[list[list[float | None]], list[float]]:
-    """Average ``cells`` (rows × steps, already in display units) over equal-width step bins covering ``span``
-    (first and last step of the run, inclusive): one bin per step that logged anything, at most
-    ``max_columns``. A bin holding a non-finite value is NaN; one whose logged values are all −Inf is −Inf;
-    one with no logged value is None. Returns the cells and the ``n + 1`` bin edges."""
+    """Columns of ``cells`` (rows × steps, already in display units) over the run's ``span`` (first and last
+    step, inclusive). At most ``max_columns`` steps logged anything: one column per such step, reaching
+    halfway to its neighbours. More: the mean over equal-width step bins. A column holding a non-finite value
+    is NaN; one whose logged values are all −Inf is −Inf; one with no logged value is None. Returns the
+    cells and the column edges (one more than columns)."""
     first, last = span
     have = logged.any(axis=0)
-    n = max(1, min(max_columns, int(have.sum())))
-    edges = np.linspace(first, last + 1, n + 1)
-    # Steps are ascending, so each bin is a contiguous slice of columns: sums via cumulative sums.
-    cut = np.searchsorted(steps, edges[1:-1], side="left")
-    lo, hi = np.concatenate([[0], cut]), np.concatenate([cut, [len(steps)]])
+    at = steps[have].astype(float)
+    # Steps are ascending, so each column is a contiguous slice [lo, hi) of steps: sums via cumulative sums.
+    if 0 < len(at) <= max_columns:
+        edges = np.concatenate([[first], (at[1:] + at[:-1]) / 2, [last + 1]])
+        lo = np.flatnonzero(have)  # a column runs from its logged step to the next one
+        hi = np.concatenate([lo[1:], [len(steps)]])
+    else:
+        edges = np.linspace(first, last + 1, max(1, min(max_columns, len(at))) + 1)
+        cut = np.searchsorted(steps, edges[1:-1], side="left")
+        lo, hi = np.concatenate([[0], cut]), np.concatenate([cut, [len(steps)]])
+    n = len(edges) - 1
     finite = logged & np.isfinite(cells)
     bad = logged & np.isnan(cells) | logged & np.isposinf(cells)
     zero = logged & np.isneginf(cells)

@@ -78,8 +78,9 @@ def _draw_image(ax: Axes, s: Series) -> None:
     for mask, colour in ((missing, NOT_LOGGED), (bad, NON_FINITE), (zero, EXACT_ZERO)):
         rgba[mask] = to_rgba(colour)
     rows, cols = values.shape
-    x = _floats(s.x) if s.x else np.array([0.0, float(cols)])
-    ax.imshow(rgba, aspect="auto", interpolation="nearest", extent=(x[0], x[-1], rows - 0.5, -0.5))
+    x = _floats(s.x) if s.x else np.arange(cols + 1, dtype=float)
+    ax.pcolormesh(x, np.arange(rows + 1) - 0.5, rgba, shading="flat", rasterized=True)
+    ax.set_ylim(rows - 0.5, -0.5)  # first row at the top
     labels = s.row_ticks or [str(i) for i in range(rows)]
     ax.set_yticks(range(rows), labels, fontsize=8 if rows <= 30 else 6.5)
     bar = ax.figure.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, fraction=0.04, pad=0.01)
