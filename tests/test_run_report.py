@@ -242,7 +242,7 @@ def test_a_log_with_only_a_closing_record_still_gets_a_page(tmp_path: Path) -> N
 
 def test_compare_page_puts_two_runs_side_by_side(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     a, b = tmp_path / "healthy", tmp_path / "sick run"
-    synthetic_log(a, layers=3, steps=40, end={"status": "complete", "exit_code": 0, "reason": ""})
+    synthetic_log(a, layers=3, steps=40, numel=True, end={"status": "complete", "exit_code": 0, "reason": ""})
     findings = some_findings(40, param_names(3), count=3)
     synthetic_log(b, layers=3, steps=25, findings=findings, nan_at=12, seed=1)
     assert main(["report", str(a), str(b)]) == 0
@@ -252,6 +252,8 @@ def test_compare_page_puts_two_runs_side_by_side(tmp_path: Path, capsys: pytest.
     html = path.read_text(encoding="utf-8")
     assert "A: healthy" in html and "B: sick run" in html
     assert "complete (exit 0)" in html and "partial: no closing record" in html
+    # B has no element counts: both panels show norms, so that one colour scale means one quantity.
+    assert "log10 of the tensor norm ‖g‖ (element counts not logged)" in html
     marks, rows = _anchors(html)
     assert set(marks) == {f"b-mark-{i}" for i in range(1, 4)}  # run A has no finding
     assert all(marks[f"b-mark-{i}"] == f"b-finding-{i}" and rows[f"b-finding-{i}"] == f"b-mark-{i}"
@@ -285,3 +287,14 @@ def test_report_of_a_20000_step_200_tensor_log_is_written_in_bounded_time(tmp_pa
     grid = gradient_grid(load_watch_log(tmp_path))
     assert grid is not None and len(grid[0].z) == 50 and len(grid[0].z[0]) == MAX_COLUMNS
     assert elapsed < 180  # on two shared cores; parsing the 210 MB of JSON is most of it
+
+
+def test_a_finding_after_the_last_logged_step_is_still_on_the_timeline(tmp_path: Path) -> None:
+    late = gg.Finding("nonfinite", "", 50, "error", "NaN at step 50", "skip it", {})
+    synthetic_log(tmp_path, layers=1, steps=10, findings=[late],
+                  events=[{"step": 60, "action": "rollback", "reason": "spike"}])
+    figures = {f.name: f for f, _ in watch_figures(load_watch_log(tmp_path))}
+    for panel in figures["timeline"].panels + figures["grad_flow"].panels:
+        assert panel.xlim == [0.0, 61.0]  # logged steps 0-9, the finding at 50, the event at 60
+    marks = [s for s in figures["timeline"].panels[0].series if s.kind == "marks"]
+    assert [(s.x, s.ticks) for s in marks] == [([50], ["1"])]

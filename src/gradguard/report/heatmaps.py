@@ -179,16 +179,16 @@ def _log10(x: np.ndarray) -> np.ndarray:
         return np.log10(x)
 
 
-def gradient_grid(log: WatchLog, *, max_rows: int = MAX_ROWS,
+def gradient_grid(log: WatchLog, *, per_element: bool = True, max_rows: int = MAX_ROWS,
                   max_columns: int = MAX_COLUMNS) -> tuple[Grid, bool] | None:
-    """log10 of each tensor's gradient per element, ``‖g‖/√numel`` (RMS), when every tensor's ``numel`` is
-    logged, else of its norm ``‖g‖``; returns the grid and whether it is the RMS. None without per-tensor
-    gradient norms."""
+    """log10 of each tensor's gradient per element, ``‖g‖/√numel`` (RMS), when ``per_element`` and every
+    tensor's ``numel`` is logged, else of its norm ``‖g‖``; returns the grid and whether it is the RMS. None
+    without per-tensor gradient norms."""
     if not log.params or not len(log.steps):
         return None
     values, logged = _matrix(log, [f"grad_norm/{p}" for p in log.params])
     numel = log.numel
-    rms = len(numel) == len(log.params)
+    rms = per_element and len(numel) == len(log.params)
     weights = None
     if rms:
         sizes = np.array([numel[p] for p in log.params], dtype=float)[:, None]

@@ -95,11 +95,13 @@ def profile_picks(logged: np.ndarray, count: int = PROFILE_STEPS) -> list[int]:
 
 
 def _span(logs: Sequence[WatchLog]) -> list[float]:
-    firsts = [float(g.steps[0]) for g in logs if len(g.steps)]
-    lasts = [float(g.steps[-1]) for g in logs if len(g.steps)]
-    if not firsts:
+    """The x range of every step axis: the logged steps, and the steps of findings and events outside them
+    (so that every finding's line is on the timeline)."""
+    points = [float(s) for g in logs for s in (g.steps[:1].tolist() + g.steps[-1:].tolist())]
+    points += [float(f.step) for g in logs for f in g.findings] + [float(e.step) for g in logs for e in g.events]
+    if not points:
         return [0.0, 1.0]
-    return [min(firsts), max(lasts) + 1.0]  # the heatmaps' last bin ends one step after the last step
+    return [min(points), max(points) + 1.0]  # the heatmaps' last column ends one step after the last step
 
 
 def _at(log: WatchLog, key: str, steps: Sequence[int]) -> list[float]:
@@ -225,14 +227,17 @@ def _heatmaps(runs: Sequence[tuple[str, WatchLog]], prefix: str = "") -> list[tu
         out.append((Figure(prefix + name, title, panels, ncols=len(panels), panel_size=[size[0], height]),
                     caption))
 
-    grads = [gradient_grid(log) for _, log in runs]
+    # Two runs share one colour scale, so both show the RMS only when both logged their element counts.
+    per_element = all(len(log.numel) == len(log.params) for _, log in runs)
+    grads = [gradient_grid(log, per_element=per_element) for _, log in runs]
     rms = all(g is not None and g[1] for g in grads)
     grad_grids = [g[0] if g is not None else None for g in grads]
     what = "per-element RMS ‖g‖/√numel" if rms else "tensor norm ‖g‖ (element counts not logged)"
     title = "Gradient flow: log10 " + ("gradient RMS per element" if rms else "gradient norm") + " per tensor"
     add("grad_flow", title, grad_grids, "viridis", "log10 ‖g‖/√numel" if rms else "log10 ‖g‖",
-        f"Each row is a parameter tensor in the order of the model's parameters (input at the top), each column "
-        f"a span of steps; the colour is log10 of the {what}, averaged over the span (a geometric mean). A "
+        "Each row is a parameter tensor (past 60 tensors: a module or a block of modules) in the order of the "
+        f"model's parameters (input at the top), each column a span of steps; the colour is log10 of the {what}, "
+        "averaged over the span (a geometric mean). A "
         "gradient that is many decades darker at the top than at the bottom is vanishing (Hochreiter 1991; "
         "Glorot & Bengio 2010); a band that brightens over the steps is exploding (Pascanu et al. 2013). "
         "Grouped rows (more than 60 tensors) show whole modules, labelled with their tensor index range; a "
@@ -356,7 +361,7 @@ def _status(log: WatchLog) -> str:
     reason = f": {end.reason}" if end.reason else ""
     if end.status == "complete":
         return f"<p class='status'>Run complete{escape(code)}.</p>"
-    what = "was interrupted" if end.status == "interrupted" else "ended with an error"
+    what = {"interrupted": "was interrupted", "error": "ended with an error"}.get(end.status, f"ended ({end.status})")
     return (f"<div class='banner'><strong>Partial run: the program {what}{escape(reason)}{escape(code)}.</strong> "
             f"What was logged up to {escape(last)} is shown.</div>")
 
