@@ -298,3 +298,13 @@ def test_a_finding_after_the_last_logged_step_is_still_on_the_timeline(tmp_path:
         assert panel.xlim == [0.0, 61.0]  # logged steps 0-9, the finding at 50, the event at 60
     marks = [s for s in figures["timeline"].panels[0].series if s.kind == "marks"]
     assert [(s.x, s.ticks) for s in marks] == [([50], ["1"])]
+
+
+def test_without_a_logged_loss_the_findings_are_numbered_on_the_gradient_norm_panel(tmp_path: Path) -> None:
+    finding = gg.Finding("exploding", "fc", 3, "warning", "norm grew", "clip it", {})
+    _append(tmp_path, *({"type": "step", "step": s, "grad_norm": 10.0 ** s} for s in range(6)),
+            {"type": "finding", **finding.to_dict()})
+    figures = {f.name: f for f, _ in watch_figures(load_watch_log(tmp_path))}
+    (panel,) = figures["timeline"].panels
+    assert panel.title.startswith("global gradient")
+    assert [(s.x, s.ticks) for s in panel.series if s.kind == "marks"] == [([3], ["1"])]

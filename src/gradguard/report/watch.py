@@ -15,7 +15,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from html import escape
 from pathlib import Path
 
@@ -179,13 +179,13 @@ def _timeline(runs: Sequence[tuple[str, WatchLog, list[_Mark]]], name: str) -> F
     norm_top = max([v for _, log in pairs for v in log.track("grad_norm").values if math.isfinite(v) and v > 0],
                    default=1.0)
     events = [s for _, log in pairs for s in _event_series(log, norm_top)] if len(runs) == 1 else []
-    panels = [p for p in (
-        _curve_panel(pairs, "loss", "loss", xlim, _finding_series(marks, labelled=True)),
-        _curve_panel(pairs, "grad_norm", "global gradient L2 norm ‖g‖", xlim,
-                     events + _finding_series(marks, labelled=False)),
-    ) if p is not None]
+    panels = [p for p in (_curve_panel(pairs, "loss", "loss", xlim, []),
+                          _curve_panel(pairs, "grad_norm", "global gradient L2 norm ‖g‖", xlim, events))
+              if p is not None]
     if not panels:
         return None
+    # The findings' lines on every panel, numbered on the top one.
+    panels = [replace(p, series=p.series + _finding_series(marks, labelled=i == 0)) for i, p in enumerate(panels)]
     return Figure(name, "The run: loss and global gradient norm", panels, ncols=1, panel_size=[WIDTH, 3.0])
 
 
@@ -252,7 +252,7 @@ def _heatmaps(runs: Sequence[tuple[str, WatchLog]], prefix: str = "") -> list[tu
     inactive = [inactive_grid(log) for _, log in runs]
     omitted = sum(g[1] for g in inactive if g is not None)
     add("units", "Zero or saturated outputs per module", [g[0] if g is not None else None for g in inactive],
-        "cividis", "share of outputs", "Per module, the share of its outputs that are exactly zero (dead ReLU "
+        "YlOrRd", "share of outputs", "Per module, the share of its outputs that are exactly zero (dead ReLU "
         "units output nothing; Lu et al. 2019) or in the flat region of tanh/sigmoid, where the local gradient "
         f"vanishes (Glorot & Bengio 2010), on the steps whose activations were sampled. {omitted} module(s) "
         "whose share stayed 0 are not drawn.", (0.0, 1.0))
