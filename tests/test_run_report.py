@@ -308,3 +308,35 @@ def test_without_a_logged_loss_the_findings_are_numbered_on_the_gradient_norm_pa
     (panel,) = figures["timeline"].panels
     assert panel.title.startswith("global gradient")
     assert [(s.x, s.ticks) for s in panel.series if s.kind == "marks"] == [([3], ["1"])]
+
+
+def test_image_cells_and_axes_frames_land_where_the_page_puts_its_links() -> None:
+    import io
+
+    from matplotlib import colormaps
+    from matplotlib.colors import to_rgb
+    from matplotlib.image import imread
+
+    from gradguard.report.figures import Figure, Panel, Series
+    from gradguard.report.plots import EXACT_ZERO, NON_FINITE, NOT_LOGGED, render
+
+    # Columns over steps 0-10, 10-30, 30-40: a not-logged, a non-finite and an exact-zero cell, and two values.
+    z = [[None, math.nan, -math.inf], [0.0, 1.0, 0.5]]
+    image = Series("", kind="image", z=z, x=[0, 10, 30, 40], row_ticks=["a", "b"], cmap="viridis", vmin=0.0, vmax=1.0)
+    fig = Figure("f", "t", [Panel("", "step", "row", [image], legend=False, xlim=[0, 40])], ncols=1,
+                 panel_size=[6.0, 3.0])
+    out = render(fig)
+    pixels = imread(io.BytesIO(out.png))[..., :3]
+    height, width = pixels.shape[:2]
+    (frame,) = out.frames
+    assert (frame.x0, frame.x1) == (0.0, 40.0)
+
+    def colour_at(step: float, row: int) -> np.ndarray:
+        x = (frame.left + (step - frame.x0) / (frame.x1 - frame.x0) * (frame.right - frame.left)) * width
+        y = (frame.top + (row + 0.5) / 2 * (frame.bottom - frame.top)) * height
+        return pixels[int(y), int(x)]
+
+    viridis = colormaps["viridis"]
+    for step, row, expect in ((5, 0, to_rgb(NOT_LOGGED)), (20, 0, to_rgb(NON_FINITE)), (35, 0, to_rgb(EXACT_ZERO)),
+                              (5, 1, viridis(0.0)[:3]), (20, 1, viridis(1.0)[:3]), (35, 1, viridis(0.5)[:3])):
+        assert colour_at(step, row) == pytest.approx(np.array(expect), abs=0.02), (step, row)
