@@ -251,11 +251,11 @@ def _heatmaps(runs: Sequence[tuple[str, WatchLog]], prefix: str = "") -> list[tu
         _shared_range(ratio_grids))
     inactive = [inactive_grid(log) for _, log in runs]
     omitted = sum(g[1] for g in inactive if g is not None)
+    left_out = f" {omitted} module(s) whose share stayed 0 are not drawn." if omitted else ""
     add("units", "Zero or saturated outputs per module", [g[0] if g is not None else None for g in inactive],
         "YlOrRd", "share of outputs", "Per module, the share of its outputs that are exactly zero (dead ReLU "
         "units output nothing; Lu et al. 2019) or in the flat region of tanh/sigmoid, where the local gradient "
-        f"vanishes (Glorot & Bengio 2010), on the steps whose activations were sampled. {omitted} module(s) "
-        "whose share stayed 0 are not drawn.", (0.0, 1.0))
+        f"vanishes (Glorot & Bengio 2010), on the steps whose activations were sampled.{left_out}", (0.0, 1.0))
     return out
 
 
