@@ -6,13 +6,14 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import gradguard as gg
 from gradguard.cli import main
-from gradguard.report.watch import PROFILE_STEPS, WATCH_LOG, _profile_rows, load_watch_log
+from gradguard.report.watch import PROFILE_STEPS, WATCH_LOG, load_watch_log, profile_picks
 
 
 def _train(log_dir: Path, steps: int = 40, nan_at: int | None = 30) -> gg.Monitor:
@@ -39,14 +40,16 @@ def test_report_of_a_killed_watched_run(tmp_path: Path, capsys: pytest.CaptureFi
         f.write('{"type":"step","step":40,"lo')  # what a SIGKILL in the middle of a write would leave
     log = load_watch_log(tmp_path)
     assert log.skipped_lines == 1
-    assert [r["step"] for r in log.steps] == list(range(40))
+    assert log.steps.tolist() == list(range(40))
     assert log.params == ["0.weight", "0.bias", "2.weight", "2.bias"]
     assert {f.key for f in log.findings} == {f.key for f in mon.findings} != set()
-    assert log.steps[-1]["grad_norm"] == pytest.approx(mon.history[-1]["grad_norm"], rel=1e-6)
+    assert log.last("grad_norm") == pytest.approx(mon.history[-1]["grad_norm"], rel=1e-6)
     assert main(["report", str(tmp_path)]) == 0
     assert f"report: {tmp_path / 'report.html'}" in capsys.readouterr().out
     html = (tmp_path / "report.html").read_text(encoding="utf-8")
-    assert html.count("data:image/png;base64,") == 2  # the run over time, and the profiles along the depth
+    pngs = {p.stem for p in tmp_path.glob("*.png")}  # every figure embedded is also written beside the page
+    assert {"timeline", "grad_flow", "update_ratio", "depth"} <= pngs
+    assert html.count("data:image/png;base64,") == len(pngs)
     assert "1 incomplete line(s) skipped" in html
     assert "nonfinite" in html and "<script" not in html
     assert not re.search(r'(src|href)="(https?:)?//', html)
@@ -72,8 +75,8 @@ def test_a_log_with_no_monitor_record_is_a_one_line_error(tmp_path: Path,
 
 
 def test_profiles_take_first_last_and_evenly_spread_steps() -> None:
-    rows = [{"step": s, **({"grad_norm/w": 1.0} if s % 2 == 0 else {})} for s in range(41)]
-    picked = [r["step"] for r in _profile_rows(rows, "grad_norm")]
+    logged = np.arange(41) % 2 == 0
+    picked = profile_picks(logged)
     assert len(picked) == PROFILE_STEPS
     assert picked == [0, 10, 20, 30, 40]
-    assert [r["step"] for r in _profile_rows(rows[:5], "grad_norm")] == [0, 2, 4]
+    assert profile_picks(logged[:5]) == [0, 2, 4]

@@ -1,6 +1,8 @@
-"""The ``gradguard lab list|run`` and ``gradguard report DIR`` sub-commands.
+"""The ``gradguard lab list|run`` and ``gradguard report DIR [DIR2]`` sub-commands.
 
-``report DIR`` redraws a lab run, or draws the log a monitor wrote with ``gg.watch(model, log_dir=DIR)``.
+``report DIR`` redraws a lab run, or draws a run log (``gg.watch(model, log_dir=DIR)``, ``gradguard run --out
+DIR``) as ``DIR/report.html``; ``report DIR DIR2`` draws two run logs side by side in
+``DIR/compare-<name of DIR2>.html``.
 """
 
 from __future__ import annotations
@@ -41,9 +43,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     # Parsed by hand so that a bad value gives gradguard's one-line error, not argparse's usage block.
     run.add_argument("--seed", default="0", metavar="N", help=f"random seed, 0..{SEED_MAX} (default 0)")
     run.set_defaults(func=_cmd_run)
-    rep = sub.add_parser("report", help="re-render a lab run's reports, or draw a watched run's log")
+    rep = sub.add_parser("report", help="re-render a lab run's reports, draw a run log, or compare two run logs")
     rep.add_argument("dir", metavar="DIR", help="a run folder (from `lab run --out`), one experiment's folder, "
-                     "or a monitor's log_dir (gg.watch(model, log_dir=DIR))")
+                     "or a run log's folder (gg.watch(model, log_dir=DIR), gradguard run --out DIR)")
+    rep.add_argument("other", nargs="?", metavar="DIR2", help="a second run log's folder: both runs side by side "
+                     "in DIR/compare-<name of DIR2>.html")
     rep.set_defaults(func=_cmd_report)
 
 
@@ -123,10 +127,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from gradguard.report.files import find_experiments, load_experiment
     from gradguard.report.render import render_folder, render_index_file
-    from gradguard.report.watch import is_watch_folder, render_watch_report
+    from gradguard.report.watch import is_watch_folder, render_compare_report, render_watch_report
 
     folder = Path(args.dir)
     console = Console(highlight=False)
+    if args.other is not None:
+        console.print(f"report: {render_compare_report(folder, Path(args.other))}", soft_wrap=True, markup=False)
+        return EXIT_OK
     if is_watch_folder(folder):  # a gg.watch(model, log_dir=...) folder, not a lab run
         console.print(f"report: {render_watch_report(folder)}", soft_wrap=True, markup=False)
         return EXIT_OK

@@ -1,4 +1,4 @@
-"""Rendering of lab results: figure specifications, PNG plots and self-contained HTML reports.
+"""Rendering of lab results and run logs: figure specifications, PNG plots and self-contained HTML reports.
 
 Reads saved results and draws them; computes no statistics (STYLE.md, principle 2).
 """
@@ -6,6 +6,7 @@ Reads saved results and draws them; computes no statistics (STYLE.md, principle 
 from gradguard.report.figures import Figure, Panel, Series
 from gradguard.report.files import ExperimentResults, find_experiments, load_experiment
 from gradguard.report.render import render_folder, render_index_file
+from gradguard.report.watch import render_compare_report, render_watch_report
 
 __all__ = [
     "ExperimentResults",
@@ -14,6 +15,8 @@ __all__ = [
     "Series",
     "find_experiments",
     "load_experiment",
+    "render_compare_report",
     "render_folder",
     "render_index_file",
+    "render_watch_report",
 ]

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 #: What a series can be drawn as.
-SERIES_KINDS = ("line", "scatter", "hist", "bar", "heatmap", "hline", "vline")
+SERIES_KINDS = ("line", "scatter", "hist", "bar", "heatmap", "image", "marks", "hline", "vline")
 SCALES = ("linear", "log", "symlog")
 
 
@@ -22,6 +22,12 @@ class Series:
     ``line``/``scatter``: ``y`` against ``x`` (``x`` defaults to 0, 1, ...); non-finite ``y`` leaves a gap.
     ``hist``: a histogram of ``y`` with ``bins`` bins. ``bar``: one bar per ``y`` at categories ``ticks``.
     ``heatmap``: matrix ``z`` with column labels ``ticks`` and row labels ``row_ticks``, cells annotated.
+    ``image``: a dense heatmap, too many cells to annotate: matrix ``z`` (rows top to bottom, labelled
+    ``row_ticks``) over columns whose edges on the x axis are ``x`` (one more than columns), coloured by ``cmap``
+    between ``vmin`` and ``vmax`` (colour bar titled ``zlabel``). Three cell values are not colours of the
+    scale: ``None`` is "not logged" (light grey), NaN or +Inf is "non-finite value logged" (red), −Inf is
+    "exact zero on a log scale" (black).
+    ``marks``: a dotted vertical line at each ``x``, labelled at the top with the matching ``ticks`` entry.
     ``hline``/``vline``: a reference line at ``y[0]``/``x[0]``.
     """
 
@@ -37,11 +43,16 @@ class Series:
     color: str | None = None
     alpha: float = 1.0
     bins: int = 60
+    cmap: str = "viridis"
+    vmin: float | None = None
+    vmax: float | None = None
+    zlabel: str = ""
 
 
 @dataclass(frozen=True)
 class Panel:
-    """One set of axes: title, labelled axes (with units), scales and the series drawn on it."""
+    """One set of axes: title, labelled axes (with units), scales and the series drawn on it; ``xlim`` fixes
+    the x range, ``legend_outside`` puts the legend right of the axes so it hides no data."""
 
     title: str
     xlabel: str
@@ -50,17 +61,23 @@ class Panel:
     xscale: str = "linear"
     yscale: str = "linear"
     legend: bool = True
+    xlim: list[float] | None = None
+    legend_outside: bool = False
 
 
 @dataclass(frozen=True)
 class Figure:
-    """A named figure (its PNG is ``<name>.png``) made of panels laid out in ``ncols`` columns."""
+    """A named figure (its PNG is ``<name>.png``) made of panels laid out in ``ncols`` columns.
+
+    ``panel_size`` (width, height in inches) overrides the default size of each panel.
+    """
 
     name: str
     title: str
     panels: list[Panel]
     caption: str = ""
     ncols: int = 2
+    panel_size: list[float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form, suitable for JSON."""

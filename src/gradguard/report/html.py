@@ -48,14 +48,15 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def page(title: str, body: str) -> str:
-    """A complete self-contained page: the shared stylesheet inline, no scripts, no network fetch."""
+def page(title: str, body: str, *, css: str = "", body_class: str = "") -> str:
+    """A complete self-contained page: the shared stylesheet (plus ``css``) inline, no scripts, no network fetch."""
+    klass = f' class="{escape(body_class)}"' if body_class else ""
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{escape(title)}</title>"
         # An empty data: favicon stops the browser from requesting /favicon.ico (a network fetch).
         "<link rel=\"icon\" href=\"data:,\">"
-        f"<style>{_CSS}</style></head><body>\n{body}\n</body></html>\n"
+        f"<style>{_CSS}{css}</style></head><body{klass}>\n{body}\n</body></html>\n"
     )
 
 
