@@ -136,7 +136,7 @@ def bf16_on_cpu() -> None:
 def train(
     kind: str, out: Path, *, steps: int, ga: int = 1, bf16: bool = False, jump: int | None = None,
     max_grad_norm: float = 1.0, save_steps: int | None = None, resume: str | None = None,
-    extra: tuple[Any, ...] = (), **watch_options: Any,
+    extra: tuple[Any, ...] = (), args_extra: dict[str, Any] | None = None, **watch_options: Any,
 ) -> Run:
     """Train ``kind`` with SGD(lr=0.1) on Trainer's defaults (clipping to 1.0); ``jump``: the LR × 1000 from there."""
     torch.manual_seed(0)
@@ -151,7 +151,7 @@ def train(
         save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
         per_device_train_batch_size=BATCH, gradient_accumulation_steps=ga, bf16=bf16,
         max_grad_norm=max_grad_norm, train_sampling_strategy="sequential", disable_tqdm=True,
-        log_level="error", seed=0,
+        log_level="error", seed=0, **(args_extra or {}),
     )
     trainer = transformers.Trainer(
         model=model, args=args, train_dataset=Tokens(kind), callbacks=[callback, post_clip, *extra],
@@ -257,17 +257,38 @@ def test_nan_is_traced_to_its_module(tmp_path: Path, ga: int) -> None:
     assert run.callback.monitor.history[0]["loss"] == pytest.approx(run.logs[0]["loss"], rel=1e-5)
 
 
+@pytest.mark.parametrize("reentrant", [False, True], ids=["checkpoint", "checkpoint-reentrant"])
+def test_gradient_checkpointing(tmp_path: Path, reentrant: bool) -> None:
+    # Recomputed forwards run inside backward (in a nested backward when reentrant): the monitor still steps
+    # once per optimizer step, after the complete backward, with the pre-clip norm.
+    checkpointing = {"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": reentrant}}
+    run = train("gpt2", tmp_path, steps=3, ga=2, jump=0, args_extra=checkpointing)
+    assert run.trainer.model.is_activation_checkpointing
+    rows = history_by_step(run)
+    assert len(rows) == 3
+    for log in run.logs:
+        assert rows[log["step"] - 1]["grad_norm"] == pytest.approx(log["grad_norm"], rel=1e-5)
+        assert rows[log["step"] - 1]["loss"] == pytest.approx(log["loss"], rel=1e-5)
+    assert max(log["grad_norm"] for log in run.logs) > 1.0  # clipped by Trainer, seen unclipped
+
+
+def printed_findings(err: str) -> list[str]:
+    """The header of every finding the console sink printed: ``kind at `module` (step N)``."""
+    return re.findall(r"^(?:INFO|WARNING|ERROR)\s+(.+? \(step \d+\))", err, flags=re.M)
+
+
 def test_resume_continues_the_monitor(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     save = JUMP + 2
     steps = save + 2
+    capsys.readouterr()
     full = train("gpt2", tmp_path, steps=steps, jump=JUMP, save_steps=save)
+    printed_full = printed_findings(capsys.readouterr().err)
     checkpoint = tmp_path / f"checkpoint-{save}"
     saved = json.loads((checkpoint / STATE_FILE).read_text())
     assert saved["step"] == save and saved["findings"], saved.keys()
-    capsys.readouterr()
 
     resumed = train("gpt2", tmp_path, steps=steps, jump=JUMP, save_steps=save, resume=str(checkpoint))
-    printed = capsys.readouterr().err
+    printed = printed_findings(capsys.readouterr().err)
     mon, ref = resumed.callback.monitor, full.callback.monitor
     # Step numbers continue at global_step and the rows before the checkpoint are back.
     assert mon.step_count == steps
@@ -276,13 +297,13 @@ def test_resume_continues_the_monitor(tmp_path: Path, capsys: pytest.CaptureFixt
     for s in range(steps):
         assert a[s]["grad_norm"] == pytest.approx(b[s]["grad_norm"], rel=1e-5)
         assert a[s]["loss"] == pytest.approx(b[s]["loss"], rel=1e-5)
-    # The same findings as the uninterrupted run, and none from before the checkpoint printed again.
+    # The same findings as the uninterrupted run; on stderr exactly what that run printed after the checkpoint.
     assert {(f.kind, f.module, f.severity) for f in mon.findings} == {
         (f.kind, f.module, f.severity) for f in ref.findings
     }
+    assert any(int(h.rsplit(" ", 1)[1][:-1]) < save for h in printed_full), printed_full
+    assert printed == [h for h in printed_full if int(h.rsplit(" ", 1)[1][:-1]) >= save], (printed, printed_full)
     assert all(f.step >= save for f in resumed.recorder.findings), resumed.recorder.findings
-    steps_printed = [int(s) for s in re.findall(r"\(step (\d+)\)", printed)]
-    assert all(s >= save for s in steps_printed), printed
 
 
 def test_monitor_state_round_trip() -> None:

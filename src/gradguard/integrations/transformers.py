@@ -286,7 +286,7 @@ def _at_end_of_backward(fn: Any) -> None:
 # private fields; tests/test_transformers.py::test_monitor_state_round_trip fails loudly when they change.
 def monitor_state(mon: Monitor) -> dict[str, Any]:
     """What a resumed run needs: the step count, the rules' window of history rows and the findings."""
-    mon.history  # noqa: B018 - fetches pending rows into the window
+    _ = mon.history  # fetches pending rows into the window
     return {
         "version": STATE_VERSION,
         "step": mon.step_count,
