@@ -12,6 +12,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -338,8 +339,26 @@ def test_monitor_state_round_trip() -> None:
         load_monitor_state(gg.watch(net, console=False), {**state, "version": 99})
 
 
+def test_loss_scaler_is_announced(tmp_path: Path) -> None:
+    # fp16 on CUDA: accelerate's optimizer wrapper carries a GradScaler, and the norms the monitor sees are scaled.
+    net = torch.nn.Linear(2, 1)
+    args = SimpleNamespace(deepspeed=None, output_dir=str(tmp_path))
+    state = SimpleNamespace(is_world_process_zero=True, global_step=0)
+    optimizer = SimpleNamespace(scaler=torch.amp.GradScaler("cpu"))
+    cb = GradGuardCallback()
+    with pytest.warns(UserWarning, match="loss scale"):
+        cb.on_train_begin(args, state, None, model=net, optimizer=optimizer)
+    cb.on_train_end(args, state, None)
+    assert cb.monitor is not None and cb.monitor.closed and not net._forward_hooks
+
+
 def test_bad_options_fail_at_construction() -> None:
     with pytest.raises(ConfigError, match=r"unknown gg.watch option.*'log_evry'"):
         GradGuardCallback(log_evry=5)
     with pytest.raises(ConfigError, match="console"):
         GradGuardCallback(console="yes")
+    state = SimpleNamespace(is_world_process_zero=True, global_step=0)
+    with pytest.raises(ConfigError, match="DeepSpeed"):
+        GradGuardCallback().on_train_begin(
+            SimpleNamespace(deepspeed="ds.json"), state, None, model=torch.nn.Linear(2, 1)
+        )

@@ -34,12 +34,16 @@ integrations) have already handled the logs by then; pass a ``gradguard.sinks.te
 in ``sinks=`` for a dashboard. Findings are printed on stderr as they appear (world process zero).
 
 Resuming: ``on_save`` writes the monitor's state to ``<checkpoint>/gradguard_monitor.json``;
-``on_train_begin`` of a resumed run reads it back, so step numbers continue at ``global_step``, the rules
-look back on the rows before the checkpoint, and findings already reported are not printed again.
+``on_train_begin`` of a resumed run (``global_step > 0``) reads it back, so step numbers continue at
+``global_step``, the rules look back on the rows before the checkpoint (the last ``window + log_every``
+rows, which also start ``monitor.history``), and findings already reported are not printed again. Trainer
+does not tell callbacks which checkpoint it resumed from: the file is looked up in
+``TrainingArguments.resume_from_checkpoint`` if that is a path, else in ``<output_dir>/checkpoint-<global_step>``,
+where Trainer wrote it (a warning says when it is not found).
 
-Limits: with ``fp16=True`` the gradients at the end of backward are multiplied by the GradScaler's loss
-scale (it unscales them inside the clip), so gradient norms are scaled (a warning says so; ``bf16=True``
-has no scaler and is exact). DeepSpeed keeps gradients outside ``param.grad`` and is refused.
+Limits: with ``fp16=True`` on CUDA the gradients at the end of backward are multiplied by the GradScaler's
+loss scale (accelerate unscales them inside the clip), so gradient norms are scaled (a warning says so;
+``bf16=True`` has no scaler and is exact). DeepSpeed keeps gradients outside ``param.grad`` and is refused.
 """
 
 from __future__ import annotations
@@ -144,10 +148,11 @@ class GradGuardCallback(TrainerCallback):
         self.monitor = watch(model, console=False, **options)
         if state.global_step > 0:
             self._resume(args, state, extra)
-        if getattr(args, "fp16", False):
+        if getattr(kwargs.get("optimizer"), "scaler", None) is not None:
+            # accelerate's optimizer wrapper holds the GradScaler of fp16 runs (on CUDA; CPU fp16 has none).
             warnings.warn(
-                "GradGuardCallback with fp16=True: the monitor sees gradients multiplied by the GradScaler's loss "
-                "scale (Trainer unscales them inside the clip), so gradient norms are scaled; use bf16=True "
+                "GradGuardCallback with a GradScaler (fp16=True): the monitor sees gradients multiplied by the loss "
+                "scale (Trainer unscales them inside the clip), so its gradient norms are scaled; use bf16=True "
                 "for exact norms",
                 stacklevel=2,
             )
