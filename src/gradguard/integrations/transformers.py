@@ -23,8 +23,11 @@ No callback runs between the last backward and the clip, and none receives the l
 
 The loss given to the monitor is the loss of the whole optimizer step: the sum of the micro-batch losses
 when the model received ``num_items_in_batch`` (each is then already a share of the step's token mean),
-otherwise their mean. With ``label_smoothing_factor`` or a ``compute_loss_func`` the Trainer computes the
-loss outside the model; the monitor then gets none (loss-spike detection is off, gradients are watched).
+otherwise their mean. Under DDP it is then reduced over the ranks (one all-reduce per optimizer step): the
+mean, or the sum where ``num_items_in_batch`` counted every rank's tokens (``average_tokens_across_devices``,
+Trainer's default), so it equals the loss Trainer logs, on every rank. With ``label_smoothing_factor`` or a
+``compute_loss_func`` the Trainer computes the loss outside the model; the monitor then gets none
+(loss-spike detection is off, gradients are watched).
 
 Logs: at each ``on_log`` the latest row's ``gradguard/grad_norm`` (pre-clip, equal to the Trainer's own
 ``grad_norm``) and ``gradguard/loss``, and ``gradguard/finding/<kind>/<module>`` = severity index
@@ -118,6 +121,7 @@ class GradGuardCallback(TrainerCallback):
         self._watch_options = watch_options
         self.monitor: Monitor | None = None
         self._handles: list[Any] = []
+        self._tokens_of_all_ranks = False
         self._reset_step()
 
     def _reset_step(self) -> None:
@@ -156,6 +160,7 @@ class GradGuardCallback(TrainerCallback):
                 "for exact norms",
                 stacklevel=2,
             )
+        self._tokens_of_all_ranks = bool(getattr(args, "average_tokens_across_devices", False))
         self._reset_step()
         self._handles.append(model.register_forward_hook(self._on_forward, with_kwargs=True))
 
@@ -226,6 +231,10 @@ class GradGuardCallback(TrainerCallback):
             loss = loss / self._forwards
         if loss is not None and is_distributed():
             loss = allreduce_mean(loss)  # one number on every rank: the rules decide identically
+            if self._summed and self._tokens_of_all_ranks:
+                # num_items_in_batch counted the tokens of every rank, so each rank's loss is its share of the
+                # global token mean: their sum, not their mean, is the step's loss.
+                loss = loss * torch.distributed.get_world_size()
         self._stepping = True
         try:
             self.monitor.step(loss)
