@@ -2,7 +2,7 @@
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
-EXTRAS := dev,lab,peers,lightning,keras,tensorboard
+EXTRAS := dev,lab,peers,lightning,keras,tensorboard,transformers
 export PYTHONPATH := $(CURDIR)/src
 export OMP_NUM_THREADS ?= 2
 
