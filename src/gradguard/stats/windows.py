@@ -86,9 +86,12 @@ def spike_thresholds(z: float, counts: tuple[int, ...]) -> tuple[float, ...]:
     return tuple(limits.tolist())
 
 
-# Gauss–Legendre nodes and weights on (0, 1) for the t-tail integral below.
-_GL_X, _GL_W = np.polynomial.legendre.leggauss(256)
-_GL_X, _GL_W = 0.5 * (_GL_X + 1.0), 0.5 * _GL_W
+@functools.cache
+def _gauss_legendre() -> tuple[np.ndarray, np.ndarray]:
+    """Nodes and weights of a 256-point Gauss–Legendre rule on (0, 1), for the t-tail integral below
+    (built on first use: ``import gradguard`` should not pay for it)."""
+    x, w = np.polynomial.legendre.leggauss(256)
+    return 0.5 * (x + 1.0), 0.5 * w
 
 
 def _log_t_survival(x: np.ndarray, nu: np.ndarray, log_norm: np.ndarray) -> np.ndarray:
@@ -98,11 +101,12 @@ def _log_t_survival(x: np.ndarray, nu: np.ndarray, log_norm: np.ndarray) -> np.n
     and is smooth for ``ν ≥ 1``, so a fixed Gauss–Legendre rule is accurate. Evaluated in logs so that
     tails of 1e-300 do not underflow.
     """
+    gl_x, gl_w = _gauss_legendre()
     x, nu, log_norm = x[:, None], nu[:, None], log_norm[:, None]
-    log_t = np.log(x) - np.log(_GL_X)
-    log_f = log_norm - (nu + 1) / 2 * np.logaddexp(0.0, 2 * log_t - np.log(nu)) + np.log(x) - 2 * np.log(_GL_X)
+    log_t = np.log(x) - np.log(gl_x)
+    log_f = log_norm - (nu + 1) / 2 * np.logaddexp(0.0, 2 * log_t - np.log(nu)) + np.log(x) - 2 * np.log(gl_x)
     m = log_f.max(axis=1, keepdims=True)
-    return (m + np.log(np.sum(_GL_W * np.exp(log_f - m), axis=1, keepdims=True)))[:, 0]
+    return (m + np.log(np.sum(gl_w * np.exp(log_f - m), axis=1, keepdims=True)))[:, 0]
 
 
 @dataclass(frozen=True)
