@@ -357,12 +357,13 @@ def test_bad_loss_values() -> None:
     mon.close()
 
 
-def test_step_without_gradients_records_info_finding() -> None:
+def test_step_without_gradients_warns_and_is_no_finding() -> None:
+    # A usage mistake, not a pathology: never a `vanishing` finding (or any other kind).
     model = small_mlp()
     mon = gg.watch(model, console=False)
-    mon.step()
-    (f,) = mon.findings
-    assert f.severity == "info" and "no gradient" in f.message and "loss.backward()" in f.advice
+    with pytest.warns(RuntimeWarning, match=r"no gradient.*loss\.backward\(\)"):
+        mon.step()
+    assert mon.findings == [] and mon.step_count == 1
     mon.close()
 
 
