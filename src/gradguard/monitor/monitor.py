@@ -199,6 +199,7 @@ class Monitor:
         self._warned: set[str] = set()
         self._overflows = 0
         self._overflow_run = 0
+        self._collapse_reported = False
         self._replaying = False
         self._bad_episode = False
         self._origin: tuple[int, Origin | None, dict[str, float]] | None = None
@@ -554,12 +555,15 @@ class Monitor:
                 last = r
             elif "loss_scale" in r:
                 self._overflow_run = 0
+                self._collapse_reported = False
         if last is None:
             return
         step, scale = last["step"], last["loss_scale"]
         start = init_scale(self.scaler)  # type: ignore[arg-type]
         if self._overflow_run >= SCALER_COLLAPSE_RUN or scale <= SCALER_COLLAPSE_SCALE:
-            self._scaler_collapse(step, scale, start)
+            if not self._collapse_reported:  # once per run of skips: the first diagnosis stands
+                self._collapse_reported = True
+                self._scaler_collapse(step, scale, start)
             return
         old = self._findings.get(("nonfinite", ""))
         if old is not None and old.rank > 0:
