@@ -113,25 +113,24 @@ class ActivationTap:
         if self.armed:
             self.disarm()
         self.current = Sample(step=step)
-        if attach:
+        if attach and not self.frozen:
             self.attach()
 
     def attach(self) -> None:
         """Register the forward hooks (idempotent)."""
-        if not self.handles and not self.frozen:
+        if not self.handles:
             self.handles = [module.register_forward_hook(hook) for module, hook in self._hooks]
 
     def detach(self) -> None:
         """Remove the forward hooks, keeping what was gathered."""
-        if self.frozen:
-            return
         for h in self.handles:
             h.remove()
         self.handles.clear()
 
     def disarm(self) -> Sample | None:
-        """Remove the hooks and hand over what they gathered (``None`` if nothing was gathered)."""
-        self.detach()
+        """Remove the hooks (unless frozen) and hand over what they gathered (``None`` if nothing was)."""
+        if not self.frozen:
+            self.detach()
         sample, self.current = self.current, None
         if sample is None or not sample.raw:
             return None

@@ -85,6 +85,23 @@ class CompiledEntry:
         return output
 
 
+class RootPreHook(WeakHook):
+    """The root's pre-hook: traced by dynamo, it also keeps its last call's arguments (an attribute store
+    dynamo replays after the graph: references to the graph's inputs, no graph break, no guard), so a model
+    compiled after ``gg.watch`` still has inputs to replay and to summarise activations from."""
+
+    def __init__(self, owner: object, method: str) -> None:
+        super().__init__(owner, method)
+        self.traced_args: tuple[Any, ...] | None = None
+
+    def __call__(self, *args: Any) -> Any:
+        if torch.compiler.is_compiling():
+            self.traced = True
+            self.traced_args = args
+            return None
+        return super().__call__(*args)
+
+
 def in_backward() -> bool:
     """True inside the autograd engine, e.g. when ``torch.utils.checkpoint`` recomputes a forward."""
     return torch._C._current_graph_task_id() != -1

@@ -28,6 +28,7 @@ from gradguard.integrations import as_module
 from gradguard.monitor.activations import ActivationTap, Sample, pool_summaries
 from gradguard.monitor.hooks import (
     CompiledEntry,
+    RootPreHook,
     WeakHook,
     compiled_in_place,
     in_backward,
@@ -206,7 +207,7 @@ class Monitor:
         self._closed = False
         # Weak, picklable hooks (gradguard.monitor.hooks): no reference cycle through the model's hook dicts,
         # and a copy of the model gets inert hooks.
-        self._root_pre_hook = WeakHook(self, "_root_pre")
+        self._root_pre_hook = RootPreHook(self, "_root_pre")
         self._root_handles = [
             model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True),
             model.register_forward_hook(WeakHook(self, "_root_post"), with_kwargs=True),
@@ -288,6 +289,7 @@ class Monitor:
         call = Call(args=args, kwargs=kwargs, rng_cpu=None, autocast=autocast_state())
         self._replaying = True
         tap.eager = True
+        attached = bool(tap.handles)  # hooks frozen in place stay; others come off before the next call
         tap.attach()
         try:
             with replaying_as(call), torch.no_grad():
@@ -297,7 +299,8 @@ class Monitor:
                             f"compiled model failed ({type(exc).__name__}: {exc}); activation statistics are "
                             "missing for this step.")
         finally:
-            tap.detach()
+            if not attached:
+                tap.detach()
             tap.eager = False
             self._replaying = False
             restore_buffers(buffers)
@@ -352,7 +355,7 @@ class Monitor:
         )
         if self._forwards == 0 and self._module.training:
             self._adopt_in_place_compile()
-            self._unseen_forward(step)
+            self._traced_forward(step)
         if self.detail_every(step + 1):
             self._stats.snapshot(step)  # weights before the optimizer step feed the next update ratio
         sample = self._tap.disarm()
@@ -380,22 +383,33 @@ class Monitor:
         self._calls.clear()
         self._forwards = 0
 
-    def _unseen_forward(self, step: int) -> None:
-        """Gradients arrived but no training forward passed the root hooks: say what is lost, once.
+    def _traced_forward(self, step: int) -> None:
+        """No training forward passed the root hooks eagerly, but the root pre-hook ran inside a compiled
+        graph (``torch.compile(model)`` after ``gg.watch(model)``): use the arguments it kept.
 
-        Only where compilation explains it: the root hook ran inside a compiled graph (a model that calls
-        its submodules directly, e.g. an ``nn.ModuleDict``, never passes the root hooks either, and replay
-        never covered it).
+        The forward is then known only by its last call's inputs: the sampled step's activations come
+        from the eager pass run here (weights not yet updated), and the replay checks that forward only,
+        without its RNG state, autocast state or output gradients. A model that calls its submodules
+        directly (an ``nn.ModuleDict``) never passes the root hooks either, and nothing changes for it.
         """
-        if self._entry is not None or "unseen_forward" in self._warned or not self._root_pre_hook.traced:
+        hook = self._root_pre_hook
+        if self._entry is not None or not hook.traced or hook.traced_args is None:
             return
-        self._tap.frozen = True
-        why = "the model ran compiled (torch.compile(model) called with the model gg.watch got)"
+        _, args, kwargs = hook.traced_args
+        hook.traced_args = None
+        self._tap.frozen = True  # hooks stay as the graph was compiled with them: no recompilation
+        self._compiled_seen = True
+        self._forwards = 1
+        if self.replay_enabled:
+            self._calls = [Call(args=args, kwargs=dict(kwargs), rng_cpu=None)]
+        if self._tap.armed:
+            self._eager_pass(args, kwargs)
         self._warn_once(
-            "unseen_forward",
-            f"gradguard: mon.step() at step {step} found gradients but saw no training forward of the watched model: "
-            f"{why}. Gradient statistics are complete; activation statistics and the NaN/Inf replay are not available. "
-            "Watch the compiled wrapper instead: compiled = torch.compile(model); mon = gg.watch(compiled).",
+            "traced_forward",
+            f"gradguard: at step {step} the watched model ran compiled (torch.compile(model) after gg.watch(model)), "
+            "where the monitor's hooks cannot run. Gradient statistics are complete; activations come from an extra "
+            "eager forward, and a NaN/Inf replay covers the forward pass of the last micro-batch only. Watch the "
+            "compiled wrapper for all of it: compiled = torch.compile(model); mon = gg.watch(compiled).",
         )
 
     def _check_nonfinite(self, meta: RowMeta, flagged: bool, loss: Tensor | None) -> bool:
@@ -457,7 +471,7 @@ class Monitor:
 
     def _compiled(self) -> bool:
         """The step's forward ran compiled (seen through the wrapper, or unseen under compilation)."""
-        return self._compiled_seen or "unseen_forward" in self._warned
+        return self._compiled_seen
 
     def _no_gradients(self, step: int) -> None:
         # A usage problem, not a pathology of the gradients: a warning, not a finding.
