@@ -66,6 +66,7 @@ DEFAULTS: dict[str, Any] = {
     "reduce_fn": None,
     "max_calls": 8,
     "scaler": None,
+    "history_limit": 1000,
 }
 
 #: A loss-scaler overflow skip is routine; these say it is not. With the default backoff (× 0.5) a run of
@@ -109,6 +110,7 @@ class Monitor:
         reduce_fn: ReduceFn | None = None,
         max_calls: int = 8,
         scaler: torch.amp.GradScaler | None = None,
+        history_limit: int = 1000,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise InputError(f"watch() needs a torch.nn.Module, got {type(model).__name__}: {model!r:.80}")
@@ -119,6 +121,7 @@ class Monitor:
         check_number("window", window, low=10, integer=True)
         check_number("dead_window", dead_window, low=1, integer=True)
         check_number("max_calls", max_calls, low=1, integer=True)
+        check_number("history_limit", history_limit, low=1, integer=True)
         for name, flag in (("console", console), ("replay", replay)):
             if not isinstance(flag, bool):
                 raise InputError(f"{name}={flag!r} must be True or False")
@@ -182,7 +185,11 @@ class Monitor:
         self.sinks.extend(sink_list)
 
         self._step = 0
-        self._rows: list[dict[str, Any]] = []
+        self._rows: list[dict[str, Any]] = []  # the newest history_limit rows, every step
+        self._archive: list[dict[str, Any]] = []  # older rows, every stride-th step (see _keep_rows)
+        self._history_limit = history_limit
+        self._stride = 1
+        self._marked: set[int] = set()  # steps of warnings, errors and non-finite rows: archived first
         self._window: deque[dict[str, Any]] = deque(maxlen=window + log_every)
         self._findings: dict[tuple[str, str], Finding] = {}
         self._samples: list[Sample] = []
@@ -371,7 +378,7 @@ class Monitor:
             # (float64) so that large finite norms cannot overflow into a false alarm.
             host = values.tolist()
             flagged = not math.isfinite(sum(host))
-            if flagged and self.scaler is not None and (loss is None or math.isfinite(host[-1])):
+            if flagged and meta.scaled and (loss is None or math.isfinite(host[-1])):
                 force = True  # a loss-scaler overflow: counted by _flush, not replayed as a NaN
             elif flagged or self._bad_episode:
                 force = self._check_nonfinite(meta, flagged, loss)
@@ -515,7 +522,8 @@ class Monitor:
             self._origin = (bad_meta.step, origin, {})
         elif not any(self._row_bad(r) for r in new_rows):
             self._bad_episode = False
-        self._rows.extend(new_rows)
+        self._marked.update(r["step"] for r in new_rows if not math.isfinite(r["grad_norm"]))
+        self._keep_rows(new_rows)
         self._window.extend(new_rows)
         for sink in self.sinks:
             for r in new_rows:
@@ -545,6 +553,30 @@ class Monitor:
         )
         for f in run_rules(obs):
             self._update_finding(f)
+
+    def _keep_rows(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Bounded history: the newest ``history_limit`` rows in full, at most as many older ones.
+
+        A row leaving the recent part is archived if its step is a multiple of the stride (1 at first);
+        whenever the archive outgrows ``history_limit`` the stride doubles and the archive is thinned to
+        it, so old steps stay evenly spread over the whole run. Steps of a warning, an error or a
+        non-finite row are archived whatever the stride, until the stride exceeds the run's length.
+        The rules read their own window (``window`` steps), not this history.
+        """
+        self._rows.extend(rows)
+        excess = len(self._rows) - self._history_limit
+        if excess <= 0:
+            return
+        old = self._rows[:excess]
+        del self._rows[:excess]
+        self._archive.extend(r for r in old if self._archived(r))
+        while len(self._archive) > self._history_limit:
+            self._stride *= 2
+            self._archive = [r for r in self._archive if self._archived(r)]
+
+    def _archived(self, row: Mapping[str, Any]) -> bool:
+        step = row["step"]
+        return step % self._stride == 0 or (self._stride <= self._step and step in self._marked)
 
     def _row_bad(self, row: Mapping[str, Any]) -> bool:
         loss = row.get("loss")
@@ -706,6 +738,8 @@ class Monitor:
             # localised): a less severe, less specific account must not replace the diagnosis.
             return
         self._findings[finding.key] = finding
+        if finding.rank >= 1:
+            self._marked.add(finding.step)
         if old is None or (old.severity, old.message) != (finding.severity, finding.message):
             for sink in self.sinks:
                 sink.on_finding(finding)
@@ -730,7 +764,11 @@ class Monitor:
 
     @property
     def history(self) -> list[dict[str, Any]]:
-        """One dict per recorded step (``step``, ``loss``, ``grad_norm``, ``grad_norm/<param>``, ...).
+        """One dict per recorded step (``step``, ``loss``, ``grad_norm``, ``grad_norm/<param>``, ...), oldest first.
+
+        Bounded (``watch(history_limit=...)``): the newest ``history_limit`` steps in full, older ones
+        downsampled to at most as many more, evenly spread, keeping the steps of warnings, errors and
+        non-finite values (see ``Monitor._keep_rows``); ``log_dir`` keeps every step on disk.
 
         Keys: ``grad_norm/<p>`` and ``nonfinite/<p>`` every step for each parameter that had a gradient;
         on sampled steps also ``grad_max/<p>``, ``weight_norm/<p>``, ``update_ratio/<p>`` (from the second
@@ -739,7 +777,7 @@ class Monitor:
         Reading it fetches whatever is still pending on the device.
         """
         self._flush()
-        return list(self._rows)
+        return [*self._archive, *self._rows]
 
     @property
     def time_profiles(self) -> dict[str, dict[str, Tensor]]:
@@ -867,6 +905,9 @@ def watch(model: nn.Module, **options: Any) -> Monitor:
         max_calls (int, 8): training forwards per step kept for replay (gradient accumulation): the first
             ``max_calls`` micro-batches of a step are replayed one by one, and a NaN/Inf born in a later one
             is reported as such (see :mod:`gradguard.monitor.provenance` for the memory this keeps).
+        history_limit (int, 1000): steps of ``mon.history`` kept in full; older steps are downsampled to at
+            most as many more (every 2^j-th step, warnings, errors and non-finite steps kept), so memory
+            stays flat on long runs. The rules look at their own ``window`` and are unaffected.
         scaler (torch.amp.GradScaler, None): the loss scaler of a mixed-precision loop. History then holds
             unscaled norms (‖∇L‖, not ‖S·∇L‖; ``loss_scale`` per row), a step the scaler skips on an fp16
             overflow is counted as an ``info`` finding instead of a non-finite error, and a collapsing scale
