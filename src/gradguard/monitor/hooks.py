@@ -13,6 +13,7 @@ no guard, no recompilation, whatever the order of ``gg.watch`` and ``torch.compi
 
 from __future__ import annotations
 
+import copy
 import sys
 import weakref
 from typing import Any
@@ -83,6 +84,17 @@ class CompiledEntry:
         output = self.inner(*args, **kwargs)
         owner._root_post(None, args, kwargs, output)
         return output
+
+    def __reduce__(self) -> tuple[Any, tuple[Any]]:
+        # A copy of the module gets the compiled call alone: never the monitor's entry.
+        return _same, (self.inner,)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        return copy.deepcopy(self.inner, memo)
+
+
+def _same(obj: Any) -> Any:
+    return obj
 
 
 class RootPreHook(WeakHook):

@@ -467,7 +467,8 @@ class Monitor:
         if compiled:
             random = any(isinstance(m, nn.modules.dropout._DropoutNd) for m in self._module.modules())
             why = ("the compiled code draws its own random numbers (dropout), so the eager replay cannot be faithful"
-                   if random else "its fused kernels may round differently, or the inputs changed in place since")
+                   if random else "compiled code may draw its own random numbers or round differently, or the inputs "
+                   "changed in place since the step")
             if not self._calls:
                 return Origin("", "forward", "the step ran compiled without passing the monitor's hooks, so it could "
                               "not be replayed (watch the compiled wrapper: gg.watch(torch.compile(model)))",
