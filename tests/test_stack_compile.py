@@ -161,6 +161,21 @@ def test_watch_before_torch_compile_still_localises_a_nan_batch() -> None:
     mon.close()
 
 
+def test_watch_of_the_inner_module_after_it_ran_compiled_warns_instead_of_losing_silently() -> None:
+    model = make_model()
+    call = torch.compile(model, backend=reset())
+    call(batch(99)).sum().backward()  # compiled before gg.watch: dynamo will not see hooks added now
+    model.zero_grad()
+    mon = gg.watch(model, console=False)
+    with pytest.warns(RuntimeWarning, match="saw no training forward.*gg.watch\\(compiled\\)"):
+        losses = train(model, call, mon, steps=3, bad_at=2)
+    assert not math.isfinite(losses[2])
+    assert len(mon.history) == 3 and all(math.isfinite(r["grad_norm"]) for r in mon.history[:2])
+    (f,) = [f for f in mon.findings if f.kind == "nonfinite"]
+    assert "could not be replayed" in f.message and "gg.watch(torch.compile(model))" in f.message
+    mon.close()
+
+
 def test_nan_batch_under_compile_is_localised_by_an_eager_replay() -> None:
     reset()
     model = make_model()

@@ -136,3 +136,9 @@ def compiled_in_place(module: nn.Module) -> bool:
     """True after ``module.compile()`` (its ``__call__`` then runs a compiled ``_call_impl``)."""
     return getattr(module, "_compiled_call_impl", None) is not None
 
+
+
+def dynamo_compiled_something() -> bool:
+    """True once torch.compile has compiled any frame in this process (dynamo's own counters)."""
+    utils = sys.modules.get("torch._dynamo.utils")
+    return utils is not None and utils.counters["frames"]["ok"] > 0

@@ -31,6 +31,7 @@ from gradguard.monitor.hooks import (
     RootPreHook,
     WeakHook,
     compiled_in_place,
+    dynamo_compiled_something,
     in_backward,
     unwrap_compiled,
 )
@@ -400,7 +401,20 @@ class Monitor:
         directly (an ``nn.ModuleDict``) never passes the root hooks either, and nothing changes for it.
         """
         hook = self._root_pre_hook
-        if self._entry is not None or not hook.traced or hook.traced_args is None:
+        if self._entry is not None:
+            return
+        if not hook.traced or hook.traced_args is None:
+            if not hook.traced and dynamo_compiled_something():
+                # Compiled before gg.watch: dynamo does not re-check hooks, so ours never run, not even traced.
+                self._warn_once(
+                    "unseen_forward",
+                    f"gradguard: mon.step() at step {step} found gradients but saw no training forward of the "
+                    "watched model. If it runs compiled (torch.compile(model) called before gg.watch(model)), "
+                    "dynamo ignores hooks added after compilation: gradient statistics are complete, but "
+                    "activation statistics and the NaN/Inf replay are not available; watch the compiled wrapper "
+                    "instead: mon = gg.watch(compiled). (A model that calls its submodules directly, e.g. an "
+                    "nn.ModuleDict, is not replayed either.)",
+                )
             return
         _, args, kwargs = hook.traced_args
         hook.traced_args = None
@@ -479,7 +493,7 @@ class Monitor:
 
     def _compiled(self) -> bool:
         """The step's forward ran compiled (seen through the wrapper, or unseen under compilation)."""
-        return self._compiled_seen
+        return self._compiled_seen or "unseen_forward" in self._warned
 
     def _no_gradients(self, step: int) -> None:
         # A usage problem, not a pathology of the gradients: a warning, not a finding.

@@ -231,7 +231,7 @@ def localize(
                 return origin
     finally:
         restore_buffers(buffers)
-    if loss_value is not None and not _is_finite(loss_value) and len(calls) == n:
+    if calls and loss_value is not None and not _is_finite(loss_value) and len(calls) == n:
         return Origin("", "forward", f"the model's outputs and gradients were finite in every forward of the step "
                       f"but the loss passed to mon.step() was {loss_value}", {"loss": loss_value, "forwards": n})
     return None
