@@ -357,12 +357,13 @@ def test_bad_loss_values() -> None:
     mon.close()
 
 
-def test_step_without_gradients_records_info_finding() -> None:
+def test_step_without_gradients_warns_and_is_no_finding() -> None:
+    # A usage mistake, not a pathology: never a `vanishing` finding (or any other kind).
     model = small_mlp()
     mon = gg.watch(model, console=False)
-    mon.step()
-    (f,) = mon.findings
-    assert f.severity == "info" and "no gradient" in f.message and "loss.backward()" in f.advice
+    with pytest.warns(RuntimeWarning, match=r"no gradient.*loss\.backward\(\)"):
+        mon.step()
+    assert mon.findings == [] and mon.step_count == 1
     mon.close()
 
 
@@ -530,4 +531,38 @@ def test_a_second_report_of_the_same_event_does_not_replace_a_more_severe_one() 
     later = gg.Finding("nonfinite", "", 9, "warning", "Guard skipped step 9", "nothing", {})
     mon.report(later)  # a new event: the newest state wins
     assert mon.findings == [later]
+    mon.close()
+
+
+def test_history_is_bounded_recent_in_full_older_evenly_downsampled_nan_steps_kept() -> None:
+    limit, steps, bad = 20, 300, 57
+    model = small_mlp()
+    mon = gg.watch(model, console=False, history_limit=limit)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    sizes = []
+    for step in range(steps):
+        x, y = data(step % 7)
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        if step == bad:
+            model.fc0.weight.grad[0, 0] = math.nan  # one non-finite step, not applied
+        mon.step(loss)
+        if step != bad:
+            opt.step()
+        if step % 50 == 49:
+            sizes.append(len(mon.history))
+    hist = mon.history
+    assert max(sizes) <= 2 * limit  # flat: never more than the bound, however long the run
+    got = [r["step"] for r in hist]
+    assert got == sorted(got) and got[-limit:] == list(range(steps - limit, steps))  # the newest in full
+    old = [s for s in got[:-limit] if s != bad]
+    stride = old[1] - old[0]
+    assert stride > 1 and all(s % stride == 0 for s in old) and old[0] == 0  # evenly spread from the start
+    assert len(old) >= limit // 2
+    assert bad in got  # the non-finite step survives downsampling
+    row = hist[1]
+    assert row["step"] == stride and row["grad_norm"] > 0 and "grad_norm/fc0.weight" in row  # whole rows
+    with pytest.raises(gg.ConfigError, match="history_limit"):
+        gg.watch(model, console=False, history_limit=0)
     mon.close()

@@ -7,11 +7,18 @@ Inside a hook nothing is synchronised: summaries are device tensors collected fo
 Evaluation passes are skipped: a call made under ``torch.no_grad()`` or while the root module is in
 ``eval()`` mode is not a training step and would bias the statistics (e.g. dropout off, no BN noise).
 A module called several times in one forward contributes one summary per call; they are pooled on fetch.
+
+Activation checkpointing (``torch.utils.checkpoint``) runs a segment's forward again inside the backward
+pass. A module seen in the step's forward is not counted again there (non-reentrant checkpointing); one
+whose forward ran under ``no_grad`` (reentrant checkpointing) is counted once, at its recomputation.
+
+Under ``torch.compile`` the hooks compile to nothing (:class:`gradguard.monitor.hooks.WeakHook`); the
+monitor then summarises a sampled step through one extra eager forward of the original module, in which
+the tap accepts calls made under ``no_grad`` (:attr:`ActivationTap.eager`).
 """
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -19,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from gradguard.monitor.hooks import WeakHook, in_backward
 from gradguard.stats import saturation_kind
 from gradguard.stats.activations import SUMMARY_FIELDS, activation_summaries, unit_peak
 
@@ -64,6 +72,8 @@ class Sample:
     time_forward: dict[str, Tensor] = field(default_factory=dict)
     time_grad: dict[str, Tensor] = field(default_factory=dict)
     order: dict[str, None] = field(default_factory=dict)  # module names in forward-completion order
+    #: Modules summarised outside a backward pass (checkpoint recomputations of these are not counted).
+    forward_seen: set[str] = field(default_factory=set)
 
 
 class ActivationTap:
@@ -80,27 +90,46 @@ class ActivationTap:
         self.kinds = {name: saturation_kind(m) for name, m in self.modules.items()}
         self.handles: list[RemovableHandle] = []
         self.current: Sample | None = None
+        #: True during the monitor's own eager forward of a compiled model (run under ``no_grad``).
+        self.eager = False
+        #: While frozen, the hooks stay as they are (attached or not): a graph compiled with them guards on
+        #: how many hooks each module has, and toggling them per sampled step would recompile it.
+        self.frozen = False
         self._positions: dict[tuple[int, torch.device], Tensor] = {}
+        self._flags = {
+            name: (is_recurrent(m), isinstance(m, _RELU_LIKE), bool(getattr(m, "batch_first", False)))
+            for name, m in self.modules.items()
+        }
         # Built once: arming a sampled step only registers them.
-        self._hooks = [(m, self._make_hook(name, m)) for name, m in self.modules.items()]
+        self._hooks = [(m, WeakHook(self, "_on_output", name)) for name, m in self.modules.items()]
 
     @property
     def armed(self) -> bool:
-        return bool(self.handles)
+        return self.current is not None
 
-    def arm(self, step: int) -> None:
-        """Attach the hooks for the forward pass of ``step``."""
+    def arm(self, step: int, *, attach: bool = True) -> None:
+        """Start gathering for ``step``; ``attach=False`` leaves the hooks off until :meth:`attach`."""
         if self.armed:
             self.disarm()
         self.current = Sample(step=step)
-        for module, hook in self._hooks:
-            self.handles.append(module.register_forward_hook(hook))
+        if attach and not self.frozen:
+            self.attach()
 
-    def disarm(self) -> Sample | None:
-        """Remove the hooks and hand over what they gathered (``None`` if nothing was gathered)."""
+    def attach(self) -> None:
+        """Register the forward hooks (idempotent)."""
+        if not self.handles:
+            self.handles = [module.register_forward_hook(hook) for module, hook in self._hooks]
+
+    def detach(self) -> None:
+        """Remove the forward hooks, keeping what was gathered."""
         for h in self.handles:
             h.remove()
         self.handles.clear()
+
+    def disarm(self) -> Sample | None:
+        """Remove the hooks (unless frozen) and hand over what they gathered (``None`` if nothing was)."""
+        if not self.frozen:
+            self.detach()
         sample, self.current = self.current, None
         if sample is None or not sample.raw:
             return None
@@ -132,35 +161,29 @@ class ActivationTap:
         # take() indexes the flattened tensor whatever its strides: one gather, no reshape copy.
         return torch.take(out, idx)
 
-    def _make_hook(self, name: str, module: nn.Module):
-        recurrent = is_recurrent(module)
-        relu_like = isinstance(module, _RELU_LIKE)
-        batch_first = bool(getattr(module, "batch_first", False))
-
-        # The hook holds the tap weakly: a strong reference would put the model, the tap and the tensors
-        # it gathered in one reference cycle, and torch aborts when the garbage collector clears tensors
-        # in such a cycle at interpreter exit (THPVariable_clear "use_count() == 1" assertion).
-        tap_ref = weakref.ref(self)
-
-        def hook(mod: nn.Module, args: tuple[object, ...], output: object) -> None:
-            tap = tap_ref()
-            sample = tap.current if tap is not None else None
-            if tap is None or sample is None or not torch.is_grad_enabled() or not tap.root.training:
+    def _on_output(self, name: str, mod: nn.Module, args: tuple[object, ...], output: object) -> None:
+        sample = self.current
+        if sample is None or not (self.eager or torch.is_grad_enabled()) or not self.root.training:
+            return
+        if in_backward():
+            # A checkpoint recomputation: count it only if the forward itself was not seen (reentrant).
+            if name in sample.forward_seen:
                 return
-            out = output[0] if isinstance(output, tuple | list) and output else output
-            if not isinstance(out, Tensor) or not out.is_floating_point() or out.numel() == 0:
-                return
-            det = out.detach()  # once: nothing below may enter the autograd graph
-            sample.raw.append((name, tap._sample(det)))
-            sample.order[name] = None
-            if relu_like:
-                peak = unit_peak(det, unit_dim_for(det))
-                prev = sample.activity.get(name)
-                sample.activity[name] = peak if prev is None or prev.shape != peak.shape else torch.maximum(prev, peak)
-            if recurrent and out.dim() == 3:
-                tap._time_profiles(sample, name, out, batch_first)
-
-        return hook
+        else:
+            sample.forward_seen.add(name)
+        out = output[0] if isinstance(output, tuple | list) and output else output
+        if not isinstance(out, Tensor) or not out.is_floating_point() or out.numel() == 0:
+            return
+        recurrent, relu_like, batch_first = self._flags[name]
+        det = out.detach()  # once: nothing below may enter the autograd graph
+        sample.raw.append((name, self._sample(det)))
+        sample.order[name] = None
+        if relu_like:
+            peak = unit_peak(det, unit_dim_for(det))
+            prev = sample.activity.get(name)
+            sample.activity[name] = peak if prev is None or prev.shape != peak.shape else torch.maximum(prev, peak)
+        if recurrent and out.dim() == 3:
+            self._time_profiles(sample, name, out, batch_first)
 
     @staticmethod
     def _time_profiles(sample: Sample, name: str, out: Tensor, batch_first: bool) -> None:

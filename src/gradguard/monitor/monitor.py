@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-import weakref
+import warnings
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -26,14 +26,32 @@ from gradguard.detect.base import Origin
 from gradguard.errors import ConfigError, InputError, StateError, check_number
 from gradguard.findings import KINDS, Finding
 from gradguard.monitor.activations import ActivationTap, Sample, pool_summaries
+from gradguard.monitor.hooks import (
+    CompiledEntry,
+    RootPreHook,
+    WeakHook,
+    compiled_in_place,
+    dynamo_compiled_something,
+    in_backward,
+    unwrap_compiled,
+)
 from gradguard.monitor.params import ParamStats, ReduceFn, RowMeta
-from gradguard.monitor.provenance import Call, localize, tensors_in
+from gradguard.monitor.provenance import (
+    Call,
+    autocast_state,
+    localize,
+    replaying_as,
+    restore_buffers,
+    snapshot_buffers,
+    tensors_in,
+)
 from gradguard.monitor.schedule import Schedule, every
 from gradguard.sinks.base import Sink
 from gradguard.sinks.console import ConsoleSink
 from gradguard.sinks.jsonl import JsonlSink
 from gradguard.stats.activations import SUMMARY_FIELDS
 from gradguard.stats.distributed import is_distributed, make_reduce_fn
+from gradguard.stats.scaler import check_scaler, grads_unscaled, init_scale, scale_tensor
 
 #: Option names accepted by :func:`watch`, with their defaults.
 DEFAULTS: dict[str, Any] = {
@@ -48,7 +66,16 @@ DEFAULTS: dict[str, Any] = {
     "replay": True,
     "reduce_fn": None,
     "max_calls": 8,
+    "scaler": None,
+    "history_limit": 1000,
 }
+
+#: A loss-scaler overflow skip is routine; these say it is not. With the default backoff (× 0.5) a run of
+#: 20 skips in a row is a scale 2⁻²⁰ of where it stood and 20 steps without an update; a scale at or
+#: below 1 that still overflows means the fp16 values overflow without any amplification, so no loss
+#: scale can help.
+SCALER_COLLAPSE_RUN = 20
+SCALER_COLLAPSE_SCALE = 1.0
 
 
 class Monitor:
@@ -83,6 +110,8 @@ class Monitor:
         replay: bool = True,
         reduce_fn: ReduceFn | None = None,
         max_calls: int = 8,
+        scaler: torch.amp.GradScaler | None = None,
+        history_limit: int = 1000,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise InputError(f"watch() needs a torch.nn.Module, got {type(model).__name__}: {model!r:.80}")
@@ -93,33 +122,42 @@ class Monitor:
         check_number("window", window, low=10, integer=True)
         check_number("dead_window", dead_window, low=1, integer=True)
         check_number("max_calls", max_calls, low=1, integer=True)
+        check_number("history_limit", history_limit, low=1, integer=True)
         for name, flag in (("console", console), ("replay", replay)):
             if not isinstance(flag, bool):
                 raise InputError(f"{name}={flag!r} must be True or False")
         if reduce_fn is not None and not callable(reduce_fn):
             raise InputError(f"reduce_fn={reduce_fn!r} must be a callable Tensor -> Tensor or None")
+        if scaler is not None:
+            check_scaler(scaler)
         if log_dir is not None and not isinstance(log_dir, str | os.PathLike):
             raise InputError(f"log_dir={log_dir!r} must be a path (str or os.PathLike) or None")
         sink_list = list(sinks)
         for s in sink_list:
             if not isinstance(s, Sink):
                 raise InputError(f"sinks must hold gradguard.sinks.Sink instances, got {type(s).__name__}")
-        named = list(model.named_parameters())
+        self.model = model
+        # torch.compile(m) wraps m: names, parameters, activation hooks and replay use m itself, while
+        # the root hooks go on the wrapper, whose own hooks run eagerly around the compiled forward.
+        module, self._wrapped = unwrap_compiled(model)
+        self._module = module
+        self._entry: CompiledEntry | None = None
+        named = list(module.named_parameters())
         if not named:
             raise ConfigError(
                 f"watch() got a {type(model).__name__} with no parameters; allowed: a module with at least one "
                 "parameter (there is no gradient to watch)"
             )
-        self.model = model
         self.log_every = log_every
         self.sample_every: Schedule = every(sample_every)
         self.detail_every: Schedule = every(sample_every if detail_every is None else detail_every)
         self.replay_enabled = replay
         self.max_calls = max_calls
+        self.scaler = scaler
 
         owner: dict[int, str] = {}
         lookup: set[int] = set()
-        for mname, m in model.named_modules():
+        for mname, m in module.named_modules():
             for _, p in m.named_parameters(recurse=False):
                 owner.setdefault(id(p), mname)
                 if isinstance(m, nn.Embedding | nn.EmbeddingBag):
@@ -137,7 +175,7 @@ class Monitor:
             # the squared-norm block automatically; None (no collective) for replicated/DDP/single process.
             reduce_fn = make_reduce_fn([p for _, p in named])
         self._stats = ParamStats([p for _, p in named], rows=log_every, reduce_fn=reduce_fn)
-        self._tap = ActivationTap(model, {n: m for n, m in model.named_modules() if n != ""})
+        self._tap = ActivationTap(module, {n: m for n, m in module.named_modules() if n != ""})
         self._saturation_kinds = {n: k for n, k in self._tap.kinds.items() if k is not None}
 
         self.sinks: list[Sink] = []
@@ -148,7 +186,11 @@ class Monitor:
         self.sinks.extend(sink_list)
 
         self._step = 0
-        self._rows: list[dict[str, Any]] = []
+        self._rows: list[dict[str, Any]] = []  # the newest history_limit rows, every step
+        self._archive: list[dict[str, Any]] = []  # older rows, every stride-th step (see _keep_rows)
+        self._history_limit = history_limit
+        self._stride = 1
+        self._marked: set[int] = set()  # steps of warnings, errors and non-finite rows: archived first
         self._window: deque[dict[str, Any]] = deque(maxlen=window + log_every)
         self._findings: dict[tuple[str, str], Finding] = {}
         self._samples: list[Sample] = []
@@ -160,53 +202,132 @@ class Monitor:
         self._time_grad: dict[str, Tensor] = {}
         self._depth: list[str] = []
         self._calls: list[Call] = []
+        self._forwards = 0  # training forwards seen since the last step (kept: the first max_calls)
+        self._eager_done = False
+        self._compiled_seen = False
+        self._warned: set[str] = set()
+        self._overflows = 0
+        self._overflow_run = 0
+        self._collapse_reported = False
         self._replaying = False
         self._bad_episode = False
         self._origin: tuple[int, Origin | None, dict[str, float]] | None = None
         self._closed = False
+        # Weak, picklable hooks (gradguard.monitor.hooks): no reference cycle through the model's hook dicts,
+        # and a copy of the model gets inert hooks.
+        self._root_pre_hook = RootPreHook(self, "_root_pre")
         self._root_handles = [
-            # Weak references to the monitor, for the same reason as in ActivationTap (no reference cycle
-            # through the model's hook dicts).
-            model.register_forward_pre_hook(_weak(self, "_root_pre"), with_kwargs=True),
-            model.register_forward_hook(_weak(self, "_root_post")),
+            model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True),
+            model.register_forward_hook(WeakHook(self, "_root_post"), with_kwargs=True),
         ]
+        self._adopt_in_place_compile()
         if self.sample_every(0):
-            self._tap.arm(0)
+            self._arm(0)
+
+    def _adopt_in_place_compile(self) -> None:
+        """After ``model.compile()`` observe the model through an eager entry around its compiled call."""
+        if self._wrapped or self._entry is not None or not compiled_in_place(self._module):
+            return
+        self._entry = CompiledEntry(self._module._compiled_call_impl, self)
+        self._module._compiled_call_impl = self._entry
+        self._wrapped = True
+        # Hooks attached when the graph was compiled stay (they do nothing there, and removing them would
+        # recompile it); the eager pass then finds them in place.
+        self._tap.frozen = bool(self._tap.handles)
+
+    def _arm(self, step: int) -> None:
+        # Hooks traced into a compiled graph do nothing (and a graph guards on their number), so a compiled
+        # model's sampled step is summarised by the extra eager forward of _eager_pass, with the hooks
+        # attached only around it.
+        self._tap.arm(step, attach=not self._wrapped)
+        self._eager_done = False
 
     # ----------------------------------------------------------------- replay recording (root hooks)
     def _training_call(self) -> bool:
-        return self.replay_enabled and not self._replaying and torch.is_grad_enabled() and self.model.training
+        return not self._replaying and torch.is_grad_enabled() and self._module.training and not in_backward()
 
     def _root_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        # Keep *references* to the inputs and the RNG state before the forward: enough to replay the
-        # step bit-for-bit (dropout masks included) if a NaN/Inf is flagged. No copy, no sync.
+        # Keep *references* to the inputs and the RNG and autocast state before the forward: enough to
+        # replay the step bit-for-bit (dropout masks included) if a NaN/Inf is flagged. No copy, no sync.
         if not self._training_call():
+            return
+        self._forwards += 1
+        if self._wrapped or compiled_in_place(self._module):
+            self._compiled_seen = True
+        if not self.replay_enabled or len(self._calls) >= self.max_calls:
             return
         cuda = None
         # No CUDA tensor can exist before CUDA is initialised: skip walking the inputs on CPU-only runs.
         if torch.cuda.is_initialized() and any(t.is_cuda for t in tensors_in((args, kwargs))):
             cuda = torch.cuda.get_rng_state_all()
-        if len(self._calls) >= self.max_calls:
-            self._calls.pop(0)
-        self._calls.append(Call(args=args, kwargs=dict(kwargs), rng_cpu=torch.get_rng_state(), rng_cuda=cuda))
+        self._calls.append(
+            Call(args=args, kwargs=dict(kwargs), rng_cpu=torch.get_rng_state(), rng_cuda=cuda,
+                 autocast=autocast_state())
+        )
 
-    def _root_post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        # Remember the gradient that reaches each output: replaying the backward from it needs no loss_fn.
-        if not self._training_call() or not self._calls:
+    def _root_post(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        if not self._training_call():
             return
+        if self._wrapped and self._tap.armed and not self._eager_done:
+            self._eager_done = True  # the first forward of the step stands for its micro-batches
+            self._eager_pass(args, kwargs)
+        # Remember the gradient that reaches each output: replaying the backward from it needs no loss_fn.
+        if not self._calls or self._forwards > self.max_calls:
+            return  # this forward was not kept
         call = self._calls[-1]
         outs = [output] if type(output) is Tensor else list(tensors_in(output))
+        call.outputs = [t.detach() for t in outs]
         call.output_grads = [None] * len(outs)
         for i, t in enumerate(outs):
             if t.requires_grad:
                 t.register_hook(functools.partial(_keep_grad, call.output_grads, i))
+
+    def _eager_pass(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Summarise a sampled step of a compiled model: one extra forward of the original module, eager.
+
+        Dynamo does not run hooks added after compilation and does not re-check them, so the activation
+        hooks cannot observe the compiled forward; they observe this one instead. Cost, on sampled steps
+        only (every ``sample_every``-th): one forward without autograd (no backward, no saved tensors),
+        a copy of the model's buffers (restored after, so BatchNorm statistics advance once per step) and
+        a fork of the RNG (the user's random stream is unchanged). Per-time-step gradient profiles of
+        recurrent modules need a backward and are not measured on compiled models.
+        """
+        tap = self._tap
+        buffers = snapshot_buffers(self._module)
+        call = Call(args=args, kwargs=kwargs, rng_cpu=None, autocast=autocast_state())
+        self._replaying = True
+        tap.eager = True
+        attached = bool(tap.handles)  # hooks frozen in place stay; others come off before the next call
+        tap.attach()
+        try:
+            with replaying_as(call), torch.no_grad():
+                self._module._call_impl(*args, **kwargs)  # the eager path, even after module.compile()
+        except Exception as exc:  # the model's own code runs here: never break the user's step
+            self._warn_once("eager_pass", f"gradguard: the eager forward that summarises activations of the "
+                            f"compiled model failed ({type(exc).__name__}: {exc}); activation statistics are "
+                            "missing for this step.")
+        finally:
+            if not attached:
+                tap.detach()
+            tap.eager = False
+            self._replaying = False
+            restore_buffers(buffers)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     # ----------------------------------------------------------------- the per-step entry point
     def step(self, loss: Tensor | None = None) -> None:
         """Record this step's statistics. Call after ``loss.backward()`` and before ``optimizer.step()``.
 
         Args:
-            loss: the scalar loss tensor of this step (optional; enables loss-spike detection).
+            loss: the scalar loss tensor of this step (optional; enables loss-spike detection), unscaled
+                (not ``scaler.scale(loss)``). With gradient accumulation pass the step's total (the sum or
+                mean of the micro-batch losses, detached or not) or the last micro-batch's loss: the
+                replay checks every kept micro-batch on its own, and this value only decides whether the
+                loss is blamed when every micro-batch's forward and backward replayed finite.
 
         Raises:
             StateError: after :meth:`close`.
@@ -232,7 +353,17 @@ class Monitor:
         if self._stats.device is not None and device != self._stats.device:
             self._flush()  # the model moved: read the old device's rows before re-allocating
         self._stats.ensure_device(device)
-        meta, values = self._stats.record(step, loss, self.detail_every(step), present, grads)
+        scale = None
+        if self.scaler is not None:
+            scale = scale_tensor(self.scaler)
+        # After scaler.unscale_(opt) the gradients are ∇L already; before it they are S · ∇L.
+        unscale = scale is not None and not grads_unscaled(self.scaler)  # type: ignore[arg-type]
+        meta, values = self._stats.record(
+            step, loss, self.detail_every(step), present, grads, scale=scale, unscale=unscale
+        )
+        if self._forwards == 0 and self._module.training:
+            self._adopt_in_place_compile()
+            self._traced_forward(step)
         if self.detail_every(step + 1):
             self._stats.snapshot(step)  # weights before the optimizer step feed the next update ratio
         sample = self._tap.disarm()
@@ -246,15 +377,61 @@ class Monitor:
             # is checked at every step and a NaN is localised on the very step it appears. On
             # accelerators the flag waits for the logging schedule (see _flush). Summed as Python floats
             # (float64) so that large finite norms cannot overflow into a false alarm.
-            flagged = not math.isfinite(sum(values.tolist()))
-            if flagged or self._bad_episode:
+            host = values.tolist()
+            flagged = not math.isfinite(sum(host))
+            if flagged and meta.scaled and (loss is None or math.isfinite(host[-1])):
+                force = True  # a loss-scaler overflow: counted by _flush, not replayed as a NaN
+            elif flagged or self._bad_episode:
                 force = self._check_nonfinite(meta, flagged, loss)
         if self.sample_every(step + 1):
-            self._tap.arm(step + 1)
+            self._arm(step + 1)
         self._step += 1
         if force or self._stats.pending() >= self.log_every:
             self._flush()
         self._calls.clear()
+        self._forwards = 0
+
+    def _traced_forward(self, step: int) -> None:
+        """No training forward passed the root hooks eagerly, but the root pre-hook ran inside a compiled
+        graph (``torch.compile(model)`` after ``gg.watch(model)``): use the arguments it kept.
+
+        The forward is then known only by its last call's inputs: the sampled step's activations come
+        from the eager pass run here (weights not yet updated), and the replay checks that forward only,
+        without its RNG state, autocast state or output gradients. A model that calls its submodules
+        directly (an ``nn.ModuleDict``) never passes the root hooks either, and nothing changes for it.
+        """
+        hook = self._root_pre_hook
+        if self._entry is not None:
+            return
+        if not hook.traced or hook.traced_args is None:
+            if not hook.traced and dynamo_compiled_something():
+                # Compiled before gg.watch: dynamo does not re-check hooks, so ours never run, not even traced.
+                self._warn_once(
+                    "unseen_forward",
+                    f"gradguard: mon.step() at step {step} found gradients but saw no training forward of the "
+                    "watched model. If it runs compiled (torch.compile(model) called before gg.watch(model)), "
+                    "dynamo ignores hooks added after compilation: gradient statistics are complete, but "
+                    "activation statistics and the NaN/Inf replay are not available; watch the compiled wrapper "
+                    "instead: mon = gg.watch(compiled). (A model that calls its submodules directly, e.g. an "
+                    "nn.ModuleDict, is not replayed either.)",
+                )
+            return
+        _, args, kwargs = hook.traced_args
+        hook.traced_args = None
+        self._tap.frozen = True  # hooks stay as the graph was compiled with them: no recompilation
+        self._compiled_seen = True
+        self._forwards = 1
+        if self.replay_enabled:
+            self._calls = [Call(args=args, kwargs=dict(kwargs), rng_cpu=None)]
+        if self._tap.armed:
+            self._eager_pass(args, kwargs)
+        self._warn_once(
+            "traced_forward",
+            f"gradguard: at step {step} the watched model ran compiled (torch.compile(model) after gg.watch(model)), "
+            "where the monitor's hooks cannot run. Gradient statistics are complete; activations come from an extra "
+            "eager forward, and a NaN/Inf replay covers the forward pass of the last micro-batch only. Watch the "
+            "compiled wrapper for all of it: compiled = torch.compile(model); mon = gg.watch(compiled).",
+        )
 
     def _check_nonfinite(self, meta: RowMeta, flagged: bool, loss: Tensor | None) -> bool:
         """Replay the step once per non-finite episode; True when the caller must flush now."""
@@ -266,7 +443,7 @@ class Monitor:
         self._bad_episode = True
         self._stats.count_nonfinite(meta)
         origin = None
-        if self.replay_enabled and self._calls:
+        if self.replay_enabled and (self._calls or self._compiled()):
             loss_value = float(loss.detach().float()) if loss is not None else None
             self._replaying = True
             try:
@@ -283,30 +460,54 @@ class Monitor:
     def _localize(self, loss_value: float | None) -> Origin | None:
         """Replay the recorded forwards; a replay that fails must never break the user's training step."""
         try:
-            return localize(self.model, self._calls, loss_value)
+            origin = localize(self._module, self._calls, loss_value, forwards=self._forwards)
         except Exception as exc:  # the model's own code runs here: any error is possible
             return Origin(
                 "", "forward", f"the replay that localises it failed ({type(exc).__name__}: {exc})",
                 {"replay_error": repr(exc)},
             )
+        compiled = self._compiled()
+        if origin is not None and origin.evidence.get("reproduced") is False and compiled:
+            origin = None  # worded below, with the reason a compiled step may not replay faithfully
+        if origin is not None:
+            if compiled and "replay_error" not in origin.evidence:
+                origin = Origin(origin.module, origin.phase, origin.what + "; the step ran compiled and an eager "
+                                "replay reproduced it", {**origin.evidence, "eager_replay": "reproduced"})
+            return origin
+        if self._forwards > len(self._calls) and self._calls:
+            return Origin("", "forward", f"the step made {self._forwards} training forwards and the monitor keeps the "
+                          f"first {len(self._calls)} (gg.watch(max_calls=...)), which replayed finite: it was born "
+                          "in a later one", {"replay_error": "forward not kept", "forwards": self._forwards})
+        if compiled:
+            random = any(isinstance(m, nn.modules.dropout._DropoutNd) for m in self._module.modules())
+            why = ("the compiled code draws its own random numbers (dropout), so the eager replay cannot be faithful"
+                   if random else "compiled code may draw its own random numbers or round differently, or the inputs "
+                   "changed in place since the step")
+            if not self._calls:
+                return Origin("", "forward", "the step ran compiled without passing the monitor's hooks, so it could "
+                              "not be replayed (watch the compiled wrapper: gg.watch(torch.compile(model)))",
+                              {"replay_error": "forward not seen"})
+            return Origin("", "forward", f"the step ran compiled and an eager replay could not reproduce it ({why})",
+                          {"replay_error": "could not reproduce in eager", "eager_replay": "not reproduced"})
+        return None
+
+    def _compiled(self) -> bool:
+        """The step's forward ran compiled (seen through the wrapper, or unseen under compilation)."""
+        return self._compiled_seen or "unseen_forward" in self._warned
 
     def _no_gradients(self, step: int) -> None:
+        # A usage problem, not a pathology of the gradients: a warning, not a finding.
         self._tap.disarm()
         if self.sample_every(step + 1):
-            self._tap.arm(step + 1)
+            self._arm(step + 1)
         self._step += 1
         self._calls.clear()
-        self._update_finding(
-            Finding(
-                kind="vanishing",
-                module="",
-                step=step,
-                severity="info",
-                message=f"mon.step() at step {step} found no gradient on any of the {len(self.params)} parameters; "
-                "nothing was recorded for this step.",
-                advice="Call loss.backward() before mon.step(), and mon.step() before optimizer.zero_grad().",
-                evidence={"parameters": len(self.params)},
-            )
+        self._forwards = 0
+        self._warn_once(
+            "no_gradients",
+            f"gradguard: mon.step() at step {step} found no gradient on any of the {len(self.params)} parameters; "
+            "nothing was recorded for this step. Call loss.backward() before mon.step(), and mon.step() before "
+            "optimizer.zero_grad().",
         )
 
     # ----------------------------------------------------------------- logging schedule
@@ -320,12 +521,14 @@ class Monitor:
         by_step = {r["step"]: r for r in new_rows}
         for sample in samples:
             self._absorb_sample(sample, by_step.get(sample.step))
+        if self.scaler is not None:
+            self._scaler_rows(new_rows)
         if self._origin is None and any(self._row_bad(r) for r in new_rows) and not self._bad_episode:
             # Accelerator path: the flag is read here, on the logging schedule.
             bad_meta = next(m for m, r in zip(metas, new_rows, strict=True) if self._row_bad(r))
             self._bad_episode = True
             origin = None
-            if self.replay_enabled and self._calls:
+            if self.replay_enabled and (self._calls or self._compiled()):
                 self._replaying = True
                 try:
                     origin = self._localize(None)
@@ -334,7 +537,8 @@ class Monitor:
             self._origin = (bad_meta.step, origin, {})
         elif not any(self._row_bad(r) for r in new_rows):
             self._bad_episode = False
-        self._rows.extend(new_rows)
+        self._marked.update(r["step"] for r in new_rows if not math.isfinite(r["grad_norm"]))
+        self._keep_rows(new_rows)
         self._window.extend(new_rows)
         for sink in self.sinks:
             for r in new_rows:
@@ -365,10 +569,106 @@ class Monitor:
         for f in run_rules(obs):
             self._update_finding(f)
 
-    @staticmethod
-    def _row_bad(row: Mapping[str, Any]) -> bool:
+    def _keep_rows(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Bounded history: the newest ``history_limit`` rows in full, at most as many older ones.
+
+        A row leaving the recent part is archived if its step is a multiple of the stride (1 at first);
+        whenever the archive outgrows ``history_limit`` the stride doubles and the archive is thinned to
+        it, so old steps stay evenly spread over the whole run. Steps of a warning, an error or a
+        non-finite row are archived whatever the stride, until the stride exceeds the run's length.
+        The rules read their own window (``window`` steps), not this history.
+        """
+        self._rows.extend(rows)
+        excess = len(self._rows) - self._history_limit
+        if excess <= 0:
+            return
+        old = self._rows[:excess]
+        del self._rows[:excess]
+        self._archive.extend(r for r in old if self._archived(r))
+        while len(self._archive) > self._history_limit:
+            self._stride *= 2
+            self._archive = [r for r in self._archive if self._archived(r)]
+
+    def _archived(self, row: Mapping[str, Any]) -> bool:
+        step = row["step"]
+        return step % self._stride == 0 or (self._stride <= self._step and step in self._marked)
+
+    def _row_bad(self, row: Mapping[str, Any]) -> bool:
         loss = row.get("loss")
-        return not math.isfinite(row["grad_norm"]) or (loss is not None and not math.isfinite(loss))
+        if loss is not None and not math.isfinite(loss):
+            return True
+        return not math.isfinite(row["grad_norm"]) and not self._is_overflow(row)
+
+    def _is_overflow(self, row: Mapping[str, Any]) -> bool:
+        """A step the loss scaler skips: scaled gradients overflowed while the loss stayed finite."""
+        loss = row.get("loss")
+        return (
+            "loss_scale" in row and not math.isfinite(row["grad_norm"]) and (loss is None or math.isfinite(loss))
+        )
+
+    def _scaler_rows(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Count the scaler's overflow skips (info); a collapsing loss scale is an error naming the producer."""
+        last = None
+        for r in rows:
+            if self._is_overflow(r):
+                self._overflows += 1
+                self._overflow_run += 1
+                last = r
+            elif "loss_scale" in r:
+                self._overflow_run = 0
+                self._collapse_reported = False
+        if last is None:
+            return
+        step, scale = last["step"], last["loss_scale"]
+        start = init_scale(self.scaler)  # type: ignore[arg-type]
+        if self._overflow_run >= SCALER_COLLAPSE_RUN or scale <= SCALER_COLLAPSE_SCALE:
+            if not self._collapse_reported:  # once per run of skips: the first diagnosis stands
+                self._collapse_reported = True
+                self._scaler_collapse(step, scale, start)
+            return
+        old = self._findings.get(("nonfinite", ""))
+        if old is not None and old.rank > 0:
+            return  # a real non-finite diagnosis stands; the routine count must not replace it
+        self._update_finding(
+            Finding(
+                kind="nonfinite", module="", step=step, severity="info",
+                message=f"the loss scaler skipped {self._overflows} step(s) on fp16 gradient overflow (latest at step "
+                f"{step}, loss scale {scale:g}, started at {start:g}); routine: the skipped step is not applied and "
+                "the scale backs off.",
+                advice="Nothing to do while skips stay rare; many in a row mean the loss scale is collapsing.",
+                evidence={"overflow_skips": self._overflows, "loss_scale": scale, "init_scale": start},
+            )
+        )
+
+    def _scaler_collapse(self, step: int, scale: float, start: float) -> None:
+        origin = None
+        if self.replay_enabled and self._calls and step == self._step - 1:
+            self._replaying = True
+            try:
+                origin = self._localize(None)
+            finally:
+                self._replaying = False
+        module = origin.module if origin is not None and "replay_error" not in origin.evidence else ""
+        where = f"`{module}` ({origin.phase} pass: {origin.what})" if origin is not None and module else (
+            "a tensor the replay could not name")
+        keep = (f" Keep `{module}` in float32 (run it under torch.autocast(device_type, enabled=False))."
+                if module else "")
+        evidence: dict[str, Any] = {"overflow_run": self._overflow_run, "overflow_skips": self._overflows,
+                                    "loss_scale": scale, "init_scale": start}
+        if origin is not None:
+            evidence.update({"phase": origin.phase, **dict(origin.evidence)})
+        self._update_finding(
+            Finding(
+                kind="nonfinite", module=module, step=step, severity="error",
+                message=f"the loss scale is collapsing: {self._overflow_run} overflow skips in a row up to step "
+                f"{step}, "
+                f"scale {scale:g} from {start:g}, so no update is applied; the fp16 values overflow in {where}.",
+                advice="Train in bfloat16 (torch.autocast(device_type, dtype=torch.bfloat16): the float32 exponent "
+                "range, no loss scaling), lower the learning rate, or let the scale grow less often "
+                f"(GradScaler(growth_interval=...) larger, growth_factor smaller).{keep}",
+                evidence=evidence,
+            )
+        )
 
     def _row(self, i: int, meta: RowMeta, host: Mapping[str, Any]) -> dict[str, Any]:
         gsq = host["grad_sq"][i]
@@ -378,6 +678,8 @@ class Monitor:
             "loss": host["loss"][i] if meta.has_loss else None,
             "grad_norm": math.sqrt(sum(gsq[j] for j in present)),
         }
+        if meta.scaled:
+            row["loss_scale"] = host["scale"][i]
         counts = meta.nonfinite_counts.tolist() if meta.nonfinite_counts is not None else None
         keys = self._keys
         for k, j in enumerate(present):
@@ -451,6 +753,8 @@ class Monitor:
             # localised): a less severe, less specific account must not replace the diagnosis.
             return
         self._findings[finding.key] = finding
+        if finding.rank >= 1:
+            self._marked.add(finding.step)
         if old is None or (old.severity, old.message) != (finding.severity, finding.message):
             for sink in self.sinks:
                 sink.on_finding(finding)
@@ -475,7 +779,11 @@ class Monitor:
 
     @property
     def history(self) -> list[dict[str, Any]]:
-        """One dict per recorded step (``step``, ``loss``, ``grad_norm``, ``grad_norm/<param>``, ...).
+        """One dict per recorded step (``step``, ``loss``, ``grad_norm``, ``grad_norm/<param>``, ...), oldest first.
+
+        Bounded (``watch(history_limit=...)``): the newest ``history_limit`` steps in full, older ones
+        downsampled to at most as many more, evenly spread, keeping the steps of warnings, errors and
+        non-finite values (see ``Monitor._keep_rows``); ``log_dir`` keeps every step on disk.
 
         Keys: ``grad_norm/<p>`` and ``nonfinite/<p>`` every step for each parameter that had a gradient;
         on sampled steps also ``grad_max/<p>``, ``weight_norm/<p>``, ``update_ratio/<p>`` (from the second
@@ -484,7 +792,7 @@ class Monitor:
         Reading it fetches whatever is still pending on the device.
         """
         self._flush()
-        return list(self._rows)
+        return [*self._archive, *self._rows]
 
     @property
     def time_profiles(self) -> dict[str, dict[str, Tensor]]:
@@ -524,6 +832,11 @@ class Monitor:
         for h in self._root_handles:
             h.remove()
         self._root_handles.clear()
+        if self._entry is not None:
+            if self._module._compiled_call_impl is self._entry:
+                self._module._compiled_call_impl = self._entry.inner
+            self._entry = None
+        self._tap.frozen = False
         self._tap.disarm()
         self._calls.clear()
         for sink in self.sinks:
@@ -554,18 +867,6 @@ class Monitor:
 def _keep_grad(grads: list[Tensor | None], i: int, g: Tensor) -> None:
     """Tensor hook: remember the gradient that reached a model output (a reference, no copy)."""
     grads[i] = g.detach()
-
-
-def _weak(obj: object, method: str) -> Any:
-    """A hook that calls ``obj.method`` through a weak reference (a no-op once ``obj`` is gone)."""
-    ref = weakref.ref(obj)
-
-    def hook(*args: Any) -> None:
-        target = ref()
-        if target is not None:
-            getattr(target, method)(*args)
-
-    return hook
 
 
 def _last(rows: Sequence[Mapping[str, Any]], key: str) -> float:
@@ -616,7 +917,24 @@ def watch(model: nn.Module, **options: Any) -> Monitor:
             measured), before they become norms; must return the reduced block, e.g. one all-reduce(SUM)
             across FSDP shards (gradguard.stats.distributed.make_reduce_fn, chosen automatically when
             parameters are sharded DTensors).
-        max_calls (int, 8): training forwards per step kept for replay (gradient accumulation).
+        max_calls (int, 8): training forwards per step kept for replay (gradient accumulation): the first
+            ``max_calls`` micro-batches of a step are replayed one by one, and a NaN/Inf born in a later one
+            is reported as such (see :mod:`gradguard.monitor.provenance` for the memory this keeps).
+        history_limit (int, 1000): steps of ``mon.history`` kept in full; older steps are downsampled to at
+            most as many more (every 2^j-th step, warnings, errors and non-finite steps kept), so memory
+            stays flat on long runs. The rules look at their own ``window`` and are unaffected.
+        scaler (torch.amp.GradScaler, None): the loss scaler of a mixed-precision loop. History then holds
+            unscaled norms (‖∇L‖, not ‖S·∇L‖; ``loss_scale`` per row), a step the scaler skips on an fp16
+            overflow is counted as an ``info`` finding instead of a non-finite error, and a collapsing scale
+            (20 skips in a row, or a scale ≤ 1 that still overflows) is an error naming the module whose
+            fp16 values overflow. The scale is read as a device tensor (gradguard.stats.scaler): no sync.
+
+    torch.compile: pass the compiled wrapper (``gg.watch(torch.compile(model))``); names and parameters
+    are the original module's. The monitor's hooks compile to nothing, so a non-sampled step adds no graph
+    break and no recompilation; a sampled step's activation statistics come from one extra eager forward
+    (``Monitor._eager_pass``), and a NaN/Inf is localised by replaying the step eagerly, the finding saying
+    whether the replay reproduced it. Watching a model that is later compiled, or compiled in place
+    (``model.compile()``), keeps the gradient statistics and warns that activations and replay are lost.
 
     Raises:
         InputError: ``model`` is not an ``nn.Module`` or an option has the wrong type.

@@ -53,6 +53,7 @@ class RowMeta:
     detail: bool
     present: tuple[int, ...]  # indices of parameters that had a gradient
     nonfinite_counts: Tensor | None = None  # exact counts, computed only on flagged steps
+    scaled: bool = False  # a loss scaler was active: its scale is in the row
 
 
 class ParamStats:
@@ -90,6 +91,7 @@ class ParamStats:
         self.delta_n = torch.full((n, p), nan, device=device)
         self.grad_max = torch.full((n, p), nan, device=device)
         self._no_loss = torch.full((), nan, device=device)
+        self.scale_n = torch.full((n,), nan, device=device)
         self._index_cache.clear()
         self._snapshot = None
         # One device for every parameter: the norms can be stacked straight into a row of the buffer.
@@ -124,14 +126,24 @@ class ParamStats:
         return idx
 
     def record(
-        self, step: int, loss: Tensor | None, detail: bool, present: tuple[int, ...], grads: list[Tensor]
+        self, step: int, loss: Tensor | None, detail: bool, present: tuple[int, ...], grads: list[Tensor],
+        *, scale: Tensor | None = None, unscale: bool = True,
     ) -> tuple[RowMeta, Tensor]:
         """Write this step's statistics into the next free row (``present``/``grads`` from :meth:`gradients`).
+
+        ``scale`` is a loss scaler's current scale ``S`` (a device tensor): it is recorded, and with
+        ``unscale`` the gradients are taken to be ``S · ∇L`` and their norms and max-abs divided by ``S``
+        (on the device, no sync).
 
         Returns the row's metadata and a device vector holding this step's gradient norms and loss: it is
         non-finite exactly when the loss or a gradient holds NaN/Inf (one flag, read by the caller only
         where reading is free). Nothing is copied to the host.
         """
+        inv = None
+        if scale is not None:
+            self.scale_n[len(self.meta)].copy_(scale)
+            if unscale:
+                inv = scale.to(self.step_n.dtype).reciprocal()
         row = len(self.meta)
         # Every torch call counts here (a few µs each, several times that right after a backward pass has
         # flushed the caches), so the common case takes no reshape, device move or grad-mode switch.
@@ -150,16 +162,20 @@ class ParamStats:
         norms = torch._foreach_norm(grads) if self._fast else list(tensor_norms(grads, 2.0))
         if len(present) == len(self.params):
             values = torch.stack([*norms, lv], out=self.step_n[row])  # one write: P norms and the loss
+            if inv is not None:
+                values[:-1].mul_(inv)
         else:
             values = torch.stack([*norms, lv]).to(self.step_n.dtype)
+            if inv is not None:
+                values[:-1].mul_(inv)
             self.step_n[row].fill_(float("nan"))  # parameters without a gradient read NaN
             self.step_n[row].index_copy_(0, self._index((*present, len(self.params))), values)
         if detail:
             with torch.no_grad():
-                self._record_detail(row, step, present, grads)
+                self._record_detail(row, step, present, grads, inv)
         if loss is None:
             values = values[:-1]
-        meta = RowMeta(step=step, has_loss=loss is not None, detail=detail, present=present)
+        meta = RowMeta(step=step, has_loss=loss is not None, detail=detail, present=present, scaled=scale is not None)
         self.meta.append(meta)
         return meta, values
 
@@ -167,9 +183,13 @@ class ParamStats:
         # Called under torch.no_grad(), so the parameters need no detach(); local shard under FSDP2 (issue 6).
         return [local_tensor(p) for p in self.params] if self._sharded else list(self.params)
 
-    def _record_detail(self, row: int, step: int, present: tuple[int, ...], grads: list[Tensor]) -> None:
+    def _record_detail(
+        self, row: int, step: int, present: tuple[int, ...], grads: list[Tensor], inv: Tensor | None
+    ) -> None:
         # max|g| as max(-min, max) of a per-tensor aminmax: 15x faster on CPU than _foreach_norm(inf).
         mx = torch.stack([m for g in grads for m in torch.aminmax(g)]).reshape(-1, 2).abs().amax(1)
+        if inv is not None:
+            mx = mx * inv.to(mx.dtype)
         if len(present) == len(self.params):
             self.grad_max[row].copy_(mx)
         else:
@@ -220,7 +240,8 @@ class ParamStats:
         # tensor, so the ring rows need no reset: every row is rewritten before it is read again (the
         # detail columns only on detail rows, which are the only ones read back).
         block = torch.cat(
-            [self.step_n[:n, :p], self.weight_n[:n], self.delta_n[:n], self.grad_max[:n], self.step_n[:n, p:]], dim=1
+            [self.step_n[:n, :p], self.weight_n[:n], self.delta_n[:n], self.grad_max[:n], self.step_n[:n, p:],
+             self.scale_n[:n, None]], dim=1,
         )
         host = block.to("cpu", torch.float64)
         if self.reduce_fn is None:
@@ -238,5 +259,6 @@ class ParamStats:
             "delta_sq": host[:, 2 * p : p3],
             "grad_max": host[:, p3 : 4 * p],
             "loss": host[:, 4 * p],
+            "scale": host[:, 4 * p + 1],
         }
         return meta, out

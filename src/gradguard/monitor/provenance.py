@@ -15,10 +15,22 @@ module and names the *producer*:
 The backward is replayed with ``torch.autograd.grad`` seeded with the recorded output gradients, so the
 loss function need not be known and ``.grad`` is untouched. Buffers (e.g. BatchNorm running stats) and
 the RNG state are restored afterwards, so the replay leaves no trace on the model.
+
+Each forward is replayed as it ran: from the RNG state before it and under the autocast state (device
+types and dtypes) it ran in, so an fp16 overflow is found in the layer that overflowed, not in an fp32
+re-run where nothing overflows.
+
+Gradient accumulation: every training forward of the step (up to ``max_calls``) is a :class:`Call` with
+its own inputs and the gradient its outputs received, so each micro-batch is replayed on its own and
+the first one that produced a NaN/Inf is named (``evidence["micro_batch"]``, counted from 0). The loss
+passed to ``mon.step`` is then only the last resort: blamed when every kept forward and backward was
+finite but that loss was not. Memory kept per forward until ``mon.step``: references to its inputs and
+outputs, and one gradient the size of its outputs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +40,10 @@ import torch
 from torch import Tensor, nn
 
 from gradguard.detect.base import Origin
+from gradguard.monitor.hooks import in_backward
+
+#: Device types whose autocast state a replay restores.
+_AUTOCAST_DEVICES = ("cpu", "cuda")
 
 
 @dataclass
@@ -36,9 +52,37 @@ class Call:
 
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
-    rng_cpu: Tensor
+    rng_cpu: Tensor | None
     rng_cuda: list[Tensor] | None = None
     output_grads: list[Tensor | None] = field(default_factory=list)
+    #: The outputs the forward returned (detached references): a replay whose outputs are finite where
+    #: these were not did not reproduce the step.
+    outputs: list[Tensor] = field(default_factory=list)
+    #: ``(device type, dtype)`` of every autocast region active around the forward.
+    autocast: tuple[tuple[str, torch.dtype], ...] = ()
+
+
+def autocast_state() -> tuple[tuple[str, torch.dtype], ...]:
+    """The autocast regions active now, as ``((device type, dtype), ...)`` (no device work)."""
+    return tuple(
+        (d, torch.get_autocast_dtype(d)) for d in _AUTOCAST_DEVICES if torch.is_autocast_enabled(d)
+    )
+
+
+@contextlib.contextmanager
+def replaying_as(call: Call) -> Iterator[None]:
+    """Run the body as ``call`` ran: its RNG state (restored after) and autocast regions, grad enabled."""
+    devices = [torch.cuda.current_device()] if call.rng_cuda is not None else []
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.random.fork_rng(devices=devices))
+        stack.enter_context(torch.enable_grad())
+        if call.rng_cpu is not None:
+            torch.set_rng_state(call.rng_cpu)
+        if call.rng_cuda is not None:
+            torch.cuda.set_rng_state_all(call.rng_cuda)
+        for device, dtype in call.autocast:
+            stack.enter_context(torch.autocast(device, dtype=dtype))
+        yield
 
 
 def tensors_in(obj: Any) -> Iterator[Tensor]:
@@ -87,6 +131,8 @@ class _Recorder:
 
     def _pre(self, name: str):
         def pre(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if in_backward():
+                return  # a checkpoint recomputation repeats a forward already checked
             call = self.calls.get(name, 0)
             self.calls[name] = call + 1
             ins = list(tensors_in((args, kwargs)))
@@ -101,6 +147,8 @@ class _Recorder:
 
     def _post(self, name: str):
         def post(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            if in_backward():
+                return
             call = self.calls[name] - 1
             inputs_ok = self._inputs_finite[name].pop()
             outs = list(tensors_in(output))
@@ -151,43 +199,58 @@ def _innermost(candidates: list[tuple[int, str]]) -> tuple[int, str]:
     return min(leaves or candidates)
 
 
-def _snapshot_buffers(model: nn.Module) -> list[tuple[Tensor, Tensor]]:
+def snapshot_buffers(model: nn.Module) -> list[tuple[Tensor, Tensor]]:
+    """``(buffer, copy)`` pairs; :func:`restore_buffers` undoes what a replayed forward did to them."""
     return [(b, b.detach().clone()) for b in model.buffers()]
 
 
-def localize(model: nn.Module, calls: Sequence[Call], loss_value: float | None) -> Origin | None:
+def restore_buffers(saved: Sequence[tuple[Tensor, Tensor]]) -> None:
+    with torch.no_grad():
+        for b, copy in saved:
+            b.copy_(copy)
+
+
+def localize(
+    model: nn.Module, calls: Sequence[Call], loss_value: float | None, *, forwards: int | None = None
+) -> Origin | None:
     """Replay ``calls`` (the step's training forwards) and return the producer of the first NaN/Inf.
 
-    ``loss_value`` is the recorded loss (``None`` if unknown). Returns ``None`` when the replay is
-    entirely finite (e.g. the inputs were overwritten in place since the step).
+    ``loss_value`` is the loss passed to ``mon.step`` (``None`` if unknown); ``forwards`` the number of
+    training forwards the step made (``len(calls)`` unless some were not kept). Returns ``None`` when the
+    replay is entirely finite (e.g. the inputs were overwritten in place since the step).
     """
     modules = {name: m for name, m in model.named_modules()}
-    buffers = _snapshot_buffers(model)
+    buffers = snapshot_buffers(model)
     params = [p for p in model.parameters() if p.requires_grad]
+    n = max(forwards or 0, len(calls))
     try:
-        for call in calls:
-            devices = [torch.cuda.current_device()] if call.rng_cuda is not None else []
-            with torch.random.fork_rng(devices=devices), torch.enable_grad():
-                torch.set_rng_state(call.rng_cpu)
-                if call.rng_cuda is not None:
-                    torch.cuda.set_rng_state_all(call.rng_cuda)
-                origin = _replay_one(model, modules, params, call, loss_value)
+        for k, call in enumerate(calls):
+            with replaying_as(call):
+                origin = _replay_one(model, modules, params, call, loss_value, k, n)
             if origin is not None:
                 return origin
-        return None
     finally:
-        with torch.no_grad():
-            for b, saved in buffers:
-                b.copy_(saved)
+        restore_buffers(buffers)
+    if calls and loss_value is not None and not _is_finite(loss_value) and len(calls) == n:
+        return Origin("", "forward", f"the model's outputs and gradients were finite in every forward of the step "
+                      f"but the loss passed to mon.step() was {loss_value}", {"loss": loss_value, "forwards": n})
+    return None
+
+
+def _where(k: int, n: int) -> str:
+    return f" (micro-batch {k} of {n}, counted from 0)" if n > 1 else ""
 
 
 def _replay_one(
-    model: nn.Module, modules: Mapping[str, nn.Module], params: Sequence[Tensor], call: Call, loss_value: float | None
+    model: nn.Module, modules: Mapping[str, nn.Module], params: Sequence[Tensor], call: Call,
+    loss_value: float | None, index: int, forwards: int,
 ) -> Origin | None:
+    where = _where(index, forwards)
+    mb = {"micro_batch": index, "forwards": forwards} if forwards > 1 else {}
     bad_inputs = _nonfinite(list(tensors_in((call.args, call.kwargs))))
     if bad_inputs:
-        return Origin("", "forward", f"the input batch itself held {bad_inputs} non-finite values",
-                      {"nonfinite_inputs": bad_inputs})
+        return Origin("", "forward", f"the input batch itself held {bad_inputs} non-finite values{where}",
+                      {"nonfinite_inputs": bad_inputs, **mb})
     rec = _Recorder(modules)
     rec.attach()
     try:
@@ -200,22 +263,35 @@ def _replay_one(
             )
             if ev["nonfinite_params"]:
                 what += f" (its own parameters already held {ev['nonfinite_params']} non-finite values)"
-            return Origin(name, "forward", what, ev)
+            if call.autocast:
+                what += " under autocast " + ", ".join(f"{d} {str(t).removeprefix('torch.')}" for d, t in call.autocast)
+            return Origin(name, "forward", what + where, {**ev, **mb})
         outs = [t for t in tensors_in(output)]
-        if loss_value is not None and not _is_finite(loss_value):
-            return Origin("", "forward", f"the model's outputs were finite but the loss was {loss_value}",
-                          {"loss": loss_value})
+        recorded_bad = _nonfinite(call.outputs)
+        if recorded_bad and not _nonfinite(outs):
+            return Origin("", "forward", f"the step's outputs held {recorded_bad} non-finite values but the replayed "
+                          f"forward's were finite{where}", {"replay_error": "outputs not reproduced",
+                                                            "reproduced": False, **mb})
         grads = call.output_grads
         pairs = [(o, g) for o, g in zip(outs, grads, strict=False) if g is not None and o.requires_grad]
+        loss_bad = loss_value is not None and not _is_finite(loss_value)
+        if forwards == 1 and loss_bad:
+            return Origin("", "forward", f"the model's outputs were finite but the loss was {loss_value}",
+                          {"loss": loss_value})
         if not pairs:
             return None
         bad_seed = _nonfinite([g for _, g in pairs])
+        if bad_seed and loss_bad:
+            # This forward's outputs were finite and the loss sent non-finite gradients back to them:
+            # the loss of this micro-batch was not finite.
+            return Origin("", "forward", f"the model's outputs were finite but the loss was {loss_value}{where}",
+                          {"loss": loss_value, "nonfinite": bad_seed, **mb})
         if bad_seed:
             return Origin(
                 "", "backward",
                 f"the model's outputs were finite but the gradient the loss sent back held {bad_seed} "
-                "non-finite values",
-                {"nonfinite": bad_seed},
+                f"non-finite values{where}",
+                {"nonfinite": bad_seed, **mb},
             )
         torch.autograd.grad(
             [o for o, _ in pairs], params, grad_outputs=[g for _, g in pairs], allow_unused=True
@@ -241,7 +317,7 @@ def _replay_one(
         what = (
             f"its output gradient was finite but its {ev['where']} held {ev['nonfinite']} non-finite values"
         )
-        return Origin(name, "backward", what, ev)
+        return Origin(name, "backward", what + where, {**ev, **mb})
     finally:
         rec.detach()
 
