@@ -114,9 +114,18 @@ class RootPreHook(WeakHook):
         return super().__call__(*args)
 
 
-def in_backward() -> bool:
-    """True inside the autograd engine, e.g. when ``torch.utils.checkpoint`` recomputes a forward."""
-    return torch._C._current_graph_task_id() != -1
+def graph_task() -> int:
+    """The autograd engine's current graph task (``-1`` outside any backward)."""
+    return torch._C._current_graph_task_id()
+
+
+def in_backward(outer: int = -1) -> bool:
+    """True inside a backward other than ``outer``, e.g. when ``torch.utils.checkpoint`` recomputes a forward.
+
+    ``outer`` is the graph task a replay started in: an integration may replay from an end-of-backward
+    callback, where the engine's task is still current, and the replay's own forward is no recomputation.
+    """
+    return graph_task() not in (-1, outer)
 
 
 def unwrap_compiled(model: nn.Module) -> tuple[nn.Module, bool]:

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from gradguard.detect.base import Origin
-from gradguard.monitor.hooks import in_backward
+from gradguard.monitor.hooks import graph_task, in_backward
 
 #: Device types whose autocast state a replay restores.
 _AUTOCAST_DEVICES = ("cpu", "cuda")
@@ -113,10 +113,12 @@ class _Recorder:
         self.backward_bad: list[tuple[int, str, int, dict[str, Any]]] = []
         self.param_grad_bad: dict[str, tuple[int, int]] = {}
         self.calls: dict[str, int] = {}
+        self.outer = -1  # the graph task the replay started in (see in_backward)
         self.handles: list[Any] = []
         self._inputs_finite: dict[str, list[bool]] = {}
 
     def attach(self) -> None:
+        self.outer = graph_task()
         for name, m in self.modules.items():
             self.handles.append(m.register_forward_pre_hook(self._pre(name), with_kwargs=True))
             self.handles.append(m.register_forward_hook(self._post(name), with_kwargs=True))
@@ -131,7 +133,7 @@ class _Recorder:
 
     def _pre(self, name: str):
         def pre(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            if in_backward():
+            if in_backward(self.outer):
                 return  # a checkpoint recomputation repeats a forward already checked
             call = self.calls.get(name, 0)
             self.calls[name] = call + 1
@@ -147,7 +149,7 @@ class _Recorder:
 
     def _post(self, name: str):
         def post(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-            if in_backward():
+            if in_backward(self.outer):
                 return
             call = self.calls[name] - 1
             inputs_ok = self._inputs_finite[name].pop()
