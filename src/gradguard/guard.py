@@ -2,79 +2,15 @@
 
 ::
 
-    guard = gg.Guard(model, optimizer)            # defaults: ZClip clipping, z > 6 spike skips, rollback
+    guard = gg.Guard(model, optimizer)            # defaults: idle on healthy runs; see docs/guard.md
     for x, y in data:
         optimizer.zero_grad()
         loss = loss_fn(model(x), y)
         loss.backward()
         applied = guard.step(loss)                # replaces optimizer.step(); False when skipped
 
-What one ``step(loss)`` does, in order:
-
-1. with a ``GradScaler``: ``scaler.unscale_(optimizer)``, so clipping and measuring see true gradients;
-2. the clipping policy measures and clips (``ClipResult``), or, without one, the global 2-norm is measured;
-3. the loss and gradient norm are compared with their recent history by a robust z-score
-   (median/MAD over the last ``window`` applied steps, :func:`gradguard.stats.robust_zscore`), against a
-   threshold corrected for the window's size (:func:`spike_threshold`);
-4. **the one host synchronisation of the step**: a single small vector (loss, norm, threshold, clipped,
-   z-scores, spike flags, the scaler's found-inf) is fetched with one ``.tolist()``. Whether to update
-   must be decided on the host (the optimizer step is host code), so one fetch per step is the minimum;
-   everything before it is queued device work, and nothing else in the step reads a device value
-   (snapshots are device-side clones; only an on-disk snapshot, every ``snapshot_every`` good steps, and
-   a rollback copy to or from the host);
-5. the update is applied (``optimizer.step()`` under the current LR factor; with a scaler, then
-   ``scaler.update()``), or skipped, when the loss or any gradient is non-finite, or the loss or the
-   gradient norm spikes (z above ``spike_threshold(spike_z, n)`` for a window of n values, more than
-   ``spike_min_excess`` above the median, and a jump to ``spike_jump`` × the largest of the last
-   8 applied values: :class:`gradguard.stats.SpikeRule`, the same test the monitor's rules use);
-6. after ``rollback_after`` consecutive skips, the model (parameters and buffers), optimizer, scaler,
-   scheduler and clipping policy are restored bit-exactly to the last snapshot, and the LR is multiplied
-   by ``backoff``. A snapshot is taken once at construction and then every ``snapshot_every`` good steps,
-   but only *committed* as the rollback target when the next step is healthy too: the state after an
-   update is first measured by the following step, so a snapshot committed at once could already hold
-   the damage of a bad but finite update. The guard's spike windows are kept across a rollback (they hold
-   only healthy measurements), so it is never blind after one. The LR factor grows back to 1
-   geometrically over ``recover_steps`` good steps. It is applied only around ``optimizer.step()``
-   (the group's ``lr`` is restored right after), so any ``torch.optim.lr_scheduler`` keeps its own schedule untouched.
-
-Default choices and why:
-
-* ``spike_z=6, window=128``: OLMo-core's ``SkipStepOptimizer`` skips a step whose loss or gradient norm is
-  more than 6 standard deviations above the mean of the last 128 steps. gradguard uses the same numbers
-  with median/MAD instead of mean/std, because a spike inflates the std and hides the next one. ``spike_z``
-  is the Gaussian rarity asked for (6σ ≈ 1e-9 per step); since the median and MAD are estimated from the
-  window itself, the z-score a value must exceed is the Student-t equivalent for that many points
-  (:func:`spike_threshold`: 76 with 16 values, 9.6 with 64, 7.5 with 128, → 6 as the window grows).
-* ``min_history=16``: OLMo-core waits for half its window (64) because a mean/std estimate from few
-  points is fragile. gradguard starts at 16, because explosions in short runs (SEEDS S0) often happen
-  before step 64, and lets the small-sample threshold above carry the fragility: early on only gross
-  spikes (a 1000× outlier batch, a diverging loss) are skipped. Non-finite values are caught from the
-  first step regardless.
-* ``spike_min_excess=0.1``: a plateau where the MAD is ~0 would otherwise turn a 1-ulp wobble into an
-  infinite z-score; a spike must also exceed the median by 10%.
-* ``spike_jump=2`` over the last 8 applied steps: the z-score asks whether a value is rare
-  for the window's distribution, which assumes the window is stationary. Healthy training drifts: a deep
-  net leaving a plateau raises its gradient norm ten-fold over a few dozen steps (a 20-layer ReLU MLP
-  with Adam goes from 0.0016 to 0.017 between steps 140 and 163), and against a quiet 128-step window
-  every step of that climb is a many-MAD outlier — without this rule the guard skipped five steps in a
-  row, rolled back and halved the LR three times in 400 healthy steps. A spike is sudden: it must also
-  be at least twice the largest of the last eight applied values (with ``x > m + (spike_jump − 1)·|m|``,
-  so a negative loss is judged by the same margin). Outlier batches, LR jumps and diverging states jump
-  by 10× or more; per-batch noise stays inside the recent maximum. Skipped steps are not pushed, so
-  after a spike the reference stays at the level before it and a bad state keeps being skipped.
-* ``rollback_after=5``: one bad batch is a skip; a bad *state* fails every batch. Five skips in a row
-  happen by chance with probability p⁵ when batches are independently bad with probability p (0.2% even
-  for p = 0.3, against 2.7% for three in a row), so transient faults rarely cost a rollback and an LR cut,
-  while a truly broken state wastes only five forward/backward passes before it is undone.
-* ``backoff=0.5``, ``recover_steps=100``: halve the LR after a rollback, regain it over ~100 good steps.
-* clipping by :class:`gradguard.clip.ZClip` with the ``zclip`` package's defaults, which include a hard
-  cap ``max_grad_norm=1.0`` on top of the adaptive limit (pass ``clip=ZClip(max_grad_norm=None)`` for the
-  adaptive limit alone, or any other policy, or ``None``).
-
-Events: every intervention is a :class:`GuardEvent` in ``guard.events`` (the last ``max_events``), and,
-with ``monitor=`` a :class:`gradguard.Monitor`, is also reported as a :class:`gradguard.Finding`: kind
-``"nonfinite"`` for non-finite skips, ``"loss_spike"`` for spike skips, ``"exploding"`` for rollbacks
-caused by growth and for clips of a gradient norm ≥ ``clip_report_ratio`` × the median of recent steps.
+The procedure of one step, the divergence test, the rescue clip and the reasons for every default are in
+docs/guard.md.
 """
 
 from __future__ import annotations
@@ -100,7 +36,9 @@ from gradguard.stats.windows import SpikeRule, Window
 __all__ = ["ACTIONS", "Guard", "GuardEvent"]
 
 #: Actions a :class:`GuardEvent` can record.
-ACTIONS = ("skip", "clip", "rollback", "lr_backoff", "lr_restored", "reset_window")
+ACTIONS = ("skip", "clip", "rollback", "lr_backoff", "lr_restored", "reset_window", "rescue")
+#: Series whose spikes ``Guard(spikes=...)`` can skip.
+SPIKE_SERIES = ("loss", "grad_norm")
 
 # Positions in the vector fetched once per step (loss and norm first: the pair a window stores).
 _LOSS, _NORM, _ZLOSS, _ZNORM, _LSPIKE, _NSPIKE, _NMED, _THRESH, _CLIPPED, _FOUND_INF, _AFTER = range(11)
@@ -150,16 +88,34 @@ class GuardEvent:
 class Guard:
     """Guarded optimizer step: skip non-finite or spiking updates, roll back, back off the LR.
 
-    See the module documentation for the exact procedure and the reasons for each default.
+    With the defaults the Guard is idle on healthy training (no routine clipping; where it never
+    intervenes the run is bit-identical to an unguarded one) and acts on trouble: non-finite values and
+    loss spikes are skipped; a sustained rise of the loss (``divergence``) or ``rollback_after`` skips in a
+    row restore the last validated snapshot, halve the LR and engage the ``rescue`` clip, adaptive gradient
+    clipping (Brock et al. 2021), for the rest of the run. The reasons are in docs/guard.md.
+
+    Programs that update weights by hand (``p.data.add_(p.grad, alpha=-lr)``) get the same update from
+    ``torch.optim.SGD(params, lr=lr)`` (momentum 0, no weight decay): ``p ← p − lr·g`` exactly, so::
+
+        opt = torch.optim.SGD(model.parameters(), lr=lr)   # replaces the hand-written update
+        guard = gg.Guard(model, opt)
+        ...; loss.backward(); guard.step(loss); opt.zero_grad()
 
     Args:
         model: the model being trained (its parameters and buffers are snapshotted).
         optimizer: any ``torch.optim.Optimizer``; its parameters are the ones clipped.
-        clip: a :class:`gradguard.clip.ClipPolicy`, a registry name (``"zclip"``, ``"norm"`` ... with
-            default options), or ``None`` for no clipping (the norm is still measured). Default ``"zclip"``.
+        clip: the routine clipping policy applied every step: a :class:`gradguard.clip.ClipPolicy`, a
+            registry name (``"zclip"`` gives the ``zclip`` package's defaults, hard cap 1.0 included), or
+            ``None`` (default: no routine clipping; the norm is still measured).
         monitor: a :class:`gradguard.Monitor` (anything with ``report(Finding)``) to receive findings.
         scaler: a ``torch.amp.GradScaler``; the guard then unscales, steps and updates it.
         scheduler: an LR scheduler to include in snapshots (keep calling ``scheduler.step()`` yourself).
+        rescue: the policy engaged after the first rollback, applied after ``clip`` from then on (default
+            ``"agc"``: :class:`gradguard.clip.AGC` with λ = 0.01); ``None`` never engages one.
+        spikes: the series whose spikes are skipped, from ``("loss", "grad_norm")``; default the loss only.
+        divergence: the run has diverged when the smallest of its last ``divergence_steps`` losses exceeds
+            this multiple of its best such level and its first one; ``None`` disables the test.
+        divergence_steps: how many consecutive losses must stay up (≥ 1).
         spike_z: robust z-score above which a loss or gradient norm is a spike.
         window: number of recent applied steps the z-score is computed over.
         min_history: applied steps needed before spikes are judged.
@@ -183,11 +139,15 @@ class Guard:
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        clip: ClipPolicy | str | None = "zclip",
+        clip: ClipPolicy | str | None = None,
         monitor: Any = None,
         scaler: Any = None,
         scheduler: Any = None,
         *,
+        rescue: ClipPolicy | str | None = "agc",
+        spikes: tuple[str, ...] = ("loss",),
+        divergence: float | None = 2.0,
+        divergence_steps: int = 3,
         spike_z: float = 6.0,
         window: int = 128,
         min_history: int = 16,
@@ -206,10 +166,10 @@ class Guard:
             raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise InputError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if isinstance(clip, str):
-            clip = _policy_by_name(clip)
-        if clip is not None and not isinstance(clip, ClipPolicy):
-            raise InputError(f"clip must be a gradguard.clip policy, a name or None, got {type(clip).__name__}")
+        clip = _policy("clip", clip)
+        rescue = _policy("rescue", rescue)
+        if isinstance(spikes, str) or not all(s in SPIKE_SERIES for s in spikes):
+            raise ConfigError(f"spikes={spikes!r} is not allowed; use a tuple of {', '.join(map(repr, SPIKE_SERIES))}")
         if monitor is not None and not callable(getattr(monitor, "report", None)):
             raise InputError(f"monitor must have a report(Finding) method (gg.watch), got {type(monitor).__name__}")
         for name, obj, needed in (("scaler", scaler, "unscale_"), ("scheduler", scheduler, "state_dict")):
@@ -218,6 +178,8 @@ class Guard:
         self.model = model
         self.optimizer = optimizer
         self.clip = clip
+        self.rescue = rescue
+        self.spikes = tuple(spikes)
         self.monitor = monitor
         self.scaler = scaler
         self.scheduler = scheduler
@@ -232,6 +194,8 @@ class Guard:
         self.recover_steps = int(check_number("recover_steps", recover_steps, low=1, integer=True))
         self.min_lr_factor = float(check_number("min_lr_factor", min_lr_factor, low=0.0, high=1.0, low_inclusive=False))
         self.clip_report_ratio = float(check_number("clip_report_ratio", clip_report_ratio, low=1.0))
+        self.divergence = None if divergence is None else float(check_number("divergence", divergence, low=1.0))
+        self.divergence_steps = int(check_number("divergence_steps", divergence_steps, low=1, integer=True))
         self._rule = SpikeRule(
             z=self.spike_z, min_history=self.min_history, min_excess=self.spike_min_excess, jump=self.spike_jump
         )
@@ -245,12 +209,25 @@ class Guard:
         if not self.params:
             raise ConfigError("the optimizer has no parameters to guard")
         device = self.params[0].device
-        self.events: deque[GuardEvent] = deque(maxlen=max_events)
+        self.max_events = int(max_events)
+        self.events: list[GuardEvent] = []
         self.lr_factor = 1.0
         self.steps = 0
         self.applied = 0
         self.skipped = 0
+        self.clipped = 0
         self.rollbacks = 0
+        self.intervened = 0
+        self.rescue_engaged = False
+        # Divergence test, on host floats the step fetches anyway: the last applied losses, the best and
+        # the first level (the smallest of ``divergence_steps`` consecutive losses).
+        self._recent_losses: deque[float] = deque(maxlen=self.divergence_steps)
+        self._best_level = math.inf
+        self._baseline_level: float | None = None
+        # One divergence rollback per committed snapshot: rolling back again to the same state, with the
+        # rescue engaged and the LR lowered already, would only repeat the experiment at an ever lower LR
+        # (non-finite and spike skips, and their rollbacks, keep protecting the weights meanwhile).
+        self._divergence_armed = True
         self._windows = Window(self.window, rows=2, device=device)
         self._consts: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
         self._consecutive_skips = 0
@@ -295,6 +272,9 @@ class Guard:
             "model": self._model_tensors(),
             "optimizer": self.optimizer.state_dict(),
             "guard": self._guard_state(),
+            # The divergence test's reference belongs to the state it judges: restored with it, so that a
+            # rollback to an early, less trained state is not taken for a divergence from a later best.
+            "divergence": {"best": self._best_level, "baseline": self._baseline_level},
         }
         if self.clip is not None:
             sources["clip"] = self.clip.state_dict()
@@ -310,6 +290,7 @@ class Guard:
     def _commit(self, state: dict[str, Any], step: int) -> None:
         """Make ``state`` (taken at ``step``) the rollback target."""
         self.snapshot_step = step
+        self._divergence_armed = True
         if self.snapshot_path is None:
             self._spare, self._memory_snapshot = self._memory_snapshot, state
         else:
@@ -387,6 +368,8 @@ class Guard:
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self._windows.load_state_dict(state["guard"])
+        self._best_level, self._baseline_level = state["divergence"]["best"], state["divergence"]["baseline"]
+        self._recent_losses.clear()
 
     def state_dict(self) -> dict[str, Any]:
         """The guard's own state (counters, LR factor, windows, clip policy) for checkpoints."""
@@ -396,6 +379,15 @@ class Guard:
             "applied": self.applied,
             "skipped": self.skipped,
             "rollbacks": self.rollbacks,
+            "clipped": self.clipped,
+            "intervened": self.intervened,
+            "rescue_engaged": self.rescue_engaged,
+            "divergence": {
+                "armed": self._divergence_armed,
+                "recent": list(self._recent_losses),
+                "best": self._best_level,
+                "baseline": self._baseline_level,
+            },
             "good_run": self._good_run,
             "guard": copy.deepcopy(self._guard_state()),
             "clip": None if self.clip is None else copy.deepcopy(self.clip.state_dict()),
@@ -407,6 +399,13 @@ class Guard:
         self.steps, self.applied = int(state["steps"]), int(state["applied"])
         self.skipped, self.rollbacks = int(state["skipped"]), int(state["rollbacks"])
         self._good_run = int(state["good_run"])
+        self.clipped, self.intervened = int(state["clipped"]), int(state["intervened"])
+        self.rescue_engaged = bool(state["rescue_engaged"])
+        div = state["divergence"]
+        self._recent_losses = deque(map(float, div["recent"]), maxlen=self.divergence_steps)
+        self._best_level = float(div["best"])
+        self._divergence_armed = bool(div["armed"])
+        self._baseline_level = None if div["baseline"] is None else float(div["baseline"])
         self._windows.load_state_dict(state["guard"])
         if self.clip is not None and state["clip"] is not None:
             self.clip.load_state_dict(state["clip"])
@@ -423,15 +422,42 @@ class Guard:
             )
         return self._consts[device]
 
+    def _policies(self) -> list[ClipPolicy]:
+        """The clipping applied this step: the routine ``clip``, then ``rescue`` once it is engaged."""
+        active = [] if self.clip is None else [self.clip]
+        if self.rescue_engaged and self.rescue is not None:
+            active.append(self.rescue)
+        return active
+
+    def _diverged(self, loss: float) -> bool:
+        """Sustained rise: the last ``divergence_steps`` losses (this one included) all exceed both
+        ``divergence`` × the best such level so far and the first one (the run's starting level).
+
+        A level is the smallest of ``divergence_steps`` consecutive losses, so one outlier batch never
+        makes one; ``x > b + (f − 1)·|b|`` judges negative losses by the same margin. Host floats only.
+        """
+        if self.divergence is None or not self._divergence_armed:
+            return False
+        recent = [*self._recent_losses, loss][-self.divergence_steps :]
+        if len(recent) < self.divergence_steps:
+            return False
+        level = min(recent)
+        if self._baseline_level is None:
+            self._baseline_level = level
+        best = self._best_level
+        return level > self._baseline_level and level > best + (self.divergence - 1.0) * abs(best)
+
     def _measure(self, loss: Tensor) -> Tensor:
         """Everything the step decision needs, as one device vector (see the ``_LOSS`` ... indices)."""
         loss_d = loss.detach().reshape(()).float()
         device = loss_d.device
         zero, inf, unjudged = self._constants(device)
-        if self.clip is not None:
-            result = self.clip(self.params)
-            norm, threshold = result.norm_before.float(), result.threshold.float()
-            clipped, after = result.clipped.float(), result.norm_after.float()
+        policies = self._policies()
+        if policies:
+            results = [policy(self.params) for policy in policies]
+            norm, threshold = results[0].norm_before.float(), results[-1].threshold.float()
+            clipped = torch.stack([r.clipped for r in results]).any().float()
+            after = results[-1].norm_after.float()
         else:
             grads = [p.grad for p in self.params if p.grad is not None]
             norm = total_norm(tensor_norms(grads, 2.0), 2.0) if grads else zero
@@ -479,20 +505,29 @@ class Guard:
             "z_grad_norm": values[_ZNORM],
             "lr_factor": self.lr_factor,
         }
-        if values[_CLIPPED] and math.isfinite(values[_NORM]):
+        clipped = bool(values[_CLIPPED]) and math.isfinite(values[_NORM])
+        if clipped:
             self._on_clip(step, numbers, values[_AFTER], values[_NMED])
         reason = None
         if not math.isfinite(values[_LOSS]):
             reason = "nonfinite_loss"
         elif values[_FOUND_INF] or not math.isfinite(values[_NORM]):
             reason = "amp_overflow" if amp else "nonfinite_grad"
-        elif values[_LSPIKE]:
+        elif values[_LSPIKE] and "loss" in self.spikes:
             reason = "loss_spike"
-        elif values[_NSPIKE]:
+        elif values[_NSPIKE] and "grad_norm" in self.spikes:
             reason = "grad_spike"
+        elif self._diverged(values[_LOSS]):
+            reason = "divergence"
         if reason is None:
+            if clipped or self.lr_factor != 1.0:
+                self.intervened += 1
             self._apply(step, measured, closure)
+            self._recent_losses.append(values[_LOSS])
+            if len(self._recent_losses) == self.divergence_steps:
+                self._best_level = min(self._best_level, min(self._recent_losses))
             return True
+        self.intervened += 1
         if amp:
             self.scaler.update()  # lowers the scale after an overflow; needed after every unscale_()
         self._on_skip(step, reason, numbers)
@@ -531,11 +566,12 @@ class Guard:
             self._capture_candidate()
 
     def _on_clip(self, step: int, numbers: dict[str, float], after: float, typical: float) -> None:
-        nums = {**numbers, "norm_after": after, "typical_grad_norm": typical}
-        self._event(step, "clip", "clipped", nums)
-        # Routine trimming (a norm always a bit above a fixed cap) is not news; growth is: report a clip
-        # only when the norm is many times the median of recent applied steps.
+        self.clipped += 1
+        # Routine trimming (a norm always a bit above a fixed cap) is counted, not news; growth is: an
+        # event and a finding only when the norm is many times the median of recent applied steps.
         if math.isfinite(typical) and numbers["grad_norm"] >= self.clip_report_ratio * typical:
+            nums = {**numbers, "norm_after": after, "typical_grad_norm": typical}
+            self._event(step, "clip", "large_norm", nums)
             self._report(
                 "exploding",
                 step,
@@ -555,6 +591,11 @@ class Guard:
         self._event(step, "skip", reason, numbers)
         if reason == "amp_overflow":
             return  # the scaler's normal search for a usable scale, not a sign of a bad state
+        if reason == "divergence":
+            # A sustained rise means the state itself is bad: no further batch will fix it.
+            self._skip_reasons.append(reason)
+            self._rollback(step, numbers)
+            return
         kind = "nonfinite" if reason.startswith("nonfinite") else "loss_spike"
         what = {
             "nonfinite_loss": f"loss {numbers['loss']}",
@@ -592,15 +633,30 @@ class Guard:
         old = self.lr_factor
         self.lr_factor = max(self.min_lr_factor, self.lr_factor * self.backoff)
         nums = {**numbers, "to_step": float(self.snapshot_step), "skips": float(len(reasons))}
-        self._event(step, "rollback", "repeated_skips", nums)
-        self._event(step, "lr_backoff", "repeated_skips", {"lr_factor": self.lr_factor, "previous": old})
+        cause = "divergence" if reasons[-1] == "divergence" else "repeated_skips"
+        self._event(step, "rollback", cause, nums)
+        self._event(step, "lr_backoff", cause, {"lr_factor": self.lr_factor, "previous": old})
+        # The losses that made the level are the diverged state's: judge the restored state afresh.
+        self._recent_losses.clear()
+        if reasons[-1] == "divergence":
+            self._divergence_armed = False
+        engaged = self.rescue is not None and not self.rescue_engaged
+        if engaged:
+            self.rescue_engaged = True
+            self._event(step, "rescue", reasons[-1], {"lr_factor": self.lr_factor})
         growth = not any(r.startswith("nonfinite") for r in reasons)
+        why = (
+            f"the loss stayed above {self.divergence:g}x its best level for {self.divergence_steps} steps"
+            if reasons[-1] == "divergence"
+            else f"{len(reasons)} skipped steps ({', '.join(sorted(set(reasons)))})"
+        )
+        rescue = f"; rescue clipping {type(self.rescue).__name__} engaged" if engaged else ""
         self._report(
             "exploding" if growth else "nonfinite",
             step,
             "error",
-            f"Guard rolled back to step {self.snapshot_step} after {len(reasons)} skipped steps "
-            f"({', '.join(sorted(set(reasons)))}); learning-rate factor now {self.lr_factor:.3g}",
+            f"Guard rolled back to step {self.snapshot_step} after {why}; learning-rate factor now "
+            f"{self.lr_factor:.3g}{rescue}",
             "Training is unstable at this learning rate: lower it, clip gradients, or re-initialise (gg.init).",
             nums,
         )
@@ -613,6 +669,8 @@ class Guard:
 
     def _event(self, step: int, action: str, reason: str, numbers: Mapping[str, float]) -> None:
         self.events.append(GuardEvent(step, action, reason, dict(numbers)))
+        if len(self.events) > self.max_events:
+            del self.events[: len(self.events) - self.max_events]
 
     def _report(
         self, kind: str, step: int, severity: str, message: str, advice: str, evidence: Mapping[str, float]
@@ -630,7 +688,10 @@ class Guard:
             "steps": self.steps,
             "applied": self.applied,
             "skipped": self.skipped,
+            "clipped": self.clipped,
             "rollbacks": self.rollbacks,
+            "intervened": self.intervened,
+            "rescue_engaged": self.rescue_engaged,
             "lr_factor": self.lr_factor,
             "events": counts,
         }
@@ -641,6 +702,15 @@ class Guard:
             f"Guard(clip={clip}, steps={self.steps}, applied={self.applied}, skipped={self.skipped}, "
             f"rollbacks={self.rollbacks}, lr_factor={self.lr_factor:.3g})"
         )
+
+
+def _policy(option: str, value: ClipPolicy | str | None) -> ClipPolicy | None:
+    """A clipping option as a policy: a policy as given, a registry name with its defaults, or ``None``."""
+    if isinstance(value, str):
+        return _policy_by_name(value)
+    if value is not None and not isinstance(value, ClipPolicy):
+        raise InputError(f"{option} must be a gradguard.clip policy, a name or None, got {type(value).__name__}")
+    return value
 
 
 def _policy_by_name(name: str) -> ClipPolicy:
