@@ -18,11 +18,12 @@ from __future__ import annotations
 import copy
 import math
 import os
+import warnings
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -30,10 +31,14 @@ from torch import Tensor, nn
 from gradguard.clip import POLICIES, ClipPolicy, make_policy
 from gradguard.errors import ConfigError, InputError, StateError, check_number
 from gradguard.findings import Finding
+from gradguard.guard.snapshot import SnapshotStore, choose_mode
 from gradguard.stats import tensor_norms, total_norm
 from gradguard.stats.windows import SpikeRule, Window
 
-__all__ = ["ACTIONS", "Guard", "GuardEvent"]
+if TYPE_CHECKING:
+    from gradguard.guard.optimizer import GuardedOptimizer
+
+__all__ = ["ACTIONS", "SPIKE_SERIES", "FindingSink", "Guard", "GuardEvent"]
 
 #: Actions a :class:`GuardEvent` can record.
 ACTIONS = ("skip", "clip", "rollback", "lr_backoff", "lr_restored", "reset_window", "rescue")
@@ -44,27 +49,11 @@ SPIKE_SERIES = ("loss", "grad_norm")
 _LOSS, _NORM, _ZLOSS, _ZNORM, _LSPIKE, _NSPIKE, _NMED, _THRESH, _CLIPPED, _FOUND_INF, _AFTER = range(11)
 
 
-def _copy_into(dst: Any, src: Any) -> Any:
-    """A deep copy of ``src`` (nested dicts, lists and tuples of tensors and plain values) that writes
-    each tensor into the tensor at the same place in ``dst`` when shape, dtype and device match."""
-    if isinstance(src, Tensor):
-        if (
-            isinstance(dst, Tensor)
-            and dst.shape == src.shape
-            and dst.dtype == src.dtype
-            and dst.device == src.device
-            and dst.layout == src.layout == torch.strided
-        ):
-            return dst.copy_(src)
-        return src.detach().clone()
-    if type(src) is dict:
-        old = dst if isinstance(dst, dict) else {}
-        return {k: _copy_into(old.get(k), v) for k, v in src.items()}
-    if type(src) in (list, tuple):
-        slots = dst if isinstance(dst, list | tuple) and len(dst) == len(src) else [None] * len(src)
-        return type(src)(_copy_into(a, b) for a, b in zip(slots, src, strict=True))
-    return copy.deepcopy(src)
+class FindingSink(Protocol):
+    """What ``Guard(monitor=...)`` needs: a :class:`gradguard.Monitor`, or anything that takes findings."""
 
+    def report(self, finding: Finding) -> None:
+        """Receive one finding."""
 
 
 @dataclass(frozen=True)
@@ -101,20 +90,25 @@ class Guard:
         guard = gg.Guard(model, opt)
         ...; loss.backward(); guard.step(loss); opt.zero_grad()
 
+    Every option after ``optimizer`` is keyword-only (passing ``clip, monitor, scaler, scheduler``
+    positionally still works, with a ``DeprecationWarning``, until 0.3).
+
     Args:
         model: the model being trained (its parameters and buffers are snapshotted).
         optimizer: any ``torch.optim.Optimizer``; its parameters are the ones clipped.
         clip: the routine clipping policy applied every step: a :class:`gradguard.clip.ClipPolicy`, a
             registry name (``"zclip"`` gives the ``zclip`` package's defaults, hard cap 1.0 included), or
             ``None`` (default: no routine clipping; the norm is still measured).
-        monitor: a :class:`gradguard.Monitor` (anything with ``report(Finding)``) to receive findings.
+        monitor: a :class:`gradguard.Monitor` (a :class:`FindingSink`: anything with ``report(Finding)``)
+            to receive findings.
         scaler: a ``torch.amp.GradScaler``; the guard then unscales, steps and updates it.
         scheduler: an LR scheduler to include in snapshots (keep calling ``scheduler.step()`` yourself).
         rescue: the policy engaged after the first rollback, applied after ``clip`` from then on (default
             ``"agc"``: :class:`gradguard.clip.AGC` with λ = 0.01); ``None`` never engages one.
         spikes: the series whose spikes are skipped, from ``("loss", "grad_norm")``; default the loss only.
-        divergence: the run has diverged when the smallest of its last ``divergence_steps`` losses exceeds
-            this multiple of its best such level and its first one; ``None`` disables the test.
+        divergence: the run has diverged when its last ``divergence_steps`` losses all exceed this
+            multiple of its starting level (the smallest of its first ``divergence_steps`` losses); ``None``
+            disables the test.
         divergence_steps: how many consecutive losses must stay up (≥ 1).
         spike_z: robust z-score above which a loss or gradient norm is a spike.
         window: number of recent applied steps the z-score is computed over.
@@ -127,10 +121,15 @@ class Guard:
         backoff: LR multiplier applied at each rollback.
         recover_steps: good steps over which the LR factor grows back to 1.
         min_lr_factor: floor of the LR factor.
-        snapshot_dir: directory for an on-disk snapshot (``torch.save``; restored with
-            ``torch.load(weights_only=True)``); ``None`` keeps it in memory on the tensors' own devices,
-            which costs a copy of the parameters, buffers and optimizer state (≈ 3× the parameter memory
-            with Adam), and a second one for the one step a new snapshot waits to be committed.
+        snapshot: where rollback snapshots live: ``"device"`` (copies on the tensors' devices),
+            ``"host"`` (host memory, pinned and copied asynchronously when CUDA is available), ``"disk"``
+            (``snapshot_dir``), or ``"auto"`` (default): disk when ``snapshot_dir`` is given, else device
+            when two snapshots of the parameters, buffers and an Adam-sized state take at most 10 % of each
+            accelerator's memory, else host (always device on CPU). A snapshot costs a copy of the
+            owned parameters, the buffers and the optimizer state (≈ 3× the parameters with Adam), twice
+            for the one step a new snapshot waits to be committed.
+        snapshot_dir: directory of the snapshot file in disk mode (``torch.save``; read back with
+            ``torch.load(weights_only=True)``).
         max_events: how many recent events ``events`` keeps.
         clip_report_ratio: clips of a norm ≥ ratio × the median norm of recent steps are also findings.
     """
@@ -139,11 +138,11 @@ class Guard:
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
+        *positional: Any,
         clip: ClipPolicy | str | None = None,
-        monitor: Any = None,
+        monitor: FindingSink | None = None,
         scaler: Any = None,
         scheduler: Any = None,
-        *,
         rescue: ClipPolicy | str | None = "agc",
         spikes: tuple[str, ...] = ("loss",),
         divergence: float | None = 2.0,
@@ -158,10 +157,24 @@ class Guard:
         backoff: float = 0.5,
         recover_steps: int = 100,
         min_lr_factor: float = 1e-4,
+        snapshot: str = "auto",
         snapshot_dir: str | os.PathLike[str] | None = None,
         max_events: int = 10_000,
         clip_report_ratio: float = 10.0,
     ) -> None:
+        if positional:
+            # Deprecated: the optional collaborators used to be positional (clip, monitor, scaler, scheduler).
+            names = ("clip", "monitor", "scaler", "scheduler")
+            if len(positional) > len(names):
+                raise TypeError(f"Guard takes at most {2 + len(names)} positional arguments")
+            warnings.warn(
+                f"passing {', '.join(names[: len(positional)])} to gg.Guard positionally is deprecated; "
+                "pass them by keyword (removed in 0.3)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            given: list[Any] = [*positional, *[clip, monitor, scaler, scheduler][len(positional) :]]
+            clip, monitor, scaler, scheduler = given[0], given[1], given[2], given[3]
         if not isinstance(model, nn.Module):
             raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -202,12 +215,13 @@ class Guard:
         # Thresholds for every window size, once: a step only indexes a tuple of host floats.
         self._limits = [self._rule.threshold(n) for n in range(self.min_history, self.window + 1)]
         check_number("max_events", max_events, low=1, integer=True)
-        self.snapshot_path = None if snapshot_dir is None else Path(snapshot_dir) / "gradguard_guard_snapshot.pt"
-        if self.snapshot_path is not None:
-            self.snapshot_path.parent.mkdir(parents=True, exist_ok=True)
-        self.params = [p for group in optimizer.param_groups for p in group["params"]]
-        if not self.params:
-            raise ConfigError("the optimizer has no parameters to guard")
+        self.params: list[Tensor] = []
+        self.refresh_params()
+        if snapshot == "auto":
+            owned = [*self.params, *self.model.buffers()]
+            snapshot = "disk" if snapshot_dir is not None else choose_mode(owned)
+        path = None if snapshot_dir is None else Path(snapshot_dir) / "gradguard_guard_snapshot.pt"
+        self.snapshots = SnapshotStore(snapshot, path=path)
         device = self.params[0].device
         self.max_events = int(max_events)
         self.events: list[GuardEvent] = []
@@ -219,10 +233,11 @@ class Guard:
         self.rollbacks = 0
         self.intervened = 0
         self.rescue_engaged = False
-        # Divergence test, on host floats the step fetches anyway: the last applied losses, the best and
-        # the first level (the smallest of ``divergence_steps`` consecutive losses).
+        self._pending_loss: Tensor | None = None  # losses recorded since the last real step, summed
+        self._pending_count = 0
+        # Divergence test, on host floats the step fetches anyway: the last applied losses and the run's
+        # starting level (the smallest of its first ``divergence_steps`` losses).
         self._recent_losses: deque[float] = deque(maxlen=self.divergence_steps)
-        self._best_level = math.inf
         self._baseline_level: float | None = None
         # One divergence rollback per committed snapshot: rolling back again to the same state, with the
         # rescue engaged and the LR lowered already, would only repeat the experiment at an ever lower LR
@@ -234,16 +249,32 @@ class Guard:
         self._good_run = 0
         self._rollbacks_since_progress = 0
         self._skip_reasons: list[str] = []
-        self._memory_snapshot: dict[str, Any] | None = None
-        self._candidate: tuple[dict[str, Any], int] | None = None
-        self._spare: dict[str, Any] | None = None
         self._good_since_snapshot = 0
-        self.snapshot_step = 0
         self.snapshot()
 
     # ----------------------------------------------------------------------------------------- state
+    def refresh_params(self) -> None:
+        """Re-read the parameters the optimizer owns (after ``optimizer.add_param_group``)."""
+        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if not self.params:
+            raise ConfigError("the optimizer has no parameters to guard")
+
     def _model_tensors(self) -> dict[str, Tensor]:
-        tensors: dict[str, Tensor] = {f"param:{n}": p for n, p in self.model.named_parameters(remove_duplicate=False)}
+        """What a snapshot holds of the model: the parameters the optimizer owns, and every buffer.
+
+        Only the optimizer's own parameters: a second optimizer (and its Guard) owns the others, and a
+        rollback here must not rewind them. Buffers (BatchNorm statistics) belong to no optimizer and
+        are restored by every Guard of the model. Owned tensors outside ``model`` are held by position.
+        """
+        owned = {id(p) for p in self.params}
+        tensors: dict[str, Tensor] = {}
+        for n, p in self.model.named_parameters(remove_duplicate=False):
+            if id(p) in owned:
+                tensors[f"param:{n}"] = p
+        named = {id(t) for t in tensors.values()}
+        for i, t in enumerate(self.params):
+            if id(t) not in named:
+                tensors[f"param:#{i}"] = t
         tensors.update({f"buffer:{n}": b for n, b in self.model.named_buffers(remove_duplicate=False)})
         return tensors
 
@@ -256,25 +287,38 @@ class Guard:
         Call it when you know the state is good (after loading a checkpoint, say); the guard's own periodic
         snapshots go through :meth:`_capture_candidate` and are promoted only once validated.
         """
-        self._discard_candidate()
+        self.snapshots.discard()
         self._good_since_snapshot = 0
         self._commit(self._capture(), self.steps)
 
-    def _capture(self) -> dict[str, Any]:
-        """Copies of everything a rollback restores (device-side copies; no host sync).
+    @property
+    def snapshot_mode(self) -> str:
+        """Where snapshots live: ``"device"``, ``"host"`` or ``"disk"`` (see :mod:`gradguard.guard.snapshot`)."""
+        return self.snapshots.mode
 
-        The tensors are copied into those of the spare snapshot (the last one replaced or dropped) when
-        their shapes match, which is every time after the first two: allocating fresh memory for a
-        copy of the model and its optimizer state (and faulting its pages in) costs ~2× the copy itself.
-        """
-        spare, self._spare = self._spare or {}, None
+    @property
+    def snapshot_path(self) -> Path | None:
+        """The snapshot file in disk mode, else ``None``."""
+        return self.snapshots.path
+
+    @property
+    def snapshot_step(self) -> int:
+        """Step of the committed rollback target."""
+        return self.snapshots.committed_step or 0
+
+    @property
+    def candidate_step(self) -> int | None:
+        """Step of the snapshot waiting for its validating step to be committed (``None`` when none is)."""
+        return self.snapshots.candidate_step
+
+    def _capture(self) -> dict[str, Any]:
+        """Copies of everything a rollback restores (no host sync in device mode)."""
         sources: dict[str, Any] = {
             "model": self._model_tensors(),
             "optimizer": self.optimizer.state_dict(),
             "guard": self._guard_state(),
-            # The divergence test's reference belongs to the state it judges: restored with it, so that a
-            # rollback to an early, less trained state is not taken for a divergence from a later best.
-            "divergence": {"best": self._best_level, "baseline": self._baseline_level},
+            # The divergence test's reference belongs to the state it judges: restored with it.
+            "divergence": {"baseline": self._baseline_level},
         }
         if self.clip is not None:
             sources["clip"] = self.clip.state_dict()
@@ -282,69 +326,36 @@ class Guard:
             sources["scaler"] = self.scaler.state_dict()
         if self.scheduler is not None:
             sources["scheduler"] = self.scheduler.state_dict()
-        with torch.no_grad():
-            state: dict[str, Any] = {k: _copy_into(spare.get(k), v) for k, v in sources.items()}
+        state = self.snapshots.capture(sources)
         state["step"] = self.steps
         return state
 
     def _commit(self, state: dict[str, Any], step: int) -> None:
-        """Make ``state`` (taken at ``step``) the rollback target."""
-        self.snapshot_step = step
+        self.snapshots.commit(state, step)
         self._divergence_armed = True
-        if self.snapshot_path is None:
-            self._spare, self._memory_snapshot = self._memory_snapshot, state
-        else:
-            self._spare = state  # written to disk below: its tensors are free for the next capture
-            tmp = self.snapshot_path.with_suffix(".tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, self.snapshot_path)  # atomic: a crash never leaves half a snapshot
 
     def _capture_candidate(self) -> None:
         """Take the periodic snapshot as a *candidate*, right after an update.
 
         The state after update t is first measured by step t+1's loss and gradients (the loss of step t
         was computed with the weights before that update). A snapshot committed at once could hold the
-        damage of a finite but destructive update (a learning-rate spike, an outlier batch below the spike
-        threshold), and every rollback would then return to it. So the candidate becomes the rollback target
-        only when the next step is applied (:meth:`_promote_candidate`) and is dropped when it is skipped.
+        damage of a finite but destructive update, and every rollback would then return to it. So the
+        candidate becomes the rollback target only when the next step is applied and is dropped when it
+        is skipped (docs/guard.md).
         """
-        self._candidate = (self._capture(), self.steps)
-
-    @property
-    def candidate_step(self) -> int | None:
-        """Step of the snapshot waiting for its validating step to be committed (``None`` when none is)."""
-        return None if self._candidate is None else self._candidate[1]
+        self.snapshots.propose(self._capture(), self.steps)
 
     def _promote_candidate(self) -> None:
-        if self._candidate is not None:
-            state, step = self._candidate
-            self._candidate = None
-            self._commit(state, step)
+        if self.snapshots.candidate_step is not None:
+            self._divergence_armed = True
+        self.snapshots.promote()
 
     def _discard_candidate(self) -> None:
-        if self._candidate is not None:
-            self._spare = self._candidate[0]
-        self._candidate = None
-
-    def _load_snapshot(self) -> dict[str, Any]:
-        if self.snapshot_path is None:
-            assert self._memory_snapshot is not None
-            # A deep copy: optimizer.load_state_dict keeps the tensors it is given, and the snapshot must
-            # survive this rollback for the next one.
-            return copy.deepcopy(self._memory_snapshot)
-        try:
-            # weights_only: a snapshot file is data; a pickle that would run code is refused, never executed.
-            return torch.load(self.snapshot_path, weights_only=True)
-        except Exception as exc:  # refused pickle, truncated or foreign file: one line naming the file
-            first = (str(exc).strip().splitlines() or [""])[0][:200]
-            raise StateError(
-                f"cannot read the Guard snapshot {str(self.snapshot_path)!r}: not a gradguard snapshot "
-                f"({type(exc).__name__}: {first})"
-            ) from None
+        self.snapshots.discard()
 
     def restore(self) -> None:
         """Restore the last snapshot bit-exactly (model, optimizer, scaler, scheduler, clip policy, windows)."""
-        state = self._load_snapshot()
+        state = self.snapshots.load()
         saved = state.get("model") if isinstance(state, dict) else None
         current = self._model_tensors()
         if (
@@ -352,10 +363,9 @@ class Guard:
             or set(saved) != set(current)
             or any(not isinstance(saved[k], Tensor) or saved[k].shape != t.shape for k, t in current.items())
         ):
-            where = "in memory" if self.snapshot_path is None else repr(str(self.snapshot_path))
             raise StateError(
-                f"the Guard snapshot {where} was taken from a different model (parameter and buffer names or "
-                "shapes differ); delete it or give this run its own snapshot_dir"
+                f"the Guard snapshot {self.snapshots.where()} was taken from a different model (parameter and "
+                "buffer names or shapes differ); delete it or give this run its own snapshot_dir"
             )
         with torch.no_grad():
             for key, t in current.items():
@@ -368,7 +378,7 @@ class Guard:
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self._windows.load_state_dict(state["guard"])
-        self._best_level, self._baseline_level = state["divergence"]["best"], state["divergence"]["baseline"]
+        self._baseline_level = state["divergence"]["baseline"]
         self._recent_losses.clear()
 
     def state_dict(self) -> dict[str, Any]:
@@ -385,7 +395,6 @@ class Guard:
             "divergence": {
                 "armed": self._divergence_armed,
                 "recent": list(self._recent_losses),
-                "best": self._best_level,
                 "baseline": self._baseline_level,
             },
             "good_run": self._good_run,
@@ -403,7 +412,6 @@ class Guard:
         self.rescue_engaged = bool(state["rescue_engaged"])
         div = state["divergence"]
         self._recent_losses = deque(map(float, div["recent"]), maxlen=self.divergence_steps)
-        self._best_level = float(div["best"])
         self._divergence_armed = bool(div["armed"])
         self._baseline_level = None if div["baseline"] is None else float(div["baseline"])
         self._windows.load_state_dict(state["guard"])
@@ -430,22 +438,23 @@ class Guard:
         return active
 
     def _diverged(self, loss: float) -> bool:
-        """Sustained rise: the last ``divergence_steps`` losses (this one included) all exceed both
-        ``divergence`` × the best such level so far and the first one (the run's starting level).
+        """Sustained rise: the last ``divergence_steps`` losses (this one included) all exceed
+        ``divergence`` × the run's starting level, the smallest of its first ``divergence_steps`` losses.
 
-        A level is the smallest of ``divergence_steps`` consecutive losses, so one outlier batch never
-        makes one; ``x > b + (f − 1)·|b|`` judges negative losses by the same margin. Host floats only.
+        The smallest of the recent losses must be above, so one outlier batch never trips it; the start,
+        not the best loss so far, is the reference, because the best so far of a noisy loss drifts into
+        its low tail (docs/guard.md). ``x > b + (f − 1)·|b|`` judges negative losses by the same margin.
+        Host floats only.
         """
         if self.divergence is None or not self._divergence_armed:
             return False
         recent = [*self._recent_losses, loss][-self.divergence_steps :]
         if len(recent) < self.divergence_steps:
             return False
-        level = min(recent)
         if self._baseline_level is None:
-            self._baseline_level = level
-        best = self._best_level
-        return level > self._baseline_level and level > best + (self.divergence - 1.0) * abs(best)
+            self._baseline_level = min(recent)
+        base = self._baseline_level
+        return min(recent) > base + (self.divergence - 1.0) * abs(base)
 
     def _measure(self, loss: Tensor) -> Tensor:
         """Everything the step decision needs, as one device vector (see the ``_LOSS`` ... indices)."""
@@ -478,18 +487,59 @@ class Guard:
         tail = torch.stack([threshold.to(device), clipped.to(device), found_inf, after.to(device)])
         return torch.cat([current, judged, tail])
 
-    def step(self, loss: Tensor, closure: Callable[[], Any] | None = None) -> bool:
-        """Apply the optimizer step unless it is unsafe; returns True when the update was applied.
+    def record_loss(self, loss: Tensor) -> None:
+        """Hand the guard this step's loss before a step that is called without one (:meth:`wrap`).
 
-        Call after ``loss.backward()`` (with a scaler: after ``scaler.scale(loss).backward()``, passing the
-        unscaled ``loss``), in place of ``optimizer.step()`` (and ``scaler.step``/``scaler.update``).
-        ``closure`` is passed on to optimizers that need one (``LBFGS``); the checks use ``loss`` and the
-        gradients present at the call.
+        No host sync: the tensor is kept (detached). Losses recorded on gradient-accumulation micro-steps
+        are averaged at the real step.
         """
         if not isinstance(loss, Tensor):
             raise InputError(f"loss must be a tensor (the value you called backward() on), got {type(loss).__name__}")
         if loss.numel() != 1:
             raise ConfigError(f"loss must be a scalar, got shape {tuple(loss.shape)}")
+        loss = loss.detach().reshape(()).float()
+        self._pending_loss = loss if self._pending_loss is None else self._pending_loss + loss
+        self._pending_count += 1
+
+    def wrap(self) -> GuardedOptimizer:
+        """This guard as a ``torch.optim.Optimizer`` whose ``step()`` is the guarded step.
+
+        For code that calls ``optimizer.step()`` itself (HF ``Trainer``, Accelerate, Lightning's manual
+        optimisation)::
+
+            guard = gg.Guard(model, optimizer)
+            opt = guard.wrap()               # hand this to the framework / call opt.step() yourself
+            loss.backward(); guard.record_loss(loss); opt.step(); opt.zero_grad()
+
+        Without a recorded loss (and no closure) only the gradients are judged.
+        """
+        from gradguard.guard.optimizer import GuardedOptimizer
+
+        return GuardedOptimizer(self)
+
+    def step(self, loss: Tensor | None, closure: Callable[[], Any] | None = None) -> bool:
+        """Apply the optimizer step unless it is unsafe; returns True when the update was applied.
+
+        Call after ``loss.backward()`` (with a scaler: after ``scaler.scale(loss).backward()``, passing the
+        unscaled ``loss``), in place of ``optimizer.step()`` (and ``scaler.step``/``scaler.update``).
+        ``closure`` is passed on to optimizers that need one (``LBFGS``); the checks use ``loss`` and the
+        gradients present at the call. ``loss=None`` uses the losses given to :meth:`record_loss` since
+        the last real step, or judges the gradients alone when there are none.
+
+        Gradient accumulation: with an Accelerate ``AcceleratedOptimizer`` (its ``gradient_state``), a call
+        on a micro-step that does not synchronise gradients only records the loss and returns False: it
+        is not a step, nothing is measured, clipped or counted, and the real step judges the accumulated
+        gradients with the mean of the recorded losses.
+        """
+        if loss is not None:
+            self.record_loss(loss)
+        if not _is_sync_step(self.optimizer):
+            return False
+        if self._pending_loss is None:
+            loss, has_loss = self._constants(self.params[0].device)[0], False
+        else:
+            loss, has_loss = self._pending_loss / self._pending_count, True
+        self._pending_loss, self._pending_count = None, 0
         step = self.steps
         self.steps += 1
         amp = self.scaler is not None and self.scaler.is_enabled()
@@ -513,19 +563,19 @@ class Guard:
             reason = "nonfinite_loss"
         elif values[_FOUND_INF] or not math.isfinite(values[_NORM]):
             reason = "amp_overflow" if amp else "nonfinite_grad"
-        elif values[_LSPIKE] and "loss" in self.spikes:
+        elif values[_LSPIKE] and has_loss and "loss" in self.spikes:
             reason = "loss_spike"
         elif values[_NSPIKE] and "grad_norm" in self.spikes:
             reason = "grad_spike"
-        elif self._diverged(values[_LOSS]):
+        elif has_loss and self._diverged(values[_LOSS]):
             reason = "divergence"
         if reason is None:
             if clipped or self.lr_factor != 1.0:
                 self.intervened += 1
             self._apply(step, measured, closure)
+            if not has_loss:
+                return True
             self._recent_losses.append(values[_LOSS])
-            if len(self._recent_losses) == self.divergence_steps:
-                self._best_level = min(self._best_level, min(self._recent_losses))
             return True
         self.intervened += 1
         if amp:
@@ -646,7 +696,7 @@ class Guard:
             self._event(step, "rescue", reasons[-1], {"lr_factor": self.lr_factor})
         growth = not any(r.startswith("nonfinite") for r in reasons)
         why = (
-            f"the loss stayed above {self.divergence:g}x its best level for {self.divergence_steps} steps"
+            f"the loss stayed above {self.divergence:g}x its starting level for {self.divergence_steps} steps"
             if reasons[-1] == "divergence"
             else f"{len(reasons)} skipped steps ({', '.join(sorted(set(reasons)))})"
         )
@@ -702,6 +752,12 @@ class Guard:
             f"Guard(clip={clip}, steps={self.steps}, applied={self.applied}, skipped={self.skipped}, "
             f"rollbacks={self.rollbacks}, lr_factor={self.lr_factor:.3g})"
         )
+
+
+def _is_sync_step(optimizer: torch.optim.Optimizer) -> bool:
+    """False on a gradient-accumulation micro-step of Accelerate (``gradient_state.sync_gradients``)."""
+    state = getattr(optimizer, "gradient_state", None)
+    return state is None or bool(getattr(state, "sync_gradients", True))
 
 
 def _policy(option: str, value: ClipPolicy | str | None) -> ClipPolicy | None:
