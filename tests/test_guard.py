@@ -24,7 +24,7 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 def _series(n: int = 300) -> torch.Tensor:
     t = torch.arange(n, dtype=torch.float32)
     s = torch.sin(t * 0.2) + 0.5 * torch.sin(t * 0.05)
-    return (s - s.min()) / (s.max() - s.min())  # normalised to [0, 1] as in SEEDS S0.1
+    return (s - s.min()) / (s.max() - s.min())  # normalised to [0, 1]
 
 
 def _windows(steps: int) -> Batch:
@@ -74,7 +74,7 @@ class Setup:
 
 
 def relu_lstm_normal_init() -> Setup:
-    """SEEDS S0.2: ReLU LSTM, weights N(0, 1), biases 0.1, Adam."""
+    """ReLU LSTM, weights N(0, 1), biases 0.1, Adam."""
     x, y = _windows(20)
     model = _SeqRegressor(gg.nn.LSTM(1, 16, num_layers=2, activation="relu"), 16)
     gg.init.apply(model, "normal", std=1.0, bias=0.1)
@@ -82,7 +82,7 @@ def relu_lstm_normal_init() -> Setup:
 
 
 def relu_rnn_double_orthogonal() -> Setup:
-    """SEEDS S0.8/S3.1: ReLU RNN with W_hh = 2 × orthogonal (spectral radius 2), plain SGD."""
+    """ReLU RNN with W_hh = 2 × orthogonal (spectral radius 2), plain SGD."""
     x, y = _windows(30)
     model = _SeqRegressor(nn.RNN(1, 32, nonlinearity="relu", batch_first=True), 32)
     gg.init.apply(model.rnn, "orthogonal", gain=2.0)

@@ -1,9 +1,9 @@
 """The default Guard never hurts a healthy run and still cures explosive ones.
 
 Healthy programs, each the kind of run whose loss or gradient norm rises legitimately (a deep net leaving
-its initial plateau, LR warm-up, a one-cycle schedule, batches of 4): the default Guard intervenes on at
-most 1 % of the steps, a run it never touched is bit-identical to the unguarded run, and its final held-out
-loss is within the seed-to-seed spread of unguarded runs (measured here over seeds, not assumed).
+its initial plateau, LR warm-up, a one-cycle schedule, batches of 4, a 2-D GAN): the default Guard
+intervenes on at most 1 % of the steps, a run it never touched is bit-identical to the unguarded run, and
+its final held-out loss is within the seed-to-seed spread of unguarded runs (measured over seeds).
 
 Explosive programs: a word-level LSTM language model trained with truncated BPTT, SGD at lr 20 and 100 and
 no clipping (the upstream recipe clips at 0.25; without it the run diverges). The test first measures that
@@ -278,3 +278,87 @@ def test_routine_clips_are_counted_not_events() -> None:
     assert guard.events == [] and guard.events[-3:] == []
     guard.events.extend(gg.GuardEvent(k, "skip", "loss_spike") for k in range(5))
     assert [e.step for e in guard.events[-3:]] == [2, 3, 4]
+
+
+def _loss_driven_guard(**options: Any) -> tuple[gg.Guard, Callable[[float], bool]]:
+    """A guard fed chosen losses (learning rate 0, constant gradients: only the loss changes)."""
+    p = nn.Parameter(torch.zeros(4))
+    guard = gg.Guard(nn.ParameterList([p]), torch.optim.SGD([p], lr=0.0), **options)
+
+    def feed(loss: float) -> bool:
+        p.grad = torch.full((4,), 0.5)
+        return guard.step(torch.tensor(loss))
+
+    return guard, feed
+
+
+def _noisy_run(steps: int = 2000) -> list[float]:
+    """A loss that falls from 1 to 0.2 over 100 steps, then stays there with ±30 % batch noise."""
+    g = torch.Generator().manual_seed(0)
+    level = [max(0.2, 1.0 - 0.008 * t) for t in range(steps)]
+    noise = (1 + 0.3 * torch.randn(steps, generator=g)).clamp_min(0.05).tolist()
+    return [a * b for a, b in zip(level, noise, strict=True)]
+
+
+def test_divergence_is_judged_against_the_start_not_the_best_so_far() -> None:
+    losses = _noisy_run()
+    guard, feed = _loss_driven_guard()
+    assert all(feed(v) for v in losses) and not guard.events
+    # Control: "three losses above twice the best so far" (the best the smallest of three consecutive
+    # losses) trips on the same healthy run, because the best so far drifts into the noise's low tail.
+    best = min(min(losses[k : k + 3]) for k in range(200))
+    assert any(min(losses[k : k + 3]) > 2 * best for k in range(200, len(losses) - 3))
+    # A real divergence from the same run, a steady climb of ×1.5 per step (never a 2× jump, so never a
+    # spike), is caught on the third step in a row above `divergence` (4) × the start.
+    guard, feed = _loss_driven_guard()
+    for v in losses[:300]:
+        assert feed(v)
+    start = min(losses[:3])
+    climb = [0.3 * 1.5**k for k in range(1, 14)]
+    third = next(k for k in range(2, len(climb)) if min(climb[k - 2 : k + 1]) > guard.divergence * start)
+    applied = [feed(v) for v in climb[: third + 1]]
+    assert applied == [True] * third + [False]
+    assert [(e.action, e.reason) for e in guard.events[:2]] == [("skip", "divergence"), ("rollback", "divergence")]
+
+
+# --------------------------------------------------------------------------------------------- GAN
+_MODES = torch.stack([2 * torch.tensor([math.cos(k * math.pi / 4), math.sin(k * math.pi / 4)]) for k in range(8)])
+
+
+def gan(seed: int, guarded: bool, steps: int = 400) -> tuple[float, list[gg.Guard]]:
+    """A 2-D GAN on 8 Gaussian modes (non-saturating loss, Adam β1 = 0.5), one Guard per optimizer when
+    guarded. The generator's loss starts at ln 2 and rises as the discriminator learns (by design).
+    Returns the mean distance of 2000 samples to their nearest mode, and the guards."""
+    torch.manual_seed(seed)
+    gen = nn.Sequential(nn.Linear(2, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2))
+    disc = nn.Sequential(nn.Linear(2, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+    opt_g = torch.optim.Adam(gen.parameters(), 1e-3, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(disc.parameters(), 1e-3, betas=(0.5, 0.999))
+    guards = [gg.Guard(gen, opt_g), gg.Guard(disc, opt_d)] if guarded else []
+    g = torch.Generator().manual_seed(seed)
+    bce = nn.functional.binary_cross_entropy_with_logits
+    ones, zeros = torch.ones(64, 1), torch.zeros(64, 1)
+    for _ in range(steps):
+        real = _MODES[torch.randint(8, (64,), generator=g)] + 0.05 * torch.randn(64, 2, generator=g)
+        z = torch.randn(64, 2, generator=g)
+        opt_d.zero_grad()
+        loss_d = bce(disc(real), ones) + bce(disc(gen(z).detach()), zeros)
+        loss_d.backward()
+        guards[1].step(loss_d) if guards else opt_d.step()
+        opt_g.zero_grad()
+        loss_g = bce(disc(gen(z)), ones)
+        loss_g.backward()
+        guards[0].step(loss_g) if guards else opt_g.step()
+    with torch.no_grad():
+        samples = gen(torch.randn(2000, 2, generator=g))
+    return float(torch.cdist(samples, _MODES).min(1).values.mean()), guards
+
+
+def test_default_guards_leave_a_gan_alone() -> None:
+    bare = [gan(seed, guarded=False)[0] for seed in SEEDS]
+    noise = max(bare) - min(bare)
+    distance, guards = gan(SEEDS[0], guarded=True)
+    assert all(guard.intervened <= 0.01 * guard.steps for guard in guards), [g.summary() for g in guards]
+    assert abs(distance - bare[0]) <= noise
+    if not any(guard.intervened for guard in guards):
+        assert distance == bare[0]

@@ -64,7 +64,8 @@ class GuardEvent:
         step: index of the ``guard.step()`` call (0-based).
         action: one of :data:`ACTIONS`.
         reason: why: ``nonfinite_loss``, ``nonfinite_grad``, ``amp_overflow``, ``loss_spike``,
-            ``grad_spike``, ``clipped``, ``repeated_skips``, ``recovered``, ``rollback_loop``.
+            ``grad_spike``, ``divergence``, ``large_norm`` (a clip of a norm far above the recent median;
+            routine clips are only counted), ``repeated_skips``, ``recovered``, ``rollback_loop``.
         numbers: the measurements behind it (loss, grad_norm, threshold, z-scores, lr_factor ...).
     """
 
@@ -145,7 +146,7 @@ class Guard:
         scheduler: Any = None,
         rescue: ClipPolicy | str | None = "agc",
         spikes: tuple[str, ...] = ("loss",),
-        divergence: float | None = 2.0,
+        divergence: float | None = 4.0,
         divergence_steps: int = 3,
         spike_z: float = 6.0,
         window: int = 128,
@@ -729,7 +730,9 @@ class Guard:
             self.monitor.report(Finding(kind, "", step, severity, message, advice, dict(evidence)))
 
     def summary(self) -> dict[str, Any]:
-        """Counts for logs and reports: steps, applied, skipped, rollbacks, LR factor, events by action:reason."""
+        """Counts for logs and reports: steps, applied, skipped, clipped (routine clips included),
+        rollbacks, intervened (steps changed in any way), whether the rescue is engaged, the LR factor,
+        and the kept events by ``action:reason``."""
         counts: dict[str, int] = {}
         for e in self.events:
             key = f"{e.action}:{e.reason}"
