@@ -362,3 +362,17 @@ def test_default_guards_leave_a_gan_alone() -> None:
     assert abs(distance - bare[0]) <= noise
     if not any(guard.intervened for guard in guards):
         assert distance == bare[0]
+
+
+def test_rescue_is_engaged_by_the_first_rollback_and_survives_a_checkpoint() -> None:
+    guard, feed = _loss_driven_guard()
+    for _ in range(20):
+        assert feed(1.0)
+    assert not guard.rescue_engaged and guard.clipped == 0
+    for _ in range(guard.rollback_after):
+        assert not feed(math.nan)
+    assert guard.rescue_engaged and [e.action for e in guard.events][-1] == "rescue"
+    assert feed(1.0) and guard.clipped == 1, "AGC bounds a gradient of 0.5 on a zero weight (eps floor)"
+    other, _ = _loss_driven_guard()
+    other.load_state_dict(guard.state_dict())
+    assert other.rescue_engaged and other.summary()["clipped"] == 1

@@ -323,6 +323,8 @@ class Guard:
         }
         if self.clip is not None:
             sources["clip"] = self.clip.state_dict()
+        if self.rescue is not None:
+            sources["rescue"] = self.rescue.state_dict()
         if self.scaler is not None:
             sources["scaler"] = self.scaler.state_dict()
         if self.scheduler is not None:
@@ -374,6 +376,8 @@ class Guard:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.clip is not None:
             self.clip.load_state_dict(state["clip"])
+        if self.rescue is not None:
+            self.rescue.load_state_dict(state["rescue"])
         if self.scaler is not None:
             self.scaler.load_state_dict(state["scaler"])
         if self.scheduler is not None:
@@ -401,6 +405,7 @@ class Guard:
             "good_run": self._good_run,
             "guard": copy.deepcopy(self._guard_state()),
             "clip": None if self.clip is None else copy.deepcopy(self.clip.state_dict()),
+            "rescue": None if self.rescue is None else copy.deepcopy(self.rescue.state_dict()),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -418,6 +423,8 @@ class Guard:
         self._windows.load_state_dict(state["guard"])
         if self.clip is not None and state["clip"] is not None:
             self.clip.load_state_dict(state["clip"])
+        if self.rescue is not None and state.get("rescue") is not None:
+            self.rescue.load_state_dict(state["rescue"])
 
     # ------------------------------------------------------------------------------------------ step
     def _constants(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
