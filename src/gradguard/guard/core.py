@@ -581,9 +581,8 @@ class Guard:
             if clipped or self.lr_factor != 1.0:
                 self.intervened += 1
             self._apply(step, measured, closure)
-            if not has_loss:
-                return True
-            self._recent_losses.append(values[_LOSS])
+            if has_loss:
+                self._recent_losses.append(values[_LOSS])
             return True
         self.intervened += 1
         if amp:
@@ -760,7 +759,7 @@ class Guard:
         clip = "None" if self.clip is None else type(self.clip).__name__
         return (
             f"Guard(clip={clip}, steps={self.steps}, applied={self.applied}, skipped={self.skipped}, "
-            f"rollbacks={self.rollbacks}, lr_factor={self.lr_factor:.3g})"
+            f"clipped={self.clipped}, rollbacks={self.rollbacks}, lr_factor={self.lr_factor:.3g})"
         )
 
 
