@@ -11,8 +11,9 @@ the guard rolls back (``rollback_after`` in a row); then
    bit for bit on CPU, the trajectory of a run that never saw the fault: same loss at every step, same
    final weights and optimizer state.
 
-The second check uses ``backoff=1.0`` so the guard does not lower the learning rate after the rollback:
-it isolates what is restored from the remedy applied on top (with the default backoff the resumed run
+The second check uses ``backoff=1.0`` and ``rescue=None`` so the guard neither lowers the learning rate
+nor engages its rescue clipping after the rollback: it isolates what is restored from the remedy applied
+on top (with the default backoff the resumed run
 must differ, which the last test measures).
 """
 
@@ -149,18 +150,18 @@ def test_rollback_restores_every_piece_of_state_bit_for_bit() -> None:
     for k in range(run.guard.rollback_after):
         assert not run.step(step + 3 + k, poison=True)
     assert run.guard.rollbacks == rollbacks + 1
-    assert run.guard.events[-2].action == "rollback"
+    assert any(e.action == "rollback" for e in run.guard.events[-3:])
     assert_bit_equal(run.state(), snap)
 
 
 def test_resumed_trajectory_equals_a_run_that_never_saw_the_fault() -> None:
-    ref = Run(backoff=1.0)
+    ref = Run(backoff=1.0, rescue=None)
     for s in range(STEPS):
         assert ref.step(s)
         ref.sched.step()
     # The same run, moved on by two good steps after its last snapshot, then poisoned until the guard
     # rolls back; the schedule is stepped after every call, as a training loop does.
-    run = Run(backoff=1.0)
+    run = Run(backoff=1.0, rescue=None)
     resume, _ = _train_to_snapshot(run)  # also trained on data step `resume`
     assert run.step(resume + 1)
     run.sched.step()

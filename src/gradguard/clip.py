@@ -5,10 +5,10 @@ Every policy is called on a parameter iterable after ``loss.backward()`` and bef
     policy = gg.clip.ZClip()
     result = policy(model.parameters())   # ClipResult(norm_before, norm_after, threshold, clipped)
 
-Measuring and acting happen in one call and the measurement is returned, never thrown away (STYLE.md,
-principle 3). Every decision stays on the device: a policy never calls ``.item()`` and never branches in
-Python on a tensor value, so it adds no host synchronisation to a training step. The only Python branches
-are on host-side counters (e.g. "is this still ZClip's warm-up?"), which the host knows without asking
+Measuring and acting happen in one call and the measurement is returned, never thrown away. Every
+decision stays on the device: a policy never calls ``.item()`` and never branches in Python on a tensor
+value, so it adds no host synchronisation to a training step. The only Python branches are on host-side
+counters (e.g. "is this still ZClip's warm-up?"), which the host knows without asking
 the device.
 
 Non-finite gradients: the clipping arithmetic matches PyTorch (a NaN norm makes every gradient NaN, an Inf
@@ -97,7 +97,7 @@ def _plain(t: Tensor) -> Tensor:
     """A DTensor result (from FSDP2-sharded gradients) as the plain full tensor, equal on every rank.
 
     Guard fetches a ClipResult to the host, which a DTensor refuses; ``full_tensor()`` is a no-op
-    redistribution for replicated values and an all-reduce for partial ones (integrations, issue 6).
+    redistribution for replicated values and an all-reduce for partial ones (FSDP2 integration).
     """
     return t.full_tensor() if is_dtensor(t) else t  # type: ignore[attr-defined]
 
@@ -166,7 +166,7 @@ class ClipPolicy:
 
 
 class ClipValue(ClipPolicy):
-    """Element-wise clipping ``g ← clamp(g, −c, c)`` (SEEDS S0.4; Keras ``clipvalue``).
+    """Element-wise clipping ``g ← clamp(g, −c, c)`` (Keras ``clipvalue``).
 
     Same arithmetic as ``torch.nn.utils.clip_grad_value_`` (NaN stays NaN, ±Inf becomes ±c).
     ``threshold`` in the result is ``c``; ``clipped`` is True when some ``|g| > c``; the norms are
@@ -208,7 +208,7 @@ class ClipNorm(ClipPolicy):
     ``per="global"``: one norm over all gradients, as ``torch.nn.utils.clip_grad_norm_`` and Keras
     ``global_clipnorm``; results are identical to torch's for every ``norm_type`` including ``inf`` and
     non-finite gradients (outside the 1e-6-wide band described in :func:`_coef`). ``per="tensor"``: each
-    tensor is clipped by its own norm, as Keras ``clipnorm`` (SEEDS S0.4), which changes the direction of
+    tensor is clipped by its own norm, as Keras ``clipnorm``, which changes the direction of
     the overall update but keeps one exploding layer from shrinking the others' steps.
 
     Args:
@@ -711,7 +711,7 @@ class PolicyInfo:
 #: Every clipping policy by name (read-only).
 POLICIES: Mapping[str, PolicyInfo] = MappingProxyType(
     {
-        "value": PolicyInfo("value", ClipValue, "element-wise clamp to [-c, c]", "Keras clipvalue; SEEDS S0.4"),
+        "value": PolicyInfo("value", ClipValue, "element-wise clamp to [-c, c]", "Keras clipvalue"),
         "norm": PolicyInfo("norm", ClipNorm, "global or per-tensor p-norm", "Pascanu et al. 2013"),
         "autoclip": PolicyInfo("autoclip", AutoClip, "percentile of the norm history", "Seetharaman et al. 2020"),
         "agc": PolicyInfo("agc", AGC, "unit-wise gradient/weight norm ratio", "Brock et al. 2021"),

@@ -104,8 +104,9 @@ class GradGuardCallback(Callback):
     Args:
         monitor: ``True`` (default) creates a monitor with ``gg.watch(pl_module, **watch_options)`` in
             ``on_fit_start``; an existing ``gg.Monitor`` is used as given; ``False`` disables monitoring.
-        guard: ``None`` (default) no Guard; ``{}`` a ``gg.Guard`` with its defaults (ZClip clipping, spike
-            skips, rollback); a dict of ``gg.Guard`` keyword options (e.g. ``{"clip": gg.clip.ClipNorm(1.0),
+        guard: ``None`` (default) no Guard; ``{}`` a ``gg.Guard`` with its defaults (no routine clipping,
+            spike skips, divergence rollback, then adaptive clipping); a dict of ``gg.Guard`` keyword
+            options (e.g. ``{"clip": gg.clip.ClipNorm(1.0),
             "rollback_after": 3}``). Requires automatic optimization and one optimizer, and replaces the
             Trainer's ``gradient_clip_val`` (put the clipping policy in ``guard["clip"]``).
         watch_options: options for ``gg.watch`` (``log_every``, ``sample_every``, ``sinks``, ...).

@@ -155,7 +155,7 @@ def run(ctx: RunContext) -> Result:
     config = {"data": "statsmodels sunspots 1700-2008, min-max scaled to [0, 1]", "window": WINDOW,
               "hidden": HIDDEN, "layers": LAYERS, "batch": BATCH, "optimizer": "Adam", "lr": LR, "steps": steps,
               "trials": trials, "jump_threshold": JUMP, "l2_lambda": L2, "clip_value": 1.0,
-              "guard": "gg.Guard defaults (ZClip, skip non-finite/spikes, rollback)",
+              "guard": "gg.Guard defaults (skip non-finite/spikes, divergence rollback, then AGC)",
               "variants": {n: {"activation": a, "init_std": s, "bias": b, "remedy": r}
                            for n, (a, s, b, r) in VARIANTS.items()}}
     return Result(config, metrics, claims, figures)
@@ -169,9 +169,10 @@ INFO = ExperimentInfo(
         "A two-layer LSTM forecasts yearly sunspot numbers. With the usual tanh cell it trains smoothly. With a "
         "ReLU cell and weights drawn from N(0, 1) nothing bounds the cell state, and the loss explodes by orders "
         "of magnitude; weights from N(0, 0.1) make this rarer. Clipping every gradient element to [−1, 1], or "
-        "wrapping the optimizer in gradguard's Guard (which clips, skips non-finite or spiking steps and rolls "
-        "back), keeps training finite; an L2 penalty keeps the weights smaller. Remedies supported: gradient "
-        "clipping, guarded steps, small initial weights, and tanh as the safe default for LSTMs."
+        "wrapping the optimizer in gradguard's Guard (which skips non-finite or spiking steps, rolls back a "
+        "diverging run and then clips), keeps training finite; an L2 penalty keeps the weights smaller. "
+        "Remedies supported: gradient clipping, guarded steps, small initial weights, and tanh as the safe "
+        "default for LSTMs."
     ),
     run=run,
 )
