@@ -33,6 +33,7 @@ from gradguard.errors import ConfigError, InputError, StateError, check_number
 from gradguard.findings import Finding
 from gradguard.guard.snapshot import SnapshotStore, choose_mode
 from gradguard.stats import tensor_norms, total_norm
+from gradguard.stats.scaler import found_inf as scaler_found_inf
 from gradguard.stats.windows import SpikeRule, Window
 
 if TYPE_CHECKING:
@@ -489,9 +490,9 @@ class Guard:
             judged = unjudged
         found_inf = zero
         if self.scaler is not None and self.scaler.is_enabled():
-            per_device = self.scaler._found_inf_per_device(self.optimizer)
-            if per_device:
-                found_inf = sum(v.to(device) for v in per_device.values()).float().reshape(())
+            flags = scaler_found_inf(self.scaler, self.optimizer)  # the one home of GradScaler's private state
+            if flags is not None:
+                found_inf = flags.to(device).float().reshape(())
         tail = torch.stack([threshold.to(device), clipped.to(device), found_inf, after.to(device)])
         return torch.cat([current, judged, tail])
 
