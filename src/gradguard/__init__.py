@@ -4,6 +4,7 @@ The public API is exactly what ``__all__`` lists.
 """
 
 from gradguard import clip, init, nn, stats
+from gradguard.attach import autowatch
 from gradguard.errors import ConfigError, GradGuardError, InputError, StateError
 from gradguard.findings import KINDS, SEVERITIES, Finding
 from gradguard.guard import Guard, GuardEvent
@@ -26,6 +27,7 @@ __all__ = [
     "ProbeReport",
     "StateError",
     "__version__",
+    "autowatch",
     "clip",
     "init",
     "l2_penalty",

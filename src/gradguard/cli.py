@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from gradguard import __version__
+from gradguard.attach import command as run_command
 from gradguard.errors import GradGuardError
 from gradguard.lab import command as lab_command
 from gradguard.preflight import command as probe_command
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Sub-commands register here (one line each).
     lab_command.register(sub)
     probe_command.register(sub)
+    run_command.register(sub)
     return parser
 
 
