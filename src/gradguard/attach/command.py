@@ -15,6 +15,7 @@ prints findings.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import runpy
@@ -49,7 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--probe", action="store_true", help="probe the model on its first batch before training")
     # Parsed by hand so that a bad value gives gradguard's one-line error, not argparse's usage block.
     run.add_argument("--log-every", default="10", metavar="N", help="steps between statistics fetches (default 10)")
-    run.add_argument("-m", dest="module", metavar="MODULE", default=None, help="run a module, as `python -m MODULE`")
+    # REMAINDER: everything after -m MODULE (options included) is the module's own sys.argv[1:].
+    run.add_argument("-m", dest="module", nargs=argparse.REMAINDER, metavar="MODULE [ARGS]", default=None,
+                     help="run a module as `python -m MODULE ARGS` would")
     run.add_argument("program", nargs=argparse.REMAINDER, metavar="PROGRAM [ARGS]",
                      help="the script and its arguments (with -m: the module's arguments)")
     run.set_defaults(func=run_command)
@@ -68,19 +71,23 @@ def _log_every(text: str) -> int:
 def _resolve(args: argparse.Namespace) -> tuple[str, str | None, list[str]]:
     """(name for the default folder, script path or None for -m, the program's sys.argv)."""
     if args.module is not None:
+        if not args.module:
+            raise ConfigError("-m needs a module name: gradguard run [options] -m package.module [args...]")
+        module, *rest = args.module
         try:
-            spec = importlib.util.find_spec(args.module)
+            spec = importlib.util.find_spec(module)
         except Exception as exc:  # a parent package that fails to import, an invalid name
-            raise ConfigError(f"module {args.module!r} cannot be imported ({type(exc).__name__}: {exc})") from None
+            raise ConfigError(f"module {module!r} cannot be imported ({type(exc).__name__}: {exc})") from None
         if spec is None:
-            raise ConfigError(f"no module named {args.module!r} (on sys.path: the current folder and site-packages)")
-        return args.module.rsplit(".", 1)[-1], None, [spec.origin or args.module, *args.program]
+            raise ConfigError(f"no module named {module!r} (searched the current folder and sys.path)")
+        return module.rsplit(".", 1)[-1], None, [spec.origin or module, *rest]
     if not args.program:
         raise ConfigError("name the program to run: gradguard run [options] script.py [args...] or -m module")
     script = args.program[0]
     if not Path(script).is_file():
         raise ConfigError(f"script {script!r} does not exist or is not a file")
-    return Path(script).stem, script, list(args.program)
+    # Absolute, as Python makes ``__file__`` and traceback paths of `python script.py`.
+    return Path(script).stem, os.path.abspath(script), [script, *args.program[1:]]
 
 
 def _out_dir(args: argparse.Namespace, name: str) -> Path:
@@ -100,11 +107,19 @@ def _out_dir(args: argparse.Namespace, name: str) -> Path:
 
 
 def _own_frames(tb: TracebackType | None) -> TracebackType | None:
-    """The traceback from the program's first frame on: runpy's and gradguard's frames are not the program's."""
-    skip = {os.path.abspath(runpy.__file__), os.path.abspath(__file__)}
-    while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename) in skip:
+    """The traceback without runpy's frames and gradguard's attach frames (its hooks and wrappers): the ones
+    left are those Python would show for ``python script.py``."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    frames = []
+    while tb is not None:
+        name = tb.tb_frame.f_code.co_filename
+        if name not in ("<frozen runpy>", runpy.__file__) and os.path.dirname(name) != here:
+            frames.append(tb)
         tb = tb.tb_next
-    return tb
+    kept = None
+    for t in reversed(frames):
+        kept = TracebackType(kept, t.tb_frame, t.tb_lasti, t.tb_lineno)
+    return kept
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -114,13 +129,16 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 def run_command(args: argparse.Namespace) -> int:
     """Run the program with a :class:`gradguard.attach.session.Session`; returns the program's exit code."""
     log_every = _log_every(args.log_every)
+    if args.module is not None:
+        sys.path[0] = os.getcwd()  # as `python -m` has it, also under the `gradguard` console script
     name, script, argv = _resolve(args)
     out = _out_dir(args, name)
 
     from gradguard.attach.session import Session
 
     sys.argv = argv
-    sys.path[0] = os.path.dirname(os.path.abspath(script)) if script is not None else os.getcwd()
+    if script is not None:
+        sys.path[0] = os.path.dirname(os.path.abspath(script))
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     session = Session(log_dir=out, guard=args.guard, probe=args.probe, log_every=log_every)
     status, code, reason = "complete", 0, ""
@@ -128,27 +146,27 @@ def run_command(args: argparse.Namespace) -> int:
         if script is not None:
             runpy.run_path(script, run_name="__main__")
         else:
-            runpy.run_module(args.module, run_name="__main__", alter_sys=True)
+            runpy.run_module(args.module[0], run_name="__main__", alter_sys=True)
     except SystemExit as exc:
         code, reason = _exit_code(exc)
         status = "complete" if code == 0 else "error"
     except KeyboardInterrupt as exc:  # Python prints the traceback of an uncaught Ctrl-C too
         status, code, reason = "interrupted", EXIT_SIGINT, "SIGINT"
-        sys.excepthook(type(exc), exc, _own_frames(exc.__traceback__))
+        sys.excepthook(type(exc), exc.with_traceback(_own_frames(exc.__traceback__)), exc.__traceback__)
     except Terminated:
         status, code, reason = "interrupted", EXIT_SIGTERM, "SIGTERM"
     except BaseException as exc:  # the program's own error: shown as Python shows it, then reported
         status, code, reason = "error", EXIT_ERROR, f"{type(exc).__name__}: {exc}"
-        sys.excepthook(type(exc), exc, _own_frames(exc.__traceback__))
+        sys.excepthook(type(exc), exc.with_traceback(_own_frames(exc.__traceback__)), exc.__traceback__)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    _finish(session, status, code, reason)
+    _finish(session, out, status, code, reason)
     return code
 
 
 def _exit_code(exc: SystemExit) -> tuple[int, str]:
     """The process exit code Python gives ``raise SystemExit(code)`` (a message is printed, exit 1)."""
-    if exc.code is None:
+    if exc.code is None or exc.code == 0:
         return 0, ""
     if isinstance(exc.code, int):
         return exc.code, f"sys.exit({exc.code})"
@@ -156,7 +174,7 @@ def _exit_code(exc: SystemExit) -> tuple[int, str]:
     return EXIT_ERROR, f"sys.exit({exc.code!r})"
 
 
-def _finish(session: Any, status: str, code: int, reason: str) -> None:
+def _finish(session: Any, out: Path, status: str, code: int, reason: str) -> None:
     # A second Ctrl-C while the report is written must not lose the log's last line: ignore it meanwhile.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
@@ -167,6 +185,8 @@ def _finish(session: Any, status: str, code: int, reason: str) -> None:
     if not targets:
         print("gradguard: nothing to monitor: the program stepped no optimizer and ran no backward pass through "
               "a torch.nn.Module", file=sys.stderr)
+        with contextlib.suppress(OSError):
+            out.rmdir()  # only if empty: nothing was written there
         return
     for t in targets:
         counts: dict[str, int] = {}

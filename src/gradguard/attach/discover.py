@@ -10,6 +10,8 @@ is not preferred over the network itself.
 
 from __future__ import annotations
 
+import os
+import sys
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -119,11 +121,19 @@ def with_gradients(candidates: Iterable[nn.Module]) -> list[Tensor]:
     return list(seen.values())
 
 
-def program_name(module: nn.Module, namespace: dict[str, Any] | None) -> str | None:
-    """The global variable of the running program that holds ``module`` (the name its author gave it)."""
-    if not namespace:
-        return None
-    for name, value in namespace.items():
+def program_name(module: nn.Module) -> str | None:
+    """The program's own name for ``module`` (``model``, ``netD``): a local variable of the innermost caller
+    frame outside torch and gradguard that holds it, else a global of ``__main__``; ``None`` if neither does."""
+    skip = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(__file__)))
+    frame = sys._getframe(1)
+    while frame is not None:
+        if not frame.f_code.co_filename.startswith(skip):
+            for name, value in frame.f_locals.items():
+                if value is module and not name.startswith("_"):
+                    return name
+        frame = frame.f_back  # type: ignore[assignment]
+    main = sys.modules.get("__main__")
+    for name, value in (vars(main) if main is not None else {}).items():
         if value is module and not name.startswith("_"):
             return name
     return None

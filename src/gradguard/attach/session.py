@@ -46,10 +46,13 @@ from gradguard.errors import GradGuardError, InputError, check_number
 from gradguard.findings import Finding
 from gradguard.guard import Guard
 from gradguard.monitor import Monitor, watch
+from gradguard.preflight import ProbeReport
 from gradguard.sinks import ConsoleSink, JsonlSink, Sink
 
 #: Status values of the final ``{"type": "run", ...}`` line of ``metrics.jsonl``.
 RUN_STATUSES = ("complete", "error", "interrupted")
+#: The ``--probe`` report's file name in the run folder.
+PROBE_REPORT = "probe.html"
 
 
 class RunLog(JsonlSink):
@@ -101,6 +104,7 @@ class Target:
     loss: Tensor | None = None
     step_loss: Tensor | None = None
     records: int = 0
+    probe: ProbeReport | None = None
 
 
 def _scalar(tensors: Any) -> Tensor | None:
@@ -207,7 +211,7 @@ class Session:
         """Watch ``model`` (probe its first batch first when asked); ``None`` if the monitor refuses it."""
         self._busy, self._recorder.paused = True, True
         try:
-            probed = self._probe(model, called) if self.probe_first else []
+            probed = self._probe(model, called) if self.probe_first else None
             sink = _Deferred()
             sinks: list[Sink] = [sink]
             if self.console and _rank() == 0:
@@ -222,34 +226,34 @@ class Session:
         for p in model.parameters():
             if p.requires_grad:
                 target.hooks.append(p.register_post_accumulate_grad_hook(functools.partial(_mark, self, target)))
-        for f in probed:
-            mon.report(f)
+        if probed is not None:
+            target.probe = probed
+            for f in probed.findings:
+                mon.report(f)
         self._candidates.append(target)
         return target
 
-    def _probe(self, model: nn.Module, called: nn.Module | None) -> list[Finding]:
+    def _probe(self, model: nn.Module, called: nn.Module | None) -> ProbeReport | None:
         from gradguard.preflight import probe
 
         inputs = self._recorder.inputs_of(called) if called is not None else None
         if inputs is None:
             self._say("--probe: the model's first batch was not seen; probe skipped")
-            return []
+            return None
         args, kwargs = inputs
         batch: Any = dict(kwargs) if kwargs and not args else (args[0] if len(args) == 1 and not kwargs else args)
         try:
-            return list(probe(model, batch).findings)
+            return probe(model, batch)
         except Exception as exc:  # the model's own code runs inside the probe: any error is possible
             self._say(f"--probe skipped ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
-            return []
+            return None
 
     def _confirm(self, target: Target) -> None:
         """A candidate's first step: it is a trained model. Give it its folder and say so."""
         self._candidates.remove(target)
         self.targets.append(target)
         k = len(self.targets) - 1
-        # The program's own variable name for it (``model``, ``netD``): ``__main__`` is the script while it runs.
-        main = sys.modules.get("__main__")
-        target.name = program_name(target.model, vars(main) if main is not None else None) or f"model{k}"
+        target.name = program_name(target.model) or ("model" if k == 0 else f"model{k}")
         if self.log_dir is not None:
             target.folder = self.log_dir if k == 0 else self.log_dir / target.name
             target.sink.target = JsonlSink(target.folder)
@@ -257,6 +261,11 @@ class Session:
         n = sum(p.numel() for p in target.model.parameters())
         self._say(f"watching `{target.name}` ({type(target.model).__name__}, {n:,} parameters"
                   + (f"; log in {target.folder}" if target.folder is not None else "") + ")")
+        if target.probe is not None:
+            where = ""
+            if target.folder is not None:
+                where = f"; {target.probe.to_html(target.folder / PROBE_REPORT)}"
+            self._say(f"probe of the first batch: {len(target.probe.findings)} finding(s){where}")
 
     def _discover(self, params: list[Tensor]) -> Target | None:
         """The target owning ``params``: a watched one, else a module the program called (watched from now)."""
