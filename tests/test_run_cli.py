@@ -192,3 +192,25 @@ def test_autowatch_rejects_bad_options() -> None:
         gg.autowatch(guard="yes")  # type: ignore[arg-type]
     with pytest.raises(gg.ConfigError, match="log_every"):
         gg.autowatch(log_every=0)
+
+
+def test_an_internal_error_never_breaks_the_program(monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    def broken(self: gg.Monitor, loss: object = None) -> None:
+        raise RuntimeError("simulated monitor bug")
+
+    torch.manual_seed(0)
+    reference = _mlp()
+    _train(reference, 5)
+    monkeypatch.setattr(gg.Monitor, "step", broken)
+    torch.manual_seed(0)
+    model = _mlp()
+    session = gg.autowatch(console=True)
+    try:
+        _train(model, 5)  # trains to the end, with the same result as unwatched
+    finally:
+        session.close()
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(a, b)
+    err = capsys.readouterr().err
+    assert err.count("stopped watching after an internal error (RuntimeError: simulated monitor bug)") == 1

@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import sys
 import types
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,16 +144,18 @@ class Session:
         self.log_every = log_every
         self.targets: list[Target] = []
         self._candidates: list[Target] = []  # watched from their first forward, not yet confirmed by a step
-        self._by_optimizer: dict[int, Target | None] = {}
+        self._by_optimizer: weakref.WeakKeyDictionary[torch.optim.Optimizer, Target | None] = (
+            weakref.WeakKeyDictionary())
         self._stash: dict[int, list[tuple[Tensor, Tensor | None]]] = {}
         self._patched_steps: list[tuple[torch.optim.Optimizer, Any]] = []
         self._busy = False  # gradguard's own forward/backward (probe, replay, guard) is not the program's
         self._closed = False
         self._said_no_optimizer = False
+        self._failed = False
         self._last_loss: Tensor | None = None
-        self._recorder = CallRecorder(self._on_training_call)
+        self._recorder = CallRecorder(self._contain(self._on_training_call))
         self._handles = [
-            register_optimizer_step_pre_hook(self._on_step_pre),
+            register_optimizer_step_pre_hook(self._contain(self._on_step_pre)),
             register_optimizer_step_post_hook(self._on_step_post),
         ]
         self._patches: list[tuple[Any, str, Any]] = []
@@ -167,6 +170,25 @@ class Session:
         self._patches.append((obj, attr, original))
         setattr(obj, attr, wrap(original))
 
+    def _contain(self, fn: Callable[..., None]) -> Callable[..., None]:
+        """``fn`` as a hook that can never break the program: after an error of gradguard's own, every hook
+        becomes a no-op (hooks cannot be removed from inside the hook loop that is running them) and the
+        program continues unwatched; what was recorded until then is still written at close."""
+
+        @functools.wraps(fn)
+        def hook(*args: Any) -> None:
+            if self._failed:
+                return
+            try:
+                fn(*args)
+            except Exception as exc:
+                self._failed = True
+                self._busy = self._recorder.paused = False
+                self._say(f"stopped watching after an internal error ({type(exc).__name__}: {exc}); "
+                          "the program continues unwatched")
+
+        return hook
+
     def _say(self, message: str) -> None:
         if self.console:
             print(f"gradguard: {message}", file=sys.stderr, flush=True)
@@ -174,28 +196,34 @@ class Session:
     def _wrap_backward(self, original: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(original)
         def backward(tensors: Any, *args: Any, **kwargs: Any) -> Any:
-            if self._busy:
+            if self._busy or self._failed:
                 return original(tensors, *args, **kwargs)
             loss = self._last_loss = _scalar(tensors)
             result = original(tensors, *args, **kwargs)
-            self._after_backward(loss)
+            after(loss)
             return result
+
+        after = self._contain(self._after_backward)
 
         return backward
 
     def _wrap_clip(self, original: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(original)
         def clip(parameters: Any, *args: Any, **kwargs: Any) -> Any:
-            if self._busy:
+            if self._busy or self._failed:
                 return original(parameters, *args, **kwargs)
             params = [parameters] if isinstance(parameters, Tensor) else list(parameters)  # a generator once
-            ids = {id(p) for p in params}
-            for t in self.targets:
-                if t.pending and not ids.isdisjoint(t.param_ids):
-                    self._record(t)
+            before(params)
             return original(params, *args, **kwargs)
 
+        before = self._contain(self._before_clip)
         return clip
+
+    def _before_clip(self, params: list[Tensor]) -> None:
+        ids = {id(p) for p in params}
+        for t in self.targets:
+            if t.pending and not ids.isdisjoint(t.param_ids):
+                self._record(t)
 
     # ------------------------------------------------------------------------------------ discovery
     def _on_training_call(self, module: nn.Module) -> None:
@@ -325,11 +353,14 @@ class Session:
     def _on_step_pre(self, opt: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if self._busy:
             return
-        key = id(opt)
+        key = opt
         if key not in self._by_optimizer:
             params = [p for g in opt.param_groups for p in g["params"]]
             self._by_optimizer[key] = t = self._discover(params)
-            if t is not None:
+            if t is None:
+                self._say(f"a {type(opt).__name__} steps parameters of no module the program called at the top "
+                          "level before its first training step; it is not watched")
+            else:
                 if t.records == 0 and not t.pending and any(p.grad is not None for p in params):
                     # Found by its optimizer (its backward ran before it was watched): this step is pending.
                     t.pending, t.loss = True, self._last_loss
@@ -362,22 +393,26 @@ class Session:
         current = opt.step  # bound method, or the wrapper an LR scheduler put on the instance
 
         def guarded(this: torch.optim.Optimizer, *a: Any, **kw: Any) -> Any:
-            if self._busy:
+            if self._busy or self._failed:
                 return current(*a, **kw)
-            self._record(t)
-            return self._guarded_step(t, a, kw)
+            self._contain(self._record)(t)
+            if self._failed or not self._guarded_step(t, a, kw):
+                return current(*a, **kw)
+            return None
 
         self._patched_steps.append((opt, opt.__dict__.get("step")))
         # A bound method (not a plain function), so that an LR scheduler created later can wrap it.
         opt.step = types.MethodType(guarded, opt)  # type: ignore[method-assign]
-        self._guarded_step(t, args, kwargs)
+        if not self._guarded_step(t, args, kwargs):
+            return  # the program's own call makes this step
         # The program's own call runs next: with no gradients, every torch.optim optimizer skips each parameter.
         params = [p for g in opt.param_groups for p in g["params"]]
         self._stash[id(opt)] = [(p, p.grad) for p in params]
         for p in params:
             p.grad = None
 
-    def _guarded_step(self, t: Target, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def _guarded_step(self, t: Target, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """``guard.step`` in place of the optimizer step; False when the guard refused and the caller must step."""
         guard = t.guard
         assert guard is not None
         closure = args[0] if args else kwargs.get("closure")
@@ -387,6 +422,10 @@ class Session:
         self._busy = True
         try:
             guard.step(loss, closure)
+        except GradGuardError as exc:  # the guard refused (not the optimizer's own error): step unguarded
+            self._failed = True
+            self._say(f"--guard stopped ({exc}); this step and the later ones are the program's own, unwatched")
+            return False
         finally:
             self._busy = False
         if t.log is not None:
@@ -400,6 +439,7 @@ class Session:
             for e in reversed(new):
                 t.log.record({"type": "event", "step": step, "action": e.action, "reason": e.reason,
                               **dict(e.numbers)})
+        return True
 
     # ------------------------------------------------------------------------------------ results
     @property
