@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import gradguard as gg
 
@@ -97,7 +98,9 @@ def test_missing_script_from_the_console_entry_point() -> None:
 def test_rank_folder_under_torchrun(tmp_path: Path) -> None:
     # A torchrun worker is told its rank by RANK; each rank writes its own log and report to DIR/rank<k>.
     env = {**ENV, "RANK": "1", "WORLD_SIZE": "2"}
-    result = gradguard_run("--out", str(tmp_path / "o"), str(SCRIPTS / "digits_cnn.py"), "--steps", "12", env=env)
+    # Two DataLoader worker processes: forked from the attached program, they load data as usual.
+    result = gradguard_run("--out", str(tmp_path / "o"), str(SCRIPTS / "digits_cnn.py"), "--steps", "12",
+                           "--workers", "2", env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     folder = tmp_path / "o" / "rank1"
     assert (folder / "report.html").is_file()
@@ -214,3 +217,65 @@ def test_an_internal_error_never_breaks_the_program(monkeypatch: pytest.MonkeyPa
         assert torch.equal(a, b)
     err = capsys.readouterr().err
     assert err.count("stopped watching after an internal error (RuntimeError: simulated monitor bug)") == 1
+
+
+def test_autowatch_finds_two_models_by_their_program_names() -> None:
+    gen_net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 4))
+    disc_net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt_g = torch.optim.Adam(gen_net.parameters(), lr=1e-3)
+    opt_d = torch.optim.Adam(disc_net.parameters(), lr=1e-3)
+    session = gg.autowatch(console=False)
+    try:
+        with torch.no_grad():
+            disc_net(torch.randn(2, 4))  # a sanity-check forward before training: not yet a training call
+        d_losses = []
+        for _ in range(6):
+            fake = gen_net(torch.randn(16, 4))
+            d_loss = F.softplus(-disc_net(torch.randn(16, 4))).mean() + F.softplus(disc_net(fake.detach())).mean()
+            opt_d.zero_grad()
+            d_loss.backward()
+            opt_d.step()
+            d_losses.append(d_loss.item())
+            g_loss = F.softplus(-disc_net(fake)).mean()  # also reaches disc_net's parameters
+            opt_g.zero_grad()
+            g_loss.backward()
+            opt_g.step()
+        named = {t.name: t for t in session.targets}
+        assert set(named) == {"gen_net", "disc_net"}
+        assert named["disc_net"].model is disc_net and named["gen_net"].model is gen_net
+        assert named["disc_net"].optimizers == [opt_d] and named["gen_net"].optimizers == [opt_g]
+        # Each optimizer step is one step of its model, recorded with the loss of that model's backward.
+        history = named["disc_net"].monitor.history
+        assert [r["loss"] for r in history] == pytest.approx(d_losses, rel=1e-6)
+        assert named["gen_net"].monitor.step_count == 6
+    finally:
+        session.close()
+
+
+def test_guard_keeps_an_lr_schedulers_own_schedule() -> None:
+    import warnings
+
+    def train(session: bool) -> tuple[list[float], nn.Module]:
+        torch.manual_seed(0)
+        model = _mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        sched = torch.optim.lr_scheduler.StepLR(opt, 4, 0.5)  # wraps opt.step before the guard does
+        watched = gg.autowatch(console=False, guard=True) if session else None
+        lrs = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # e.g. "optimizer.step() has been overridden" from the scheduler
+            for _ in range(10):
+                loss = model(torch.randn(8, 6)).pow(2).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+                lrs.append(sched.get_last_lr()[0])
+        if watched is not None:
+            watched.close()
+        return lrs, model
+
+    (lrs_plain, plain), (lrs_guarded, guarded) = train(False), train(True)
+    assert lrs_guarded == lrs_plain
+    for a, b in zip(guarded.parameters(), plain.parameters(), strict=True):
+        assert torch.equal(a, b)  # a healthy run's updates are its own, bit for bit

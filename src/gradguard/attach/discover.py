@@ -50,6 +50,7 @@ class CallRecorder:
     def __init__(self, on_training_call: Callable[[nn.Module], None]) -> None:
         self.on_training_call = on_training_call
         self.calls: dict[int, Called] = {}
+        self._offered: set[int] = set()
         self._depth = 0
         self.paused = False
         self._handles: list[RemovableHandle] = [
@@ -58,9 +59,14 @@ class CallRecorder:
         ]
 
     def _pre(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        if self._depth == 0 and not self.paused and id(module) not in self.calls:
-            self.calls[id(module)] = Called(weakref.ref(module), args, {})
-            if torch.is_grad_enabled() and module.training and any(p.requires_grad for p in module.parameters()):
+        if self._depth == 0 and not self.paused:
+            key = id(module)
+            if key not in self.calls:
+                self.calls[key] = Called(weakref.ref(module), args, {})
+            # Not only the first call: a sanity-check forward under no_grad() may come before training.
+            if (key not in self._offered and torch.is_grad_enabled() and module.training
+                    and any(p.requires_grad for p in module.parameters())):
+                self._offered.add(key)
                 self.on_training_call(module)
         self._depth += 1
 
@@ -86,6 +92,7 @@ class CallRecorder:
             h.remove()
         self._handles.clear()
         self.calls.clear()
+        self._offered.clear()
 
 
 def unwrap(module: nn.Module) -> nn.Module:

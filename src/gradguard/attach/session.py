@@ -17,8 +17,15 @@ What is installed (all removed by :meth:`Session.close`):
 
 A step is recorded (``Monitor.step(loss)``) at the first of: a clip call, an optimizer step, and — for a
 model updated without any ``torch.optim`` optimizer (hand-written SGD) — the end of each backward pass.
-Until the first optimizer step is seen, every backward pass is a step: with gradient accumulation the
-first few micro-batches are therefore recorded as steps of their own.
+That is where a hand-wired monitor goes (right after ``loss.backward()``), and the tests check that both
+record the same history and findings. Limits: until the first optimizer step is seen, every backward pass
+is a step, so with gradient accumulation the first micro-batches are recorded as steps of their own; with
+a ``GradScaler`` the loss and gradients seen are the scaled ones (as a hand-wired monitor would see them
+before ``scaler.unscale_``); a clip function imported by name before the session started
+(``from torch.nn.utils import clip_grad_norm_`` in an earlier notebook cell) is not intercepted, and the
+step is then recorded at the optimizer step, after the clip. Under ``torchrun``, ``--guard`` judges each
+rank's own loss, so ranks can disagree on a loss spike; non-finite gradients (all-reduced) are skipped
+on every rank alike.
 
 The guarded step does not clip (``Guard(clip=None)``): a healthy program's updates stay exactly its own.
 The optimizer of a model is known only once it steps, so its first step is guarded from inside the step
@@ -400,6 +407,9 @@ class Session:
                 return current(*a, **kw)
             return None
 
+        if getattr(current, "_wrapped_by_lr_sched", False):
+            # An LR scheduler checks this mark on optimizer.step to know that its own wrapper is still called.
+            guarded._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
         self._patched_steps.append((opt, opt.__dict__.get("step")))
         # A bound method (not a plain function), so that an LR scheduler created later can wrap it.
         opt.step = types.MethodType(guarded, opt)  # type: ignore[method-assign]
