@@ -57,15 +57,16 @@ def test_exit_code_and_argv_pass_through(tmp_path: Path) -> None:
     # Options after the script are the program's, even gradguard's own names.
     attached = gradguard_run("--out", str(tmp_path / "o"), script, "--exit", "7", "--out", "mine")
     assert attached.returncode == 7
-    assert attached.stdout == python(script, "--exit", "7", "--out", "mine").stdout == \
-        "plain program ['--out', 'mine'] main\n"
+    assert attached.stdout == python(script, "--exit", "7", "--out", "mine").stdout == (
+        "plain program ['--out', 'mine'] main\npath0 is my folder: True | pickles: True\n")
 
 
 def test_module_mode_runs_as_python_dash_m(tmp_path: Path) -> None:
     plain = python("-m", "plain", "--exit", "3", "a", cwd=SCRIPTS)
     attached = gradguard_run("--out", str(tmp_path / "o"), "-m", "plain", "--exit", "3", "a", cwd=SCRIPTS)
     assert plain.returncode == attached.returncode == 3
-    assert attached.stdout == plain.stdout == "plain program ['a'] main\n"
+    assert attached.stdout == plain.stdout  # for -m, sys.path[0] is the current folder, the module's here
+    assert attached.stdout == "plain program ['a'] main\npath0 is my folder: True | pickles: True\n"
 
 
 @pytest.mark.parametrize(
