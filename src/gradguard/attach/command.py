@@ -122,6 +122,12 @@ def _own_frames(tb: TracebackType | None) -> TracebackType | None:
     return kept
 
 
+def _show(exc: BaseException) -> None:
+    """Print an exception of the program as Python would at exit (through ``sys.excepthook``)."""
+    tb = _own_frames(exc.__traceback__)
+    sys.excepthook(type(exc), exc.with_traceback(tb), tb)
+
+
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise Terminated
 
@@ -152,12 +158,12 @@ def run_command(args: argparse.Namespace) -> int:
         status = "complete" if code == 0 else "error"
     except KeyboardInterrupt as exc:  # Python prints the traceback of an uncaught Ctrl-C too
         status, code, reason = "interrupted", EXIT_SIGINT, "SIGINT"
-        sys.excepthook(type(exc), exc.with_traceback(_own_frames(exc.__traceback__)), exc.__traceback__)
+        _show(exc)
     except Terminated:
         status, code, reason = "interrupted", EXIT_SIGTERM, "SIGTERM"
     except BaseException as exc:  # the program's own error: shown as Python shows it, then reported
         status, code, reason = "error", EXIT_ERROR, f"{type(exc).__name__}: {exc}"
-        sys.excepthook(type(exc), exc.with_traceback(_own_frames(exc.__traceback__)), exc.__traceback__)
+        _show(exc)
     finally:
         signal.signal(signal.SIGTERM, previous)
     _finish(session, out, status, code, reason)

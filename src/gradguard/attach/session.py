@@ -470,9 +470,13 @@ class Session:
               report: bool = True) -> list[Path]:
         """Remove every hook and patch, close the monitors, write the run line and the reports. Idempotent.
 
+        Each watched model's ``metrics.jsonl`` ends with ``{"type": "run", "status", "exit_code", "reason",
+        "model" (its name), "steps", "optimizers" (class names), "guard" (``Guard.summary()``, with --guard)}``.
+        Guard interventions were written as they happened: ``{"type": "event", "step", "action", "reason",
+        ...numbers}`` (:class:`gradguard.GuardEvent`, ``step`` counted as the monitor counts steps).
+
         Args:
-            status: one of :data:`RUN_STATUSES`, written to each ``metrics.jsonl`` as the final line
-                ``{"type": "run", "status": ..., "exit_code": ..., "reason": ...}``.
+            status: one of :data:`RUN_STATUSES`.
             exit_code: the program's exit code.
             reason: why the run ended (an exception, a signal), empty for a complete run.
             report: write ``report.html`` in each folder (``gradguard.report.watch.render_watch_report``).
