@@ -280,3 +280,29 @@ def test_guard_keeps_an_lr_schedulers_own_schedule() -> None:
     assert lrs_guarded == lrs_plain
     for a, b in zip(guarded.parameters(), plain.parameters(), strict=True):
         assert torch.equal(a, b)  # a healthy run's updates are its own, bit for bit
+
+
+def test_guard_without_an_optimizer_says_so_and_only_monitors(capsys: pytest.CaptureFixture[str]) -> None:
+    def train(model: nn.Module) -> None:  # hand-written SGD, as in the word-language-model example
+        gen = torch.Generator().manual_seed(2)
+        for _ in range(5):
+            model.zero_grad()
+            model(torch.randn(8, 6, generator=gen)).pow(2).mean().backward()
+            for p in model.parameters():
+                p.data.add_(p.grad, alpha=-0.1)
+
+    torch.manual_seed(0)
+    reference = _mlp()
+    train(reference)
+    torch.manual_seed(0)
+    model = _mlp()
+    session = gg.autowatch(guard=True)
+    try:
+        train(model)
+        (target,) = session.targets
+        assert target.guard is None and target.monitor.step_count == 5  # each backward pass is a step
+    finally:
+        session.close()
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert "--guard needs an optimizer step to guard, so this run is only monitored" in capsys.readouterr().err
