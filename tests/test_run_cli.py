@@ -306,3 +306,18 @@ def test_guard_without_an_optimizer_says_so_and_only_monitors(capsys: pytest.Cap
     for a, b in zip(model.parameters(), reference.parameters(), strict=True):
         assert torch.equal(a, b)
     assert "--guard needs an optimizer step to guard, so this run is only monitored" in capsys.readouterr().err
+
+
+def test_owner_is_the_smallest_called_module_owning_most_trained_parameters() -> None:
+    from gradguard.attach.discover import owner
+
+    gen_net, disc_net = _mlp(), _mlp()
+    both = nn.ModuleDict({"g": gen_net, "d": disc_net})
+    params_d = list(disc_net.parameters())
+    # Reference: brute force over the candidates, by the rule written out.
+    for candidates in ([both, gen_net, disc_net], [gen_net, both], [both]):
+        overlap = {id(m): sum(id(p) in {id(q) for q in params_d} for p in m.parameters()) for m in candidates}
+        best = max(candidates, key=lambda m: (overlap[id(m)], -len(list(m.parameters()))))
+        assert owner(candidates, params_d) is best
+    assert owner([gen_net], params_d) is None
+    assert owner([both, disc_net], params_d[:2] + list(gen_net.parameters())) is both  # owns all of them

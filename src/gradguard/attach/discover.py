@@ -103,7 +103,10 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 
 def owner(candidates: Iterable[nn.Module], params: Iterable[Tensor]) -> nn.Module | None:
-    """The candidate owning the most of ``params`` (ties: the fewest parameters); ``None`` if none owns any.
+    """The called module owning the most of ``params`` (ties: the fewest parameters); ``None`` if none owns any.
+
+    It is returned as called (a ``DistributedDataParallel`` wrapper stays one: its inputs are the recorded
+    ones); :func:`unwrap` gives the model to watch.
 
     Score of a module ``m`` for the trained set ``P``: ``(|params(m) ∩ P|, −|params(m)|)``, maximised.
     """
@@ -115,7 +118,7 @@ def owner(candidates: Iterable[nn.Module], params: Iterable[Tensor]) -> nn.Modul
         score = (sum(i in wanted for i in own), -len(own))
         if score[0] > 0 and (best is None or score > best):
             best, found = score, m
-    return None if found is None else unwrap(found)
+    return found
 
 
 def with_gradients(candidates: Iterable[nn.Module]) -> list[Tensor]:
