@@ -14,6 +14,7 @@ from gradguard.findings import KINDS, SEVERITIES, Finding
 
 if TYPE_CHECKING:
     from gradguard import clip, init, nn, stats
+    from gradguard.attach import autowatch
     from gradguard.guard import Guard, GuardEvent
     from gradguard.monitor import Monitor, watch
     from gradguard.penalty import l2_penalty
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 #: Public name -> the module that defines it (a submodule is its own entry).
 _LAZY: dict[str, str] = {
     "Guard": "gradguard.guard",
+    "autowatch": "gradguard.attach",
     "GuardEvent": "gradguard.guard",
     "Monitor": "gradguard.monitor",
     "ProbeReport": "gradguard.preflight",
@@ -64,6 +66,7 @@ __all__ = [
     "ProbeReport",
     "StateError",
     "__version__",
+    "autowatch",
     "clip",
     "init",
     "l2_penalty",

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "lab": ("gradguard.lab.command", "reproduce the seed demonstrations as experiments with reports"),
     "report": ("gradguard.lab.command", "re-render a lab run's reports, draw a run log, or compare two run logs"),
     "probe": ("gradguard.preflight.command", "diagnose a model on one random batch before training"),
+    "run": ("gradguard.attach.command", "run an unmodified training program with the monitor attached"),
 }
 
 
