@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections import OrderedDict
 
 import pytest
@@ -357,12 +358,16 @@ def test_bad_loss_values() -> None:
     mon.close()
 
 
-def test_step_without_gradients_records_info_finding() -> None:
+def test_step_without_gradients_warns_once_and_is_no_finding() -> None:
+    # A call-order mistake is not a vanishing gradient (it used to be reported as kind "vanishing").
     model = small_mlp()
     mon = gg.watch(model, console=False)
-    mon.step()
-    (f,) = mon.findings
-    assert f.severity == "info" and "no gradient" in f.message and "loss.backward()" in f.advice
+    with pytest.warns(UserWarning, match="no gradient.*loss.backward()"):
+        mon.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mon.step()  # once per monitor, not per step
+    assert mon.findings == []
     mon.close()
 
 

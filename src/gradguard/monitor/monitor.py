@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
 import weakref
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradguard.detect import Observation, ParamInfo, run_rules
+from gradguard.detect import Observation, ParamInfo, RuleOptions, RunMemory, Sentinel, run_rules
 from gradguard.detect.base import Origin
 from gradguard.errors import ConfigError, InputError, StateError, check_number
 from gradguard.findings import KINDS, Finding
@@ -48,7 +49,15 @@ DEFAULTS: dict[str, Any] = {
     "replay": True,
     "reduce_fn": None,
     "max_calls": 8,
+    "num_classes": None,
+    "chance_loss": None,
+    "optimizer": None,
+    "rules": None,
 }
+
+#: Steps after watch() at which the rules run at every step: nothing is known about the run yet, and a run
+#: that is bad from its first step must be visible within a few steps (one fetch per step, 16 in all).
+EARLY_STEPS = 16
 
 
 class Monitor:
@@ -83,6 +92,10 @@ class Monitor:
         replay: bool = True,
         reduce_fn: ReduceFn | None = None,
         max_calls: int = 8,
+        num_classes: int | None = None,
+        chance_loss: float | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        rules: RuleOptions | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise InputError(f"watch() needs a torch.nn.Module, got {type(model).__name__}: {model!r:.80}")
@@ -93,6 +106,11 @@ class Monitor:
         check_number("window", window, low=10, integer=True)
         check_number("dead_window", dead_window, low=1, integer=True)
         check_number("max_calls", max_calls, low=1, integer=True)
+        chance, chance_source = _chance(num_classes, chance_loss)
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise InputError(f"optimizer={optimizer!r:.60} must be a torch.optim.Optimizer or None")
+        if rules is not None and not isinstance(rules, RuleOptions):
+            raise InputError(f"rules={rules!r:.60} must be a gradguard.detect.RuleOptions or None")
         for name, flag in (("console", console), ("replay", replay)):
             if not isinstance(flag, bool):
                 raise InputError(f"{name}={flag!r} must be True or False")
@@ -116,6 +134,15 @@ class Monitor:
         self.detail_every: Schedule = every(sample_every if detail_every is None else detail_every)
         self.replay_enabled = replay
         self.max_calls = max_calls
+        self.window = window
+        self.optimizer = optimizer
+        self.rules = rules if rules is not None else RuleOptions()
+        # What the rules remember of the whole run; the chance level is inferred later when not given.
+        self._run = RunMemory(chance, chance_source)
+        self._infer_chance = chance is None
+        self._width: int | None = None
+        self._sentinel = Sentinel(self.rules, EARLY_STEPS, chance)
+        self._warned_no_grad = False
 
         owner: dict[int, str] = {}
         lookup: set[int] = set()
@@ -191,6 +218,8 @@ class Monitor:
         self._calls.append(Call(args=args, kwargs=dict(kwargs), rng_cpu=torch.get_rng_state(), rng_cuda=cuda))
 
     def _root_post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if self._width is None and type(output) is Tensor and output.dim() in (2, 3) and output.is_floating_point():
+            self._width = int(output.shape[-1])  # classes of (N, C) or (N, T, C) logits, if a classifier's
         # Remember the gradient that reaches each output: replaying the backward from it needs no loss_fn.
         if not self._training_call() or not self._calls:
             return
@@ -224,6 +253,11 @@ class Monitor:
                     "reduce it first (e.g. loss.mean())"
                 )
         step = self._step
+        if self._infer_chance and loss is not None and self._width is not None:
+            self._infer_chance = False
+            if self._width >= 2 and _is_cross_entropy(loss):
+                self._run.chance = self._sentinel.chance = math.log(self._width)
+                self._run.chance_source = f"ln {self._width}, inferred from the output width"
         present, grads = self._stats.gradients()
         if not grads:
             self._no_gradients(step)
@@ -246,9 +280,20 @@ class Monitor:
             # is checked at every step and a NaN is localised on the very step it appears. On
             # accelerators the flag waits for the logging schedule (see _flush). Summed as Python floats
             # (float64) so that large finite norms cannot overflow into a false alarm.
-            flagged = not math.isfinite(sum(values.tolist()))
+            host = values.tolist()
+            flagged = not math.isfinite(sum(host))
             if flagged or self._bad_episode:
                 force = self._check_nonfinite(meta, flagged, loss)
+            if not flagged:
+                # The same host floats feed the tripwire that runs the rules before the schedule (see
+                # gradguard.detect.sentinel): a finding is visible within a step of the evidence.
+                norms = host[:-1] if loss is not None else host
+                gn = math.sqrt(math.fsum(v * v for v in norms))
+                force = self._sentinel.check(step, host[-1] if loss is not None else None, gn) or force
+        elif step < EARLY_STEPS and self._stats.reduce_fn is None:
+            # Accelerators: one fetch per step at the start only, then the logging schedule. Not with a
+            # distributed reduce_fn, whose collective belongs to the logging schedule.
+            force = True
         if self.sample_every(step + 1):
             self._tap.arm(step + 1)
         self._step += 1
@@ -296,18 +341,16 @@ class Monitor:
             self._tap.arm(step + 1)
         self._step += 1
         self._calls.clear()
-        self._update_finding(
-            Finding(
-                kind="vanishing",
-                module="",
-                step=step,
-                severity="info",
-                message=f"mon.step() at step {step} found no gradient on any of the {len(self.params)} parameters; "
-                "nothing was recorded for this step.",
-                advice="Call loss.backward() before mon.step(), and mon.step() before optimizer.zero_grad().",
-                evidence={"parameters": len(self.params)},
+        # A call-order mistake, not a gradient pathology (no finding kind describes it): warn once.
+        if not self._warned_no_grad:
+            self._warned_no_grad = True
+            warnings.warn(
+                f"mon.step() at step {step} found no gradient on any of the {len(self.params)} parameters; nothing "
+                "was recorded for this step. Call loss.backward() before mon.step(), and mon.step() before "
+                "optimizer.zero_grad().",
+                UserWarning,
+                stacklevel=3,
             )
-        )
 
     # ----------------------------------------------------------------- logging schedule
     def _flush(self) -> None:
@@ -346,6 +389,12 @@ class Monitor:
         self._origin = None
         if not new_rows:
             return
+        self._run.update(new_rows)
+        lrs: dict[str, float] = {}
+        if self.optimizer is not None:
+            by_id = {id(p): float(g["lr"]) for g in self.optimizer.param_groups for p in g["params"]
+                     if isinstance(g.get("lr"), int | float)}
+            lrs = {n: by_id[id(p)] for n, p in self.model.named_parameters() if id(p) in by_id}
         obs = Observation(
             step=new_rows[-1]["step"],
             rows=list(self._window),
@@ -361,6 +410,10 @@ class Monitor:
             origin=origin,
             nonfinite_step=nonfinite_step,
             nonfinite_counts=counts,
+            window=self.window,
+            options=self.rules,
+            run=self._run,
+            lrs=lrs,
         )
         for f in run_rules(obs):
             self._update_finding(f)
@@ -551,6 +604,37 @@ class Monitor:
             pass
 
 
+def _chance(num_classes: Any, chance_loss: Any) -> tuple[float | None, str]:
+    """The chance-level loss from watch()'s options: ``ln C`` for ``num_classes=C``, or ``chance_loss``."""
+    if num_classes is not None and chance_loss is not None:
+        raise ConfigError(
+            f"give num_classes={num_classes!r} or chance_loss={chance_loss!r}, not both (chance_loss overrides ln C)"
+        )
+    if num_classes is not None:
+        check_number("num_classes", num_classes, low=2, integer=True)
+        return math.log(num_classes), f"ln {num_classes}, num_classes={num_classes}"
+    if chance_loss is not None:
+        check_number("chance_loss", chance_loss, low=0.0, low_inclusive=False)
+        return float(chance_loss), "chance_loss"
+    return None, ""
+
+
+def _is_cross_entropy(loss: Tensor) -> bool:
+    """True when the loss graph ends in a negative log-likelihood (F.cross_entropy / nll_loss), possibly
+    scaled or averaged (gradient accumulation): host-side graph metadata only, no device work."""
+    fn = loss.grad_fn
+    for _ in range(4):
+        if fn is None:
+            return False
+        name = fn.name()
+        if name.startswith("NllLoss"):
+            return True
+        if not name.startswith(("DivBackward", "MulBackward", "MeanBackward", "ViewBackward", "SqueezeBackward")):
+            return False
+        fn = next((f for f, _ in fn.next_functions if f is not None), None)
+    return False
+
+
 def _keep_grad(grads: list[Tensor | None], i: int, g: Tensor) -> None:
     """Tensor hook: remember the gradient that reached a model output (a reference, no copy)."""
     grads[i] = g.detach()
@@ -596,13 +680,15 @@ def watch(model: nn.Module, **options: Any) -> Monitor:
     the logging schedule or when ``history``/``findings``/``summary()`` is read.
 
     Options:
-        log_every (int, 10): steps between fetches (detection and sinks run then).
+        log_every (int, 10): steps between fetches (detection and sinks run then). The rules also run at
+            each of the first 16 steps and, on CPU, whenever a step's loss or gradient norm trips
+            gradguard.detect.Sentinel, so a finding is visible within a step or two of its evidence.
         sample_every (int, 10): steps between sampled steps (activation hooks).
         detail_every (int, None → sample_every): steps between max|g|, ‖w‖ and update-ratio measurements.
             1 = every step, at the cost of one weight copy and four extra passes over gradients and weights
             per step: measured 1.12× the bare step on the 20-layer MLP of ``benchmarks/overhead.py``, against
             ≈ 1.05× for the default, which is why these three are sampled (see gradguard.monitor.params).
-        window (int ≥ 10, 200): steps of history the rules look back on.
+        window (int ≥ 10, 200): steps of history the rules look back on (and the spike test's window).
         dead_window (int, 5): sampled steps over which a ReLU unit must never fire (peak output 0) to be
             called dead.
         log_dir (path, None): also append history and findings to ``<log_dir>/metrics.jsonl``.
@@ -617,6 +703,14 @@ def watch(model: nn.Module, **options: Any) -> Monitor:
             across FSDP shards (gradguard.stats.distributed.make_reduce_fn, chosen automatically when
             parameters are sharded DTensors).
         max_calls (int, 8): training forwards per step kept for replay (gradient accumulation).
+        num_classes (int ≥ 2, None): classes of a classification loss; its chance level is ln C. Without it
+            and ``chance_loss``, ln C is inferred from the width C of a plain 2-d/3-d output tensor when the
+            loss is a cross-entropy. Label smoothing, ``ignore_index`` and skewed labels put the real chance
+            level below ln C: pass ``chance_loss`` then (see docs/detection.md).
+        chance_loss (float > 0, None): the chance-level loss itself (instead of ``num_classes``).
+        optimizer (torch.optim.Optimizer, None): lets the update-size rule name the learning rate that
+            would bring a layer's ‖Δw‖/‖w‖ back to ≈ 3e-3.
+        rules (gradguard.detect.RuleOptions, None): the detection rules' thresholds (docs/detection.md).
 
     Raises:
         InputError: ``model`` is not an ``nn.Module`` or an option has the wrong type.

@@ -1,0 +1,163 @@
+"""Divergence: a loss that rises to a new level and stays there, or that starts far above chance.
+
+Judged against the whole run (:class:`~gradguard.detect.base.RunMemory`), not only the sliding window, so
+a run that climbs for twenty steps cannot set its own baseline. With ``L`` the smallest of the last
+``level_steps`` (3) losses (the level the loss has *stayed* above) and ``B`` the run's best level (smallest
+median of 3 consecutive losses so far), the run has diverged when
+
+1. ``L ≥ level_ratio · B`` (2×: the degradation a user notices), and
+2. the rise is out of the run's noise: with at least ``min_history`` (16) earlier losses, ``log L`` scores a
+   robust z above the spike test's limit for ``z₃`` σ, where ``Φ̄(z₃)³ = Φ̄(spike_z)``: three consecutive
+   values each that rare are together as rare as one ``spike_z`` spike (``z₃ ≈ 3.1`` for 6 σ). With
+   fewer, there is no noise scale yet and only an order of magnitude (``L ≥ 10 · B``) counts.
+
+With a known chance level ``χ`` (``ln C`` for ``C`` classes; label smoothing, ``ignore_index`` and skewed
+labels put the real one lower, so ``ln C`` errs towards silence), a run whose best level was below
+``0.8 χ`` and whose loss stays at ``≥ χ`` (and passes test 2) has lost what it learned, even below 2×; and a
+first loss ``≥ 10 χ`` means logits far too large from the start (a healthy initialisation puts the loss
+near ``χ``; a fresh head on a pretrained body a few times it at most). Kind ``exploding``: the loss has
+left its basin; the layers whose gradients (and, when measured, updates) grew most are named.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from statistics import NormalDist
+from typing import Any
+
+import torch
+
+from gradguard.detect.base import Observation, finite, finite_values, fmt
+from gradguard.detect.exploding import ADVICE, grown_tensors
+from gradguard.findings import Finding
+from gradguard.stats import robust_zscore, spike_threshold
+
+#: With no noise scale yet, only an order of magnitude above the best level is a divergence.
+EARLY_RATIO = 10.0
+#: The run learned something when its best level fell below this fraction of the chance level.
+LEARNED = 0.8
+#: A first loss this many times the chance level: the initial logits are far too large.
+CHANCE_FACTOR = 10.0
+#: Finite earlier losses before the rise is judged against their spread (as ``SpikeRule.min_history``).
+MIN_HISTORY = 16
+
+
+def joint_z(z: float, k: int) -> float:
+    """``z_k`` with ``Φ̄(z_k)^k = Φ̄(z)``: k independent exceedances of ``z_k`` are as rare as one of ``z``."""
+    tail = NormalDist().cdf(-z)
+    return -NormalDist().inv_cdf(tail ** (1.0 / k))
+
+
+def _chance_text(chance: float, source: str) -> str:
+    return f"the chance level {fmt(chance)}" + (f" ({source})" if source else "")
+
+
+def _layers(obs: Observation, before: Sequence[Mapping[str, Any]], after: Sequence[Mapping[str, Any]]) -> tuple[
+        str, dict[str, float], dict[str, float]]:
+    """The module whose tensors grew most, and the per-tensor gradient and update-ratio growth."""
+    grads = {p.name: r for p, r in grown_tensors(obs, before, after)[:3]}
+    updates: dict[str, float] = {}
+    for p in obs.params:
+        if p.ndim < 2 or p.sparse_rows:
+            continue
+        key = f"update_ratio/{p.name}"
+        old, new = finite_values(before, key), finite_values(after, key)
+        if old and new and statistics.median(old) > 0:
+            updates[p.name] = new[-1] / statistics.median(old)
+    updates = dict(sorted(updates.items(), key=lambda t: -t[1])[:3])
+    owner = {p.name: p.module for p in obs.params}
+    top = next(iter(updates), None) or next(iter(grads), None)
+    return (owner.get(top, "") if top else ""), grads, updates
+
+
+def detect(obs: Observation) -> list[Finding]:
+    """An ``exploding`` finding when the loss has left its best level (or starts far above chance)."""
+    run = obs.run
+    if run is None or obs.new == 0 or run.first is None:
+        return []
+    opts = obs.options
+    chance = run.chance
+    k = opts.level_steps
+    losses = [(i, float(r["loss"])) for i, r in enumerate(obs.rows) if finite(r.get("loss"))]
+    if chance is not None and run.steps <= k + obs.new and run.first >= CHANCE_FACTOR * chance:
+        return [_far_above_chance(obs, chance, run.chance_source)]
+    if len(losses) < k or not math.isfinite(run.best) or run.best <= 0:
+        return []
+    tail = losses[-k:]
+    if tail[0][0] < len(obs.rows) - obs.new - (k - 1):
+        return []  # nothing new in the last k losses
+    level = min(v for _, v in tail)
+    ratio = level / run.best
+    back_at_chance = chance is not None and run.best <= LEARNED * chance and level >= chance
+    if ratio < opts.level_ratio and not back_at_chance:
+        return []
+    past = [v for _, v in losses[:-k]][-obs.window:]
+    if len(past) >= MIN_HISTORY:
+        if min(past) <= 0:
+            return []
+        limit = spike_threshold(joint_z(opts.spike_z, k), len(past))
+        z = float(robust_zscore(torch.tensor(math.log(level), dtype=torch.float64),
+                                torch.tensor([math.log(v) for v in past], dtype=torch.float64)))
+        if not z > limit:
+            return []
+        noise = f"log-scale robust z = {fmt(z)} against the previous {len(past)} losses (limit {fmt(limit)})"
+    else:
+        if ratio < EARLY_RATIO:
+            return []
+        z, limit = math.nan, math.nan
+        noise = f"×{EARLY_RATIO:g} or more within the first {len(past) + k} logged losses"
+    first_tail_row = tail[0][0]
+    before = obs.rows[max(0, first_tail_row - obs.window) : first_tail_row]
+    module, grads, updates = _layers(obs, before, obs.rows[first_tail_row:])
+    at_chance = chance is not None and level >= chance
+    where = ""
+    if chance is not None:
+        where = (f"; it is at or above {_chance_text(chance, run.chance_source)}" if at_chance else
+                 f"; {_chance_text(chance, run.chance_source)} is {fmt(chance)}")
+    grew = ", ".join(f"{n} ×{fmt(r)}" for n, r in grads.items())
+    upd = ", ".join(f"{n} ×{fmt(r)}" for n, r in updates.items())
+    detail = (f" Gradient norms grew most in {grew}" if grew else "") + (f"; update ratios in {upd}" if upd else "")
+    return [
+        Finding(
+            kind="exploding",
+            module=module,
+            step=obs.step,
+            severity="error" if at_chance or ratio >= EARLY_RATIO else "warning",
+            message=(
+                f"The loss has stayed at ≥ {fmt(level)} for {k} steps, ×{fmt(ratio)} its best level {fmt(run.best)} "
+                f"(step {run.best_step}){where} ({noise}): training is diverging.{detail + '.' if detail else ''}"
+            ),
+            advice=(
+                "Lower the learning rate (by the factor the update ratios grew, when given) or restore the last "
+                f"good checkpoint; {ADVICE[0].lower() + ADVICE[1:]}."
+            ),
+            evidence={
+                "level": level, "best": run.best, "best_step": run.best_step, "ratio": ratio, "zscore": z,
+                "limit": limit, "chance": chance, "grown": grads, "update_growth": updates,
+            },
+        )
+    ]
+
+
+def _far_above_chance(obs: Observation, chance: float, source: str) -> Finding:
+    run = obs.run
+    assert run is not None and run.first is not None
+    factor = run.first / chance
+    return Finding(
+        kind="exploding",
+        module="",
+        step=run.first_step if run.first_step is not None else obs.step,
+        severity="error",
+        message=(
+            f"The first loss is {fmt(run.first)}, ×{fmt(factor)} {_chance_text(chance, source)}: the initial "
+            "outputs (logits) are orders of magnitude too large, so training starts far from any useful solution."
+        ),
+        advice=(
+            "Check the initialisation: gg.probe(model, batch) names the layer where activations start to grow; "
+            "re-initialise with gg.init.apply(model, 'he_normal') (ReLU) or 'xavier_uniform' (tanh/sigmoid), and "
+            "normalise the inputs."
+        ),
+        evidence={"first_loss": run.first, "chance": chance, "factor": factor},
+    )
