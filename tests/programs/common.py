@@ -133,9 +133,10 @@ class RunResult:
         gn = sorted(v for v in self.grad_norms if math.isfinite(v))
         med = gn[len(gn) // 2] if gn else math.nan
         return (
-            f"{self.program}[{self.fault}] seed {self.seed}: loss {_f(self.losses[0])} → min {_f(min(fin, default=math.nan))}"
-            f" → last {_f(self.losses[-1])} (non-finite from step {_first_nonfinite(self.losses)}), grad norm median "
-            f"{_f(med)} max {_f(max(gn, default=math.nan))}, {self.metric_name} {_f(self.metric)}, onset {self.onset()}"
+            f"{self.program}[{self.fault}] seed {self.seed}: loss {_f(self.losses[0])} → min "
+            f"{_f(min(fin, default=math.nan))} → last {_f(self.losses[-1])} (non-finite from step "
+            f"{_first_nonfinite(self.losses)}), grad norm median {_f(med)} max {_f(max(gn, default=math.nan))}, "
+            f"{self.metric_name} {_f(self.metric)}, onset {self.onset()}"
         )
 
 

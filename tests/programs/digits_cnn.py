@@ -7,8 +7,8 @@ classes, so the chance level is 0.1 and the chance loss ln 10).
 Faults: ``init_x10`` (conv and linear weights × 10), ``lr_x100`` (× 100 at step ``steps // 3``),
 ``fp16_overflow`` (``fc1`` runs under ``torch.autocast`` in float16 for the whole run, and at step
 ``steps // 3`` its weights are scaled so that the batch's largest fc1 output is twice float16's maximum
-(standing for a layer whose weights grew), so that it overflows to ``inf``; the program records in ``extra["fp16_inf_steps"]`` the steps where fc1's
-output really held an inf),
+(standing for a layer whose weights grew), so that it overflows to ``inf``; the program records in
+``extra["fp16_inf_steps"]`` the steps where fc1's output really held an inf),
 ``unnormalised_batch`` (one batch at step ``steps // 3`` fed as raw 0–16 pixel values × 1000 instead
 of being scaled to [0, 1]).
 
@@ -50,10 +50,12 @@ class Net(nn.Module):
         self.fc2 = nn.Linear(64, 10)
         self.fc1_half = False
 
-    def forward(self, x: Tensor) -> Tensor:
+    def features(self, x: Tensor) -> Tensor:
         x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        x = self.dropout(torch.flatten(x, 1))
+        return torch.flatten(F.max_pool2d(F.relu(self.conv2(x)), 2), 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.dropout(self.features(x))
         if self.fc1_half:
             with torch.autocast(x.device.type, dtype=torch.float16):
                 h = self.fc1(x)
@@ -119,8 +121,7 @@ def run(fault: str | None = None, steps: int = 60, seed: int = 0, monitor_factor
             if step == mid and fault == "fp16_overflow":
                 with torch.no_grad():
                     # Large enough that this batch's largest fc1 output is twice float16's maximum.
-                    feats = torch.flatten(F.max_pool2d(F.relu(model.conv2(F.max_pool2d(F.relu(model.conv1(data)), 2))), 2), 1)
-                    peak = float((feats @ model.fc1.weight.t()).abs().max())
+                    peak = float((model.features(data) @ model.fc1.weight.t()).abs().max())
                     model.fc1.weight.mul_(2 * torch.finfo(torch.float16).max / peak)
                 rec.fault_step = step
             optimizer.zero_grad()

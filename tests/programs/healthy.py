@@ -1,6 +1,6 @@
 """Healthy programs whose loss or gradient norm rises legitimately; a diagnosis must stay silent on them.
 
-* :func:`plateau_mlp`: a 20-layer ReLU MLP at PyTorch's default init (its signal shrinks with depth) with
+* :func:`plateau_mlp`: a 16-layer ReLU MLP (width 32) at PyTorch's default init (its signal shrinks with depth) with
   Adam on the digits features: a long plateau near ln 10, then the gradient norm climbs many-fold as it
   leaves it.
 * :func:`new_head`: transfer learning: an MLP body pretrained on digits 0–4 (inside the run, unwatched),
@@ -31,7 +31,8 @@ def _digit_features() -> tuple[torch.Tensor, torch.Tensor]:
 
 def plateau_mlp(fault: str | None = None, steps: int = 200, seed: int = 0,
                 monitor_factory: MonitorFactory | None = None, guard_factory: GuardFactory | None = None, *,
-                stop_on_error: bool = False, after_backward=None, depth: int = 20, width: int = 32) -> RunResult:
+                stop_on_error: bool = False, after_backward=None, depth: int = 16, width: int = 32,
+                lr: float = 1e-3) -> RunResult:
     """Full-batch-ish (256) Adam at 1e-3 on a deep default-init ReLU MLP; metric: training-set accuracy."""
     torch.manual_seed(seed)
     x, y = _digit_features()
@@ -39,7 +40,7 @@ def plateau_mlp(fault: str | None = None, steps: int = 200, seed: int = 0,
     for _ in range(depth - 2):
         layers += [nn.Linear(width, width), nn.ReLU()]
     model = nn.Sequential(*layers, nn.Linear(width, 10))
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     rec = Recorder("plateau_mlp", None, seed, steps, monitor_factory=monitor_factory, guard_factory=guard_factory,
                    stop_on_error=stop_on_error, after_backward=after_backward)
     rec.attach(model, optimizer)
