@@ -56,6 +56,7 @@ from __future__ import annotations
 import functools
 import math
 import sys
+from pathlib import Path
 
 import pytest
 from programs.common import RunResult, default_guard, quiet_watch
@@ -170,6 +171,23 @@ def test_guard_default_keeps_word_lm_without_clipping_finite(fault: str) -> None
     r = _run("word_lm", fault, 0, watched=False, guarded=True)
     assert all(math.isfinite(v) for v in r.losses) and math.isfinite(r.metric), r.describe()
     assert r.metric < plain.metric, f"guarded: {r.describe()}; unguarded: {plain.describe()}"
+
+
+def test_diagnosis_benchmark_reads_the_peers_right() -> None:
+    """The DIAGNOSIS table's peer columns, checked on the NaN carried in the LM's hidden state (step 20):
+    DebugUnderflowOverflow stops at the LSTM that receives it, detect_anomaly in the first backward,
+    Lightning's grad_norm sees a non-finite norm, and none of them alarms on the healthy LM."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import diagnosis
+
+    duo = diagnosis.underflow_overflow("word_lm", "nan_hidden", True).alarms
+    assert [(a.step, a.module) for a in duo] == [(20, "rnn")]
+    grad = diagnosis.anomaly("word_lm", "nan_hidden", True).alarms
+    assert [a.step for a in grad] == [20] and grad[0].module.endswith("Backward0")
+    _, _, norms = diagnosis.gradguard_and_grad_norm("word_lm", "nan_hidden", True)
+    assert norms.first(0) is not None and norms.first(0).step == 20
+    assert not diagnosis.underflow_overflow("word_lm", None, True).alarms
+    assert not diagnosis.anomaly("word_lm", None, True).alarms
 
 
 def _tables() -> tuple[str, str]:
