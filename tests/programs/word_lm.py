@@ -2,7 +2,8 @@
 
 Truncated BPTT over a corpus laid out in ``batch_size`` columns, the hidden state carried from one chunk
 to the next and detached ("repackaged") so gradients stop at the chunk boundary, plain SGD at lr 20 with
-``clip_grad_norm_(0.25)``, decoder weights tied to the embedding. The corpus is generated in code by a
+``clip_grad_norm_(0.25)``, decoder weights tied to the embedding (``tied=False`` unties them; tied, the
+``init_x10`` fault scales the embedding with the decoder). The corpus is generated in code by a
 small stochastic grammar (subject–verb–object sentences with topic-dependent nouns), so that the model
 has real structure to learn and nothing is downloaded.
 
@@ -105,7 +106,7 @@ def repackage_hidden(h: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
 
 def run(fault: str | None = None, steps: int = 60, seed: int = 0, monitor_factory: MonitorFactory | None = None,
         guard_factory: GuardFactory | None = None, *, stop_on_error: bool = False, after_backward=None,
-        tokens: int = 6000, emsize: int = 64, bptt: int = 20, batch_size: int = 10) -> RunResult:
+        tokens: int = 6000, emsize: int = 64, bptt: int = 20, batch_size: int = 10, tied: bool = True) -> RunResult:
     """Train for ``steps`` chunks (wrapping around the training data) and evaluate on held-out text."""
     if fault is not None and fault not in FAULTS:
         raise ValueError(f"fault {fault!r} is not one of {FAULTS}")
@@ -117,7 +118,7 @@ def run(fault: str | None = None, steps: int = 60, seed: int = 0, monitor_factor
     val_data = batchify(ids[tokens:], batch_size)
     ntokens = len(vocab)
 
-    model = RNNModel(ntokens, emsize, emsize, 2, dropout=0.2, tie_weights=True)
+    model = RNNModel(ntokens, emsize, emsize, 2, dropout=0.2, tie_weights=tied)
     lr, clip = 20.0, 0.25
     if fault == "no_clip_lr20":
         clip = None
