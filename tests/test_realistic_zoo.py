@@ -97,7 +97,7 @@ def _check_case(case: Case, quick: bool) -> None:
     if case.fault == "fp16_overflow":
         assert r.extra["fp16_inf_steps"], "float16 never overflowed: the fault did not happen"
     wanted, where = culprits(case, r, _run(case.program, None, 0, quick))
-    context = f"{r.describe()}; printed: {_seen(r)}"
+    context = f"What the fault does: {case.hint}. Measured: {r.describe()}; printed: {_seen(r)}"
     after = [s for s in r.visible() if s.visible >= (r.fault_step or 0)]
     of_kind = [s for s in after if s.finding.kind in case.kinds]
     assert of_kind, f"{case.id}: no finding of kind {case.kinds} (severity >= warning) after the fault. {context}"
