@@ -14,12 +14,12 @@ each was *printed*, recorded by a sink; see ``programs/common.py``):
 * the delay: visible at most 3 steps after the first degraded step (step 0 for faults present from the
   start; steps are counted from 0, the first ``mon.step``).
 
-Healthy programs (the four above, a plateau exit, one-cycle, a fresh head on a pretrained body, a 2-D GAN,
-batches of 4): no finding of severity ≥ warning. ``test_guard_*``: the default ``gg.Guard`` on the healthy
-programs intervenes (skip, clip, rollback, each *measured*: a skip is ``step`` returning False, a clip a
-gradient norm the step lowered) on at most 1 % of steps, ends within the seed noise of unguarded, and
-where it never intervened is bit-identical to the unguarded run; on the word LM without clipping it keeps
-the run finite and better than unguarded.
+Healthy programs (the four above, a plateau exit, one-cycle, a fresh head on a pretrained body, an
+unnormalised 16-block residual MLP, a 2-D GAN, batches of 4): no finding of severity ≥ warning.
+``test_guard_*``: the default ``gg.Guard`` on the healthy programs intervenes (skip, clip, rollback, each
+*measured*: a skip is ``step`` returning False, a clip a gradient norm the step lowered) on at most 1 % of
+steps, ends within the seed noise of unguarded, and where it never intervened is bit-identical to the
+unguarded run; on the word LM without clipping it keeps the run finite and better than unguarded.
 
 What the faults look like (quick mode, seed 0, measured with ``python tests/test_realistic_zoo.py``;
 "onset" is the first degraded step; healthy references in the second table):
@@ -47,6 +47,7 @@ What the faults look like (quick mode, seed 0, measured with ``python tests/test
 | plateau_mlp | 2.32 → 1.64 → 1.76 | 0.372 / 4.49 | train accuracy 0.252, 0.386, 0.242 |
 | onecycle_cnn | 2.35 → 0.406 → 0.564 | 1.52 / 3.43 | test accuracy 0.869, 0.872, 0.897 |
 | new_head | 1.63 → 0.533 → 0.774 | 2.13 / 4.2 | test accuracy 0.674, 0.67, 0.634 |
+| residual_mlp | 2.39 → 0.133 → 0.197 | 4.27 / 10.3 | test accuracy 0.904, 0.942, 0.904 |
 | gan | 1.37 → 1.12 → 1.6 | 1.08 / 2.2 | distance to modes 0.529, 0.459, 0.471 |
 | tiny_batch_cnn | 2.38 → 1.27 → 1.82 | 1.18 / 3.89 | test accuracy 0.32, 0.3, 0.476 |
 """

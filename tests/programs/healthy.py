@@ -5,6 +5,8 @@
   leaves it.
 * :func:`new_head`: transfer learning: an MLP body pretrained on digits 0–4 (inside the run, unwatched),
   then a fresh head for digits 5–9 trained with the body, the first steps' gradients large.
+* :func:`residual_mlp`: an unnormalised residual network (16 blocks ``x + W₂ relu(W₁ x)`` at PyTorch's
+  default init): its residual stream legitimately grows block after block.
 * :func:`gan`: a 2-D GAN on a ring of 8 Gaussians (MLP generator and discriminator, Adam β₁ 0.5), the two
   losses oscillating by design; two models, each watched and guarded on its own (``netD``/``netG``).
 
@@ -97,6 +99,45 @@ def new_head(fault: str | None = None, steps: int = 60, seed: int = 0,
     with torch.no_grad():
         acc = float((model(xn[test]).argmax(1) == yn[test]).float().mean())
     return rec.result(acc, "test accuracy", True, chance_loss=math.log(5))
+
+
+class _Block(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, width)
+        self.fc2 = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(F.relu(self.fc1(x)))
+
+
+def residual_mlp(fault: str | None = None, steps: int = 60, seed: int = 0,
+                 monitor_factory: MonitorFactory | None = None, guard_factory: GuardFactory | None = None, *,
+                 stop_on_error: bool = False, after_backward=None, blocks: int = 16, width: int = 64) -> RunResult:
+    """Adam at 1e-3, batches of 64 digits; metric: accuracy on held-out digits."""
+    torch.manual_seed(seed)
+    x, y = _digit_features()
+    split = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    train, test = split[:1400], split[1400:]
+    model = nn.Sequential(nn.Linear(64, width), *[_Block(width) for _ in range(blocks)], nn.ReLU(),
+                          nn.Linear(width, 10))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    rec = Recorder("residual_mlp", None, seed, steps, monitor_factory=monitor_factory, guard_factory=guard_factory,
+                   stop_on_error=stop_on_error, after_backward=after_backward)
+    rec.attach(model, optimizer)
+    g = torch.Generator().manual_seed(seed)
+    with rec.loop():
+        for _ in range(steps):
+            idx = train[torch.randint(len(train), (64,), generator=g)]
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            loss.backward()
+            rec.backward(loss)
+            rec.optimizer_step(loss)
+            rec.next_step()
+    with torch.no_grad():
+        acc = float((model(x[test]).argmax(1) == y[test]).float().mean())
+    return rec.result(acc, "test accuracy", True, chance_loss=math.log(10))
 
 
 def ring(n: int, g: torch.Generator) -> torch.Tensor:

@@ -43,6 +43,7 @@ PROGRAMS: dict[str, Program] = {
         Program("plateau_mlp", healthy.plateau_mlp, 160, 400),
         Program("onecycle_cnn", digits_cnn.run, 60, 240, {"schedule": "onecycle"}),
         Program("new_head", healthy.new_head, 60, 200),
+        Program("residual_mlp", healthy.residual_mlp, 60, 240),
         Program("gan", healthy.gan, 150, 600),
         Program("tiny_batch_cnn", digits_cnn.run, 100, 400, {"batch_size": 4}),
     )
