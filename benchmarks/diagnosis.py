@@ -79,6 +79,11 @@ class Outcome:
 
     alarms: list[Alarm]
     note: str = ""
+    episodes: int | None = None  # alarms as a user counts them, when that differs from len(alarms)
+
+    @property
+    def count(self) -> int:
+        return len(self.alarms) if self.episodes is None else self.episodes
 
     def first(self, since: int) -> Alarm | None:
         return next((a for a in self.alarms if a.step >= since), None)
@@ -93,11 +98,16 @@ class GradNormWatch:
 
         self.grad_norm = grad_norm
         self.alarms: list[Alarm] = []
+        self.episodes = 0
+        self.above = False
 
     def __call__(self, step: int, model: nn.Module) -> None:
         norms = self.grad_norm(model, norm_type=2)
         total = float(norms.get("grad_2.0_norm_total", math.nan)) if norms else 0.0
-        if not (total <= GRAD_NORM_ALARM):
+        alarm = not (total <= GRAD_NORM_ALARM)
+        self.episodes += int(alarm and not self.above)  # consecutive steps above the threshold are one alarm
+        self.above = alarm
+        if alarm:
             per = {k: float(v) for k, v in norms.items() if k != "grad_2.0_norm_total"}
             worst = max(per, key=lambda k: per[k] if math.isfinite(per[k]) else math.inf)
             self.alarms.append(Alarm(step, f"norm {total:.3g}", module_of(worst.split("/", 1)[1])))
@@ -113,7 +123,7 @@ def gradguard_and_grad_norm(name: str, fault: str | None, quick: bool) -> tuple[
         if key not in seen:  # the console prints a finding again only when its severity changes
             seen.add(key)
             alarms.append(Alarm(s.visible, f"{s.finding.kind} ({s.finding.severity})", s.finding.module))
-    return r, Outcome(alarms), Outcome(watch.alarms)
+    return r, Outcome(alarms), Outcome(watch.alarms, episodes=watch.episodes)
 
 
 def anomaly(name: str, fault: str | None, quick: bool) -> Outcome:
@@ -230,9 +240,9 @@ def build(quick: bool, log: Callable[[str], None]) -> str:
         steps_total += n_steps
         cells = []
         for tool, out in healthy_out[name].items():
-            totals[tool] += len(out.alarms)
+            totals[tool] += out.count
             shown = "; ".join(f"{a.step}: {a.what} `{a.module}`" for a in out.alarms[:3])
-            cells.append(f"{len(out.alarms)}" + (f" ({shown}{' …' if len(out.alarms) > 3 else ''})" if shown else ""))
+            cells.append(f"{out.count}" + (f" ({shown}{' …' if len(out.alarms) > 3 else ''})" if shown else ""))
         alarm_rows.append(f"| {name} | {n_steps} | " + " | ".join(cells) + " |")
 
     guard_rows = []
@@ -310,7 +320,9 @@ def build(quick: bool, log: Callable[[str], None]) -> str:
         "",
         "## False alarms on healthy programs",
         "",
-        "Alarms (first three shown as step: what `module`) on runs that train normally.",
+        "Alarms on runs that train normally (the first three shown as step: what `module`). gradguard: each "
+        "finding of severity ≥ warning once per kind, module and severity (as its console prints them); "
+        "grad_norm: each run of consecutive steps above the threshold once.",
         "",
         "| program | steps | gradguard | detect_anomaly | Lightning grad_norm | DebugUnderflowOverflow |",
         "|---|---|---|---|---|---|",
