@@ -151,6 +151,8 @@ class Observation:
         time_grad: per recurrent module, ‖∂L/∂h_t‖ at each time step (latest sampled step).
         origin: the replay's answer when a non-finite value was flagged in the new rows.
         nonfinite_step: the first new step whose loss or gradients held NaN/Inf, if any.
+        input_std: std of the model's first floating input on the latest sampled step, if any.
+        norm_layers: names of the normalisation modules (BatchNorm, LayerNorm, ...).
         options: the rules' thresholds (:class:`RuleOptions`).
         window: the monitor's ``window`` option: how many steps the windowed tests look back on.
         run: what the monitor remembers of the whole run (best loss, first losses, chance level).
@@ -172,6 +174,8 @@ class Observation:
     nonfinite_step: int | None = None
     nonfinite_counts: Mapping[str, float] = field(default_factory=dict)
     window: int = 200
+    input_std: float | None = None
+    norm_layers: frozenset[str] = frozenset()
     options: RuleOptions = field(default_factory=RuleOptions)
     run: RunMemory | None = None
     lrs: Mapping[str, float] = field(default_factory=dict)

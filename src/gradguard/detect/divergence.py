@@ -9,14 +9,17 @@ median of 3 consecutive losses so far), the run has diverged when
 2. the rise is out of the run's noise: with at least ``min_history`` (16) earlier losses, ``log L`` scores a
    robust z above the spike test's limit for ``z₃`` σ, where ``Φ̄(z₃)³ = Φ̄(spike_z)``: three consecutive
    values each that rare are together as rare as one ``spike_z`` spike (``z₃ ≈ 3.1`` for 6 σ). With
-   fewer, there is no noise scale yet and only an order of magnitude (``L ≥ 10 · B``) counts.
+   fewer, there is no noise scale yet and the rise must be twice as large in log units:
+   ``L ≥ level_ratio² · B`` (4×).
 
 With a known chance level ``χ`` (``ln C`` for ``C`` classes; label smoothing, ``ignore_index`` and skewed
 labels put the real one lower, so ``ln C`` errs towards silence), a run whose best level was below
-``0.8 χ`` and whose loss stays at ``≥ χ`` (and passes test 2) has lost what it learned, even below 2×; and a
-first loss ``≥ 10 χ`` means logits far too large from the start (a healthy initialisation puts the loss
-near ``χ``; a fresh head on a pretrained body a few times it at most). Kind ``exploding``: the loss has
-left its basin; the layers whose gradients (and, when measured, updates) grew most are named.
+``0.8 χ`` and whose loss stays at ``≥ χ`` (and passes test 2) has lost what it learned, even below 2×; and
+first ``level_steps`` losses all ``≥ level_ratio · χ`` mean a run worse than guessing from its start, by
+the factor that defines a degradation later: logits far too large (a healthy initialisation puts the loss
+near ``χ``; small-logit heads on pretrained bodies start below or near it). Error from ``10 χ``.
+Kind ``exploding``: the loss has left its basin; the layers whose gradients (and, when measured, updates)
+grew most are named.
 """
 
 from __future__ import annotations
@@ -34,11 +37,9 @@ from gradguard.detect.exploding import ADVICE, grown_tensors
 from gradguard.findings import Finding
 from gradguard.stats import robust_zscore, spike_threshold
 
-#: With no noise scale yet, only an order of magnitude above the best level is a divergence.
-EARLY_RATIO = 10.0
 #: The run learned something when its best level fell below this fraction of the chance level.
 LEARNED = 0.8
-#: A first loss this many times the chance level: the initial logits are far too large.
+#: A level this many times the best (or a start this many times the chance level) is an error, not a warning.
 CHANCE_FACTOR = 10.0
 #: Finite earlier losses before the rise is judged against their spread (as ``SpikeRule.min_history``).
 MIN_HISTORY = 16
@@ -81,10 +82,12 @@ def detect(obs: Observation) -> list[Finding]:
     chance = run.chance
     k = opts.level_steps
     losses = [(i, float(r["loss"])) for i, r in enumerate(obs.rows) if finite(r.get("loss"))]
-    if chance is not None and run.steps <= k + obs.new and run.first >= CHANCE_FACTOR * chance:
-        return [_far_above_chance(obs, chance, run.chance_source)]
     if len(losses) < k or not math.isfinite(run.best) or run.best <= 0:
         return []
+    if chance is not None and run.first_step is not None:
+        start = [v for i, v in losses if int(obs.rows[i]["step"]) < run.first_step + k]
+        if len(start) == k and min(start) >= opts.level_ratio * chance and obs.step < run.first_step + 2 * k:
+            return [_above_chance_from_start(obs, chance, run.chance_source, min(start))]
     tail = losses[-k:]
     if tail[0][0] < len(obs.rows) - obs.new - (k - 1):
         return []  # nothing new in the last k losses
@@ -104,10 +107,11 @@ def detect(obs: Observation) -> list[Finding]:
             return []
         noise = f"log-scale robust z = {fmt(z)} against the previous {len(past)} losses (limit {fmt(limit)})"
     else:
-        if ratio < EARLY_RATIO:
+        early = opts.level_ratio**2
+        if ratio < early:
             return []
         z, limit = math.nan, math.nan
-        noise = f"×{EARLY_RATIO:g} or more within the first {len(past) + k} logged losses"
+        noise = f"×{early:g} or more within the first {len(past) + k} logged losses"
     first_tail_row = tail[0][0]
     before = obs.rows[max(0, first_tail_row - obs.window) : first_tail_row]
     module, grads, updates = _layers(obs, before, obs.rows[first_tail_row:])
@@ -124,7 +128,7 @@ def detect(obs: Observation) -> list[Finding]:
             kind="exploding",
             module=module,
             step=obs.step,
-            severity="error" if at_chance or ratio >= EARLY_RATIO else "warning",
+            severity="error" if at_chance or ratio >= CHANCE_FACTOR else "warning",
             message=(
                 f"The loss has stayed at ≥ {fmt(level)} for {k} steps, ×{fmt(ratio)} its best level {fmt(run.best)} "
                 f"(step {run.best_step}){where} ({noise}): training is diverging.{detail + '.' if detail else ''}"
@@ -141,23 +145,25 @@ def detect(obs: Observation) -> list[Finding]:
     ]
 
 
-def _far_above_chance(obs: Observation, chance: float, source: str) -> Finding:
+def _above_chance_from_start(obs: Observation, chance: float, source: str, level: float) -> Finding:
     run = obs.run
     assert run is not None and run.first is not None
-    factor = run.first / chance
+    factor = level / chance
+    k = obs.options.level_steps
     return Finding(
         kind="exploding",
         module="",
-        step=run.first_step if run.first_step is not None else obs.step,
-        severity="error",
+        step=obs.step,
+        severity="error" if factor >= CHANCE_FACTOR else "warning",
         message=(
-            f"The first loss is {fmt(run.first)}, ×{fmt(factor)} {_chance_text(chance, source)}: the initial "
-            "outputs (logits) are orders of magnitude too large, so training starts far from any useful solution."
+            f"The loss starts at ≥ {fmt(level)} for its first {k} steps, ×{fmt(factor)} "
+            f"{_chance_text(chance, source)}: worse than guessing, so the initial outputs (logits) are far too "
+            "large and training starts far from any useful solution."
         ),
         advice=(
             "Check the initialisation: gg.probe(model, batch) names the layer where activations start to grow; "
             "re-initialise with gg.init.apply(model, 'he_normal') (ReLU) or 'xavier_uniform' (tanh/sigmoid), and "
             "normalise the inputs."
         ),
-        evidence={"first_loss": run.first, "chance": chance, "factor": factor},
+        evidence={"first_loss": run.first, "level": level, "chance": chance, "factor": factor},
     )

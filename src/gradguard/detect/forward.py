@@ -14,23 +14,34 @@ starts and the initialisation that fixes it.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+
+from torch import nn
 
 from gradguard.detect.base import Observation, fmt
 from gradguard.findings import Finding
 
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.RMSNorm)
+
+
+def is_norm(module: nn.Module) -> bool:
+    """True for normalisation layers: their output scale is set by the normalisation, not by their input."""
+    return isinstance(module, _NORMS)
+
 
 def amplifying_run(stds: Sequence[tuple[str, float]], input_std: float | None, gain: float,
-                   growth: float) -> tuple[int, int, float] | None:
+                   growth: float, norms: Collection[str] = ()) -> tuple[int, int, float] | None:
     """``(start, end, product)`` of the first run of layers ``start..end`` (inclusive, indices into ``stds``)
     each growing the std ≥ ``gain`` × over the previous one, whose product reaches ``growth``; else None.
 
     ``stds`` are ``(layer, std)`` in forward order; ``input_std`` (if known) is the reference of the first.
+    A layer in ``norms`` (normalisation) ends a run and is never an amplifier itself: its output is the
+    reference of the next layer.
     """
     prev = input_std if input_std is not None and input_std > 0 else None
     start, product = -1, 1.0
-    for i, (_, s) in enumerate(stds):
-        g = s / prev if prev is not None and prev > 0 else math.nan
+    for i, (name, s) in enumerate(stds):
+        g = s / prev if prev is not None and prev > 0 and name not in norms else math.nan
         if math.isfinite(g) and g >= gain:
             if start < 0:
                 start, product = i, 1.0
@@ -38,7 +49,7 @@ def amplifying_run(stds: Sequence[tuple[str, float]], input_std: float | None, g
             if product >= growth:
                 end = i
                 for j in range(i + 1, len(stds)):
-                    g2 = stds[j][1] / stds[j - 1][1] if stds[j - 1][1] > 0 else math.nan
+                    g2 = stds[j][1] / stds[j - 1][1] if stds[j][0] not in norms else math.nan
                     if not (math.isfinite(g2) and g2 >= gain):
                         break
                     product, end = product * g2, j
@@ -52,14 +63,14 @@ def amplifying_run(stds: Sequence[tuple[str, float]], input_std: float | None, g
 def init_advice(relu: bool) -> str:
     """The initialisation call that restores a gain of 1 per layer."""
     if relu:
-        return "re-initialise with gg.init.apply(model, 'he_normal') (ReLU family; 'xavier_normal' for tanh/sigmoid)"
-    return "re-initialise with gg.init.apply(model, 'xavier_normal') (tanh/sigmoid; 'he_normal' for ReLU)"
+        return 're-initialise with gg.init.apply(model, "he_normal") (ReLU family; "xavier_normal" for tanh/sigmoid)'
+    return 're-initialise with gg.init.apply(model, "xavier_normal") (tanh/sigmoid; "he_normal" for ReLU)'
 
 
 def forward_finding(stds: Sequence[tuple[str, float]], input_std: float | None, gain: float, growth: float,
-                    step: int, relu: bool) -> Finding | None:
+                    step: int, relu: bool, norms: Collection[str] = ()) -> Finding | None:
     """The ``exploding`` finding for :func:`amplifying_run` on ``stds``, or None."""
-    hit = amplifying_run(stds, input_std, gain, growth)
+    hit = amplifying_run(stds, input_std, gain, growth, norms)
     if hit is None:
         return None
     start, end, product = hit
@@ -99,5 +110,6 @@ def detect(obs: Observation) -> list[Finding]:
     if len(stds) < 2:
         return []
     relu = not any(k in ("sigmoid", "tanh") for k in obs.saturation_kinds.values())
-    f = forward_finding(stds, None, obs.options.forward_gain, obs.options.forward_growth, obs.step, relu)
+    f = forward_finding(stds, obs.input_std, obs.options.forward_gain, obs.options.forward_growth, obs.step, relu,
+                        obs.norm_layers)
     return [] if f is None else [f]

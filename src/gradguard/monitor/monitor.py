@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from gradguard.detect import Observation, ParamInfo, RuleOptions, RunMemory, Sentinel, run_rules
 from gradguard.detect.base import Origin
+from gradguard.detect.forward import is_norm
 from gradguard.errors import ConfigError, InputError, StateError, check_number
 from gradguard.findings import KINDS, Finding
 from gradguard.integrations import as_module
@@ -143,6 +144,9 @@ class Monitor:
         self._width: int | None = None
         self._sentinel = Sentinel(self.rules, EARLY_STEPS, chance)
         self._warned_no_grad = False
+        self._input_std: Tensor | None = None  # of the sampled step in progress
+        self._sample_input: Tensor | None = None  # of the last sampled step, until the next fetch
+        self._latest_input_std: float | None = None
 
         owner: dict[int, str] = {}
         lookup: set[int] = set()
@@ -166,6 +170,7 @@ class Monitor:
         self._stats = ParamStats([p for _, p in named], rows=log_every, reduce_fn=reduce_fn)
         self._tap = ActivationTap(model, {n: m for n, m in model.named_modules() if n != ""})
         self._saturation_kinds = {n: k for n, k in self._tap.kinds.items() if k is not None}
+        self._norm_layers = frozenset(n for n, m in model.named_modules() if is_norm(m))
 
         self.sinks: list[Sink] = []
         if log_dir is not None:
@@ -205,6 +210,11 @@ class Monitor:
         return self.replay_enabled and not self._replaying and torch.is_grad_enabled() and self.model.training
 
     def _root_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self._tap.armed and self._input_std is None and torch.is_grad_enabled() and self.model.training:
+            # The scale the first layer receives, for the forward-growth rule (a device scalar; read on fetch).
+            x = next((t for t in tensors_in((args, kwargs)) if t.is_floating_point() and t.numel() > 1), None)
+            if x is not None:
+                self._input_std = x.detach().float().std()
         # Keep *references* to the inputs and the RNG state before the forward: enough to replay the
         # step bit-for-bit (dropout masks included) if a NaN/Inf is flagged. No copy, no sync.
         if not self._training_call():
@@ -272,6 +282,7 @@ class Monitor:
         sample = self._tap.disarm()
         if sample is not None:
             self._samples.append(sample)
+            self._sample_input, self._input_std = self._input_std, None
         force = False
         if device.type == "cpu" and self._stats.reduce_fn is None:
             # (issue 6) With a distributed reduce_fn the flag of a local shard may differ between ranks, and
@@ -390,6 +401,8 @@ class Monitor:
         if not new_rows:
             return
         self._run.update(new_rows)
+        if samples and self._sample_input is not None:
+            self._latest_input_std, self._sample_input = float(self._sample_input), None
         lrs: dict[str, float] = {}
         if self.optimizer is not None:
             by_id = {id(p): float(g["lr"]) for g in self.optimizer.param_groups for p in g["params"]
@@ -411,6 +424,8 @@ class Monitor:
             nonfinite_step=nonfinite_step,
             nonfinite_counts=counts,
             window=self.window,
+            input_std=self._latest_input_std,
+            norm_layers=self._norm_layers,
             options=self.rules,
             run=self._run,
             lrs=lrs,
