@@ -6,7 +6,8 @@ Three relative tests, none against an absolute norm:
    ``watch(window=...)`` steps before them: flagged when it is ≥ ``RuleOptions.growth`` (10) times the
    window's median **and** a spike by the one spike test of :mod:`gradguard.stats.windows` (the Guard's:
    small-sample robust z, and a jump over the recent maximum, so the slow ×10–20 climb of a deep net
-   leaving its plateau is not an explosion). The tensors that grew most are named.
+   leaving its plateau is not an explosion). The tensors that grew most are named. Without a window (or
+   before any spike): a gradient norm multiplied by ≥ :data:`GEOMETRIC` at each of the last 3 steps.
 2. *Growth along depth.* Per-element gradient RMS ‖g‖/√n of the weight tensors, input layer against output
    layer: ≥ :data:`DEPTH_RATIO` means each layer's Jacobian multiplies the backward signal by more than 1
    (SEEDS S1.1, S1.3).
@@ -18,6 +19,7 @@ Three relative tests, none against an absolute norm:
 
 from __future__ import annotations
 
+import itertools
 import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -26,6 +28,11 @@ from gradguard.detect.base import Observation, ParamInfo, finite, finite_values,
 from gradguard.findings import Finding
 from gradguard.stats import SpikeRule
 
+#: Per-step factor of the global gradient norm that, kept up for RECENT steps, is an instability: gradient
+#: descent with a step beyond 2/λ on a direction of curvature λ multiplies the gradient by |1 − ηλ| > 1 at
+#: every step. A doubling at each of 3 steps (×8) is far beyond the ×1.03 per step of a plateau exit or a
+#: warm-up, and needs no window, so it works from the fourth step on.
+GEOMETRIC = 2.0
 #: Finite values of a tensor's own history needed before its growth is ranked.
 MIN_WINDOW = 10
 #: Steps averaged (median) at the end of the new rows, so one outlier batch is a spike, not an explosion.
@@ -42,7 +49,7 @@ ADVICE = (
 def detect(obs: Observation) -> list[Finding]:
     """Exploding findings from growth in time, along depth and through time."""
     out = []
-    f = _growth_in_time(obs)
+    f = _growth_in_time(obs) or _geometric_growth(obs)
     if f is not None:
         out.append(f)
     f = _growth_along_depth(obs)
@@ -98,6 +105,36 @@ def _growth_in_time(obs: Observation) -> Finding | None:
             "zscore": z,
             "grown": {p.name: r for p, r in top},
         },
+    )
+
+
+def _geometric_growth(obs: Observation) -> Finding | None:
+    """The global gradient norm multiplied by ≥ ``GEOMETRIC`` at each of the last :data:`RECENT` steps."""
+    rows = obs.rows
+    if obs.new == 0 or len(rows) <= RECENT:
+        return None
+    last = [r.get("grad_norm") for r in rows[-RECENT - 1 :]]
+    if not all(finite(v) and v > 0 for v in last):  # type: ignore[operator]
+        return None
+    values = [float(v) for v in last if isinstance(v, int | float)]
+    gains = [b / a for a, b in itertools.pairwise(values)]
+    if min(gains) < GEOMETRIC:
+        return None
+    total = values[-1] / values[0]
+    grown = grown_tensors(obs, rows[-RECENT - 1 : -RECENT], rows[-1:])[:3]
+    names = ", ".join(f"{p.name} ×{fmt(r)}" for p, r in grown) if grown else "every tensor"
+    return Finding(
+        kind="exploding",
+        module=grown[0][0].module if grown else "",
+        step=obs.step,
+        severity="error" if total >= 1e3 else "warning",
+        message=(
+            f"The global gradient norm has multiplied by ×{', ×'.join(fmt(g) for g in gains)} over the last "
+            f"{RECENT} steps ({fmt(values[0])} → {fmt(values[-1])}): the optimizer's steps amplify instead of "
+            f"descend; largest growth: {names}."
+        ),
+        advice=ADVICE + ".",
+        evidence={"gains": gains, "grad_norm": values[-1], "grown": {p.name: r for p, r in grown}},
     )
 
 

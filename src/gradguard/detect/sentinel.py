@@ -7,16 +7,19 @@ something the rules judge. It reads two host floats per step; the monitor feeds 
 on the host already (CPU tensors: reading them is a memory load, not a device synchronisation).
 
 Fires when ``x ≥ spike_factor · exp(m)`` for the loss or the gradient norm, with ``m`` an exponential moving
-average of ``log x`` over ~16 steps (a spike or an explosion candidate), or when the last ``level_steps``
+average of ``log x`` over ~16 steps (a spike or an explosion candidate), when the gradient norm
+doubled at each of the last 3 steps (``exploding.GEOMETRIC``), or when the last ``level_steps``
 losses all reach ``level_ratio`` × the run's best level or the chance level (a divergence candidate).
 It only ever makes the rules run sooner; it never makes a finding.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 from gradguard.detect.base import RuleOptions, RunMemory
+from gradguard.detect.exploding import GEOMETRIC, RECENT
 
 #: Weight of a new value in the moving averages of log loss and log gradient norm (memory ≈ 1/ALPHA steps).
 ALPHA = 1.0 / 16
@@ -39,6 +42,7 @@ class Sentinel:
         self._ema: dict[str, float] = {}
         self._tail: list[float] = []
         self._seen = 0
+        self._grads: list[float] = []
 
     def _jump(self, key: str, x: float | None) -> bool:
         if x is None or not x > 0 or not math.isfinite(x):
@@ -53,6 +57,10 @@ class Sentinel:
         self._seen += 1
         fire = self._seen <= self.early
         fire = self._jump("grad_norm", grad_norm) or fire
+        self._grads = [*self._grads[-RECENT:], grad_norm]
+        if len(self._grads) == RECENT + 1 and all(a > 0 and b >= GEOMETRIC * a
+                                                  for a, b in itertools.pairwise(self._grads)):
+            fire = True
         if loss is not None and math.isfinite(loss):
             fire = self._jump("loss", loss) or fire
             best = self._memory.best
