@@ -116,6 +116,8 @@ class RunMemory:
         self.best_step = -1
         self.steps = 0
         self._last: list[float] = []
+        #: per ReLU-like module, the dead-unit count at its previous judgement (revival check)
+        self.dead_counts: dict[str, int] = {}
 
     def update(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Fold new history rows (oldest first) into the memory."""

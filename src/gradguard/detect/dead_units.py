@@ -4,6 +4,11 @@ A unit whose output stays ≤ 0 (its peak is 0) for every input of :data:`MIN_SA
 gets no gradient through the ReLU and cannot recover by itself (SEEDS S2.3). Reported as ``error`` when a
 whole layer is dead (the signal is cut), ``warning`` from :data:`WARN_FRACTION`, ``info`` from
 :data:`INFO_FRACTION` (He-initialised ReLU nets routinely carry a few dead units).
+
+Above ``info`` only when the units stayed off over :data:`WARN_SAMPLES` sampled batches and their number
+is not falling since the previous judgement: units come back when the layers before them learn (a deep
+default-initialised net at its initial plateau has half of its deep units off, and they revive as it
+leaves the plateau), so a layer that is recovering by itself is info.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from gradguard.detect.base import Observation, fmt
 from gradguard.findings import Finding
 
 MIN_SAMPLES = 3
+#: Sampled batches a unit must stay off before the share is more than info (the monitor's default window).
+WARN_SAMPLES = 5
 INFO_FRACTION = 0.1
 WARN_FRACTION = 0.5
 
@@ -34,6 +41,11 @@ def detect(obs: Observation) -> list[Finding]:
         if frac < INFO_FRACTION:
             continue
         severity = "error" if dead == units else "warning" if frac >= WARN_FRACTION else "info"
+        if obs.run is not None:
+            before = obs.run.dead_counts.get(name)
+            obs.run.dead_counts[name] = dead
+            if samples < WARN_SAMPLES or before is None or dead < before:
+                severity = "info"
         out.append(
             Finding(
                 kind="dead_units",
