@@ -8,7 +8,9 @@ whole layer is dead (the signal is cut), ``warning`` from :data:`WARN_FRACTION`,
 Above ``info`` only when the units stayed off over :data:`WARN_SAMPLES` sampled batches and their number
 is not falling since the previous judgement: units come back when the layers before them learn (a deep
 default-initialised net at its initial plateau has half of its deep units off, and they revive as it
-leaves the plateau), so a layer that is recovering by itself is info.
+leaves the plateau), so a layer that is recovering by itself is info. So is any share while the gradient
+vanishes along the depth (the ``vanishing`` test of :mod:`gradguard.detect.vanishing`): units that are off
+because the signal has collapsed with depth are that finding's symptom, not ReLUs that died.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from torch import Tensor
 
 from gradguard.detect.base import Observation, fmt
+from gradguard.detect.exploding import DEPTH_RATIO, depth_profile
 from gradguard.findings import Finding
 
 MIN_SAMPLES = 3
@@ -33,6 +36,8 @@ def detect(obs: Observation) -> list[Finding]:
     names = [
         n for n, peaks in obs.dead_window.items() if obs.dead_samples.get(n, 0) >= MIN_SAMPLES and peaks.numel() > 0
     ]
+    prof = depth_profile(obs)
+    collapsed = len(prof) >= 3 and prof[0][1] / prof[-1][1] <= 1.0 / DEPTH_RATIO
     out = []
     for name, dead in zip(names, _dead_counts([obs.dead_window[n] for n in names]), strict=True):
         samples = obs.dead_samples[name]
@@ -46,6 +51,8 @@ def detect(obs: Observation) -> list[Finding]:
             obs.run.dead_counts[name] = dead
             if samples < WARN_SAMPLES or before is None or dead < before:
                 severity = "info"
+        if collapsed:
+            severity = "info"
         out.append(
             Finding(
                 kind="dead_units",
