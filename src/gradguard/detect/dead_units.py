@@ -8,7 +8,8 @@ whole layer is dead (the signal is cut), ``warning`` from :data:`WARN_FRACTION`,
 Above ``info`` only when the units stayed off over :data:`WARN_SAMPLES` sampled batches and their number
 is not falling since the previous judgement: units come back when the layers before them learn (a deep
 default-initialised net at its initial plateau has half of its deep units off, and they revive as it
-leaves the plateau), so a layer that is recovering by itself is info. So is any share while the gradient
+leaves the plateau), so a layer that is recovering by itself is info. A whole dead layer stays an error
+at once: it passes no gradient to the layers before it, so nothing can revive it. So is any share while the gradient
 vanishes along the depth (the ``vanishing`` test of :mod:`gradguard.detect.vanishing`): units that are off
 because the signal has collapsed with depth are that finding's symptom, not ReLUs that died.
 """
@@ -49,9 +50,9 @@ def detect(obs: Observation) -> list[Finding]:
         if obs.run is not None:
             before = obs.run.dead_counts.get(name)
             obs.run.dead_counts[name] = dead
-            if samples < WARN_SAMPLES or before is None or dead < before:
+            if dead < units and (samples < WARN_SAMPLES or before is None or dead < before):
                 severity = "info"
-        if collapsed:
+        if collapsed and dead < units:
             severity = "info"
         out.append(
             Finding(
