@@ -193,6 +193,11 @@ def _fmt(x: float) -> str:
 
 def build(quick: bool, log: Callable[[str], None]) -> str:
     t0 = time.perf_counter()
+    # The code measured is the code imported now: name the commit before the runs, not after them.
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                            check=False).stdout.strip() or "unknown"
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=ROOT, capture_output=True,
+                           text=True, check=False).stdout.strip()
     surgeon = surgeon_available()
     metrics: dict[str, list[float]] = {}
     healthy_runs: dict[str, RunResult] = {}
@@ -272,10 +277,6 @@ def build(quick: bool, log: Callable[[str], None]) -> str:
     def per_k(n: int) -> str:
         return _fmt(1000 * n / steps_total)
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                            check=False).stdout.strip() or "unknown"
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=ROOT, capture_output=True,
-                           text=True, check=False).stdout.strip()
     import lightning
     import transformers
 
