@@ -116,7 +116,7 @@ class RunMemory:
         self.best_step = -1
         self.steps = 0
         self._last: list[float] = []
-        #: per ReLU-like module, the dead-unit count at its previous judgement (revival check)
+        #: per ReLU-like module, the largest dead-unit count judged so far (revival check)
         self.dead_counts: dict[str, int] = {}
 
     def update(self, rows: Sequence[Mapping[str, Any]]) -> None:

@@ -6,7 +6,7 @@ whole layer is dead (the signal is cut), ``warning`` from :data:`WARN_FRACTION`,
 :data:`INFO_FRACTION` (He-initialised ReLU nets routinely carry a few dead units).
 
 Above ``info`` only when the units stayed off over :data:`WARN_SAMPLES` sampled batches and their number
-is not falling since the previous judgement: units come back when the layers before them learn (a deep
+is at its highest so far (none has revived): units come back when the layers before them learn (a deep
 default-initialised net at its initial plateau has half of its deep units off, and they revive as it
 leaves the plateau), so a layer that is recovering by itself is info. A whole dead layer stays an error
 at once: it passes no gradient to the layers before it, so nothing can revive it. So is any share while the gradient
@@ -49,7 +49,7 @@ def detect(obs: Observation) -> list[Finding]:
         severity = "error" if dead == units else "warning" if frac >= WARN_FRACTION else "info"
         if obs.run is not None:
             before = obs.run.dead_counts.get(name)
-            obs.run.dead_counts[name] = dead
+            obs.run.dead_counts[name] = max(dead, before or 0)
             if dead < units and (samples < WARN_SAMPLES or before is None or dead < before):
                 severity = "info"
         if collapsed and dead < units:
