@@ -6,7 +6,7 @@ EXTRAS := dev,lab,peers,lightning,keras,tensorboard,transformers
 export PYTHONPATH := $(CURDIR)/src
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install demo test lint bench reliability clean
+.PHONY: install demo test lint bench diagnosis reliability clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -41,6 +41,9 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 
 bench: $(BENCH_STAMP)
 	$(PY) benchmarks/run_all.py
+
+diagnosis: $(STAMP)
+	$(PY) benchmarks/diagnosis.py
 
 reliability: $(STAMP)
 	$(PY) reliability/run.py

@@ -33,15 +33,18 @@ def _train(mon: gg.Monitor, model: nn.Module, steps: int) -> None:
 def test_jsonl_lines_are_complete_json_with_history_and_findings(tmp_path: Path) -> None:
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
     mon = gg.watch(model, log_dir=tmp_path, log_every=5, console=False)
-    _train(mon, model, 12)
+    _train(mon, model, 27)
     path = tmp_path / "metrics.jsonl"
     lines_before_close = path.read_text().splitlines()
-    assert len([ln for ln in lines_before_close if '"type":"step"' in ln]) == 10  # flushed on the schedule
+    # Rows reach the sink on fetches: each of the first 16 steps (early detection), then every 5 steps or
+    # sooner when gradguard.detect.Sentinel trips; the last steps are still pending until close().
+    written = len([ln for ln in lines_before_close if '"type":"step"' in ln])
+    assert 16 + 5 <= written < 27
     mon.report(gg.Finding("loss_spike", "", 11, "warning", "jumped to 1e3", "gg.Guard(model, opt)"))
     mon.close()
     records = [json.loads(ln) for ln in path.read_text().splitlines()]
     steps = [r for r in records if r["type"] == "step"]
-    assert [r["step"] for r in steps] == list(range(12))
+    assert [r["step"] for r in steps] == list(range(27))
     assert steps[3]["grad_norm"] == mon.history[3]["grad_norm"]
     assert all("grad_norm/0.weight" in r for r in steps)
     (finding,) = [r for r in records if r["type"] == "finding"]

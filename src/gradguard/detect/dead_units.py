@@ -4,6 +4,14 @@ A unit whose output stays ≤ 0 (its peak is 0) for every input of :data:`MIN_SA
 gets no gradient through the ReLU and cannot recover by itself (SEEDS S2.3). Reported as ``error`` when a
 whole layer is dead (the signal is cut), ``warning`` from :data:`WARN_FRACTION`, ``info`` from
 :data:`INFO_FRACTION` (He-initialised ReLU nets routinely carry a few dead units).
+
+Above ``info`` only when the units stayed off over :data:`WARN_SAMPLES` sampled batches and their number
+is at its highest so far (none has revived): units come back when the layers before them learn (a deep
+default-initialised net at its initial plateau has half of its deep units off, and they revive as it
+leaves the plateau), so a layer that is recovering by itself is info. A whole dead layer stays an error
+at once: it passes no gradient to the layers before it, so nothing can revive it. So is any share while the gradient
+vanishes along the depth (the ``vanishing`` test of :mod:`gradguard.detect.vanishing`): units that are off
+because the signal has collapsed with depth are that finding's symptom, not ReLUs that died.
 """
 
 from __future__ import annotations
@@ -12,9 +20,12 @@ import torch
 from torch import Tensor
 
 from gradguard.detect.base import Observation, fmt
+from gradguard.detect.exploding import DEPTH_RATIO, depth_profile
 from gradguard.findings import Finding
 
 MIN_SAMPLES = 3
+#: Sampled batches a unit must stay off before the share is more than info (the monitor's default window).
+WARN_SAMPLES = 5
 INFO_FRACTION = 0.1
 WARN_FRACTION = 0.5
 
@@ -26,6 +37,8 @@ def detect(obs: Observation) -> list[Finding]:
     names = [
         n for n, peaks in obs.dead_window.items() if obs.dead_samples.get(n, 0) >= MIN_SAMPLES and peaks.numel() > 0
     ]
+    prof = depth_profile(obs)
+    collapsed = len(prof) >= 3 and prof[0][1] / prof[-1][1] <= 1.0 / DEPTH_RATIO
     out = []
     for name, dead in zip(names, _dead_counts([obs.dead_window[n] for n in names]), strict=True):
         samples = obs.dead_samples[name]
@@ -34,6 +47,13 @@ def detect(obs: Observation) -> list[Finding]:
         if frac < INFO_FRACTION:
             continue
         severity = "error" if dead == units else "warning" if frac >= WARN_FRACTION else "info"
+        if obs.run is not None:
+            before = obs.run.dead_counts.get(name)
+            obs.run.dead_counts[name] = max(dead, before or 0)
+            if dead < units and (samples < WARN_SAMPLES or before is None or dead < before):
+                severity = "info"
+        if collapsed and dead < units:
+            severity = "info"
         out.append(
             Finding(
                 kind="dead_units",

@@ -2,10 +2,12 @@
 
 Three relative tests, none against an absolute norm:
 
-1. *Growth in time.* The global gradient norm of the latest steps against the median of its own window:
-   flagged when it is ≥ :data:`GROWTH` times the median **and** its robust z-score (median/MAD) is
-   ≥ :data:`Z_MIN`. Both are needed: z alone fires on tiny wiggles of a very flat window, the ratio alone
-   on the natural decay-then-rise of early training. The tensors that grew most are named.
+1. *Growth in time.* The median of the last :data:`RECENT` global gradient norms against the
+   ``watch(window=...)`` steps before them: flagged when it is ≥ ``RuleOptions.growth`` (10) times the
+   window's median **and** a spike by the one spike test of :mod:`gradguard.stats.windows` (the Guard's:
+   small-sample robust z, and a jump over the recent maximum, so the slow ×10–20 climb of a deep net
+   leaving its plateau is not an explosion). The tensors that grew most are named. Without a window (or
+   before any spike): a gradient norm multiplied by ≥ :data:`GEOMETRIC` at each of the last 3 steps.
 2. *Growth along depth.* Per-element gradient RMS ‖g‖/√n of the weight tensors, input layer against output
    layer: ≥ :data:`DEPTH_RATIO` means each layer's Jacobian multiplies the backward signal by more than 1
    (SEEDS S1.1, S1.3).
@@ -17,21 +19,21 @@ Three relative tests, none against an absolute norm:
 
 from __future__ import annotations
 
+import itertools
 import statistics
-from collections.abc import Sequence
-
-import torch
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from gradguard.detect.base import Observation, ParamInfo, finite, finite_values, fmt
 from gradguard.findings import Finding
-from gradguard.stats import robust_zscore
+from gradguard.stats import SpikeRule
 
-#: Minimum growth factor over the window median. A healthy run's gradient norm moves within a factor of
-#: a few (mini-batch noise, learning-rate warm-up); an order of magnitude in a few steps is not noise.
-GROWTH = 10.0
-#: Minimum robust z-score (≈ σ units) so that a factor of 10 inside an already noisy window is not flagged.
-Z_MIN = 6.0
-#: Finite values needed before a window's median/MAD is trusted.
+#: Per-step factor of the global gradient norm that, kept up for RECENT steps, is an instability: gradient
+#: descent with a step beyond 2/λ on a direction of curvature λ multiplies the gradient by |1 − ηλ| > 1 at
+#: every step. A doubling at each of 3 steps (×8) is far beyond the ×1.03 per step of a plateau exit or a
+#: warm-up, and needs no window, so it works from the fourth step on.
+GEOMETRIC = 2.0
+#: Finite values of a tensor's own history needed before its growth is ranked.
 MIN_WINDOW = 10
 #: Steps averaged (median) at the end of the new rows, so one outlier batch is a spike, not an explosion.
 RECENT = 3
@@ -47,7 +49,7 @@ ADVICE = (
 def detect(obs: Observation) -> list[Finding]:
     """Exploding findings from growth in time, along depth and through time."""
     out = []
-    f = _growth_in_time(obs)
+    f = _growth_in_time(obs) or _geometric_growth(obs)
     if f is not None:
         out.append(f)
     f = _growth_along_depth(obs)
@@ -58,21 +60,30 @@ def detect(obs: Observation) -> list[Finding]:
 
 
 def _growth_in_time(obs: Observation) -> Finding | None:
-    window = finite_values(obs.old_rows, "grad_norm")[-200:]
-    recent = finite_values(obs.new_rows, "grad_norm")[-RECENT:]
-    if len(window) < MIN_WINDOW or len(recent) < min(RECENT, max(obs.new, 1)):
+    rows = obs.rows
+    if obs.new == 0 or len(rows) <= RECENT:
+        return None
+    tail = rows[-RECENT:]
+    recent = finite_values(tail, "grad_norm")
+    # The window ends before the new rows (and before the tail): a sustained rise inside the new block must
+    # not become its own reference.
+    end = min(len(rows) - obs.new, len(rows) - RECENT)
+    before = rows[max(0, end - obs.window) : end]
+    window = finite_values(before, "grad_norm")
+    rule = SpikeRule(z=obs.options.spike_z)
+    if len(recent) < RECENT or len(window) < rule.min_history:
         return None
     latest = statistics.median(recent)
     base = statistics.median(window)
     if not base > 0:
         return None
     ratio = latest / base
-    if ratio < GROWTH:
-        return None  # both tests must pass; the ratio is free, the z-score costs tensor work (every fetch)
-    z = float(robust_zscore(torch.tensor(latest), torch.tensor(window)))
-    if z < Z_MIN:
+    if ratio < obs.options.growth:
+        return None  # both tests must pass; the ratio is free, the spike test costs tensor work
+    ((spike, z, _),) = rule.scan([latest], window)
+    if not spike:
         return None
-    grown = _grown_tensors(obs, len(window))
+    grown = grown_tensors(obs, before, tail, obs.options.growth)
     top = grown[:3]
     names = ", ".join(f"{p.name} ×{fmt(r)}" for p, r in top) if top else "every tensor"
     module = top[0][0].module if top else ""
@@ -83,7 +94,8 @@ def _growth_in_time(obs: Observation) -> Finding | None:
         severity="error" if ratio >= 1e3 else "warning",
         message=(
             f"The global gradient norm grew ×{fmt(ratio)} over its median of the previous {len(window)} steps "
-            f"({fmt(base)} → {fmt(latest)}, robust z = {fmt(z)}); largest growth: {names}."
+            f"({fmt(base)} → {fmt(latest)}, median of the last {RECENT}; robust z = {fmt(z)}, limit "
+            f"{fmt(rule.threshold(len(window)))}); largest growth: {names}."
         ),
         advice=ADVICE + ".",
         evidence={
@@ -96,19 +108,53 @@ def _growth_in_time(obs: Observation) -> Finding | None:
     )
 
 
-def _grown_tensors(obs: Observation, n_old: int) -> list[tuple[ParamInfo, float]]:
+def _geometric_growth(obs: Observation) -> Finding | None:
+    """The global gradient norm multiplied by ≥ ``GEOMETRIC`` at each of the last :data:`RECENT` steps."""
+    rows = obs.rows
+    if obs.new == 0 or len(rows) <= RECENT:
+        return None
+    last = [r.get("grad_norm") for r in rows[-RECENT - 1 :]]
+    if not all(finite(v) and v > 0 for v in last):  # type: ignore[operator]
+        return None
+    values = [float(v) for v in last if isinstance(v, int | float)]
+    gains = [b / a for a, b in itertools.pairwise(values)]
+    if min(gains) < GEOMETRIC:
+        return None
+    total = values[-1] / values[0]
+    grown = grown_tensors(obs, rows[-RECENT - 1 : -RECENT], rows[-1:])[:3]
+    names = ", ".join(f"{p.name} ×{fmt(r)}" for p, r in grown) if grown else "every tensor"
+    return Finding(
+        kind="exploding",
+        module=grown[0][0].module if grown else "",
+        step=obs.step,
+        severity="error" if total >= 1e3 else "warning",
+        message=(
+            f"The global gradient norm has multiplied by ×{', ×'.join(fmt(g) for g in gains)} over the last "
+            f"{RECENT} steps ({fmt(values[0])} → {fmt(values[-1])}): the optimizer's steps amplify instead of "
+            f"descend; largest growth: {names}."
+        ),
+        advice=ADVICE + ".",
+        evidence={"gains": gains, "grad_norm": values[-1], "grown": {p.name: r for p, r in grown}},
+    )
+
+
+def grown_tensors(
+    obs: Observation, before: Sequence[Mapping[str, Any]], after: Sequence[Mapping[str, Any]], at_least: float = 0.0
+) -> list[tuple[ParamInfo, float]]:
+    """Parameters whose gradient norm grew most from ``before`` to ``after`` (ratio of medians, largest first,
+    only ratios ≥ ``at_least``)."""
     grown = []
     for p in obs.params:
         key = f"grad_norm/{p.name}"
-        old = finite_values(obs.old_rows, key)[-n_old:]
-        new = finite_values(obs.new_rows, key)[-RECENT:]
-        if len(old) < MIN_WINDOW or not new:
+        old = finite_values(before, key)
+        new = finite_values(after, key)
+        if len(old) < min(MIN_WINDOW, len(before)) or not old or not new:
             continue
         base = statistics.median(old)
         if base > 0:
             grown.append((p, statistics.median(new) / base))
     grown.sort(key=lambda t: -t[1])
-    return [(p, r) for p, r in grown if r >= GROWTH]
+    return [(p, r) for p, r in grown if r >= at_least]
 
 
 def depth_profile(obs: Observation) -> list[tuple[str, float]]:

@@ -72,12 +72,16 @@ def detect(obs: Observation) -> list[Finding]:
     name = f"`{origin.module}`" if origin.module else "the loss"
     params_bad = bool(origin.evidence.get("nonfinite_params"))
     from_data = bool(origin.evidence.get("nonfinite_inputs"))
-    # A NaN that came with the batch was born before the model: no pass of any module produced it.
+    # A NaN that came with the batch was born before the model: no pass of any module produced it; the
+    # module that received it first (e.g. the RNN fed a carried hidden state) is the one to name.
+    receiver = str(origin.evidence.get("received_by", "")) if from_data else ""
     where = "in the data" if from_data else f"in the {origin.phase} pass of {name}"
+    if receiver:
+        where += f", and `{receiver}` received it first"
     return [
         Finding(
             kind="nonfinite",
-            module=origin.module,
+            module=receiver or origin.module,
             step=step,
             severity="error",
             message=f"NaN/Inf was born at step {step} {where}: {origin.what}.",

@@ -5,8 +5,11 @@ weights against the output layer's (see :func:`gradguard.detect.exploding.depth_
 ≤ 1/:data:`~gradguard.detect.exploding.DEPTH_RATIO` (three orders of magnitude), the first layers learn
 a thousand times slower than the last under SGD (SEEDS S1.1, S2.1). The update ratio ‖Δw‖/‖w‖ is reported
 beside it: Karpathy's rule of thumb is ≈ 1e-3 per step for a layer that learns at a healthy pace; a
-layer far below it has stopped changing (SEEDS S4.5). Adaptive optimisers rescale the step, so the
-update ratio is evidence, not the trigger.
+layer far below it has stopped changing (SEEDS S4.5). Adaptive optimisers (Adam) rescale the step, so a
+layer with a tiny gradient can still learn at the output layer's pace: the finding is a *warning* only
+once the update ratios confirm it (the weakest layer moves ≤ :data:`SLOWER` × the output layer's ratio),
+and *info* while they are unmeasured or show the layer learning anyway (a deep default-init net under
+Adam leaving its plateau).
 
 A NaN is never "vanishing": non-finite and exactly-zero gradients are excluded from the profile
 (zero is dead units or an unused layer, reported by their own rules).
@@ -20,6 +23,8 @@ from gradguard.findings import Finding
 
 #: The healthy update-to-weight ratio per step (Karpathy, "A Recipe for Training Neural Networks").
 HEALTHY_UPDATE_RATIO = 1e-3
+#: The weakest layer learns an order of magnitude slower than the output layer: the gradient collapse matters.
+SLOWER = 0.1
 
 
 def _update_ratio(obs: Observation, module: str) -> float | None:
@@ -44,6 +49,7 @@ def detect(obs: Observation) -> list[Finding]:
     weakest, g_weak = min(prof, key=lambda t: t[1])
     ur_first, ur_last = _update_ratio(obs, weakest), _update_ratio(obs, last)
     updates = ""
+    confirmed = ur_first is not None and ur_last is not None and ur_first <= SLOWER * ur_last
     if ur_first is not None and ur_last is not None:
         updates = (
             f"; update ratios ‖Δw‖/‖w‖ {fmt(ur_first)} there vs {fmt(ur_last)} at the output "
@@ -54,7 +60,7 @@ def detect(obs: Observation) -> list[Finding]:
             kind="vanishing",
             module=weakest,
             step=obs.step,
-            severity="warning",
+            severity="warning" if confirmed else "info",
             message=(
                 f"Gradients shrink ×{fmt(ratio)} from the output layer `{last}` (RMS {fmt(g_last)}) to the input "
                 f"layer `{first}` (RMS {fmt(g_first)}) across {len(prof)} layers; weakest at `{weakest}` "

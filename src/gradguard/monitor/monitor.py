@@ -21,8 +21,9 @@ import torch
 from torch import Tensor, nn
 
 from gradguard.adapt import as_module
-from gradguard.detect import Observation, ParamInfo, run_rules
+from gradguard.detect import Observation, ParamInfo, RuleOptions, RunMemory, Sentinel, run_rules
 from gradguard.detect.base import Origin
+from gradguard.detect.forward import is_norm
 from gradguard.errors import ConfigError, InputError, StateError, check_number
 from gradguard.findings import KINDS, Finding
 from gradguard.monitor.activations import ActivationTap, Sample, pool_summaries
@@ -68,6 +69,10 @@ DEFAULTS: dict[str, Any] = {
     "max_calls": 8,
     "scaler": None,
     "history_limit": 1000,
+    "num_classes": None,
+    "chance_loss": None,
+    "optimizer": None,
+    "rules": None,
 }
 
 #: A loss-scaler overflow skip is routine; these say it is not. With the default backoff (× 0.5) a run of
@@ -76,6 +81,11 @@ DEFAULTS: dict[str, Any] = {
 #: scale can help.
 SCALER_COLLAPSE_RUN = 20
 SCALER_COLLAPSE_SCALE = 1.0
+
+
+#: Steps after watch() at which the rules run at every step: nothing is known about the run yet, and a run
+#: that is bad from its first step must be visible within a few steps (one fetch per step, 16 in all).
+EARLY_STEPS = 16
 
 
 class Monitor:
@@ -112,6 +122,10 @@ class Monitor:
         max_calls: int = 8,
         scaler: torch.amp.GradScaler | None = None,
         history_limit: int = 1000,
+        num_classes: int | None = None,
+        chance_loss: float | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        rules: RuleOptions | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise InputError(f"watch() needs a torch.nn.Module, got {type(model).__name__}: {model!r:.80}")
@@ -123,6 +137,11 @@ class Monitor:
         check_number("dead_window", dead_window, low=1, integer=True)
         check_number("max_calls", max_calls, low=1, integer=True)
         check_number("history_limit", history_limit, low=1, integer=True)
+        chance, chance_source = _chance(num_classes, chance_loss)
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise InputError(f"optimizer={optimizer!r:.60} must be a torch.optim.Optimizer or None")
+        if rules is not None and not isinstance(rules, RuleOptions):
+            raise InputError(f"rules={rules!r:.60} must be a gradguard.detect.RuleOptions or None")
         for name, flag in (("console", console), ("replay", replay)):
             if not isinstance(flag, bool):
                 raise InputError(f"{name}={flag!r} must be True or False")
@@ -154,6 +173,17 @@ class Monitor:
         self.replay_enabled = replay
         self.max_calls = max_calls
         self.scaler = scaler
+        self.window = window
+        self.optimizer = optimizer
+        self.rules = rules if rules is not None else RuleOptions()
+        # What the rules remember of the whole run; the chance level is inferred later when not given.
+        self._run = RunMemory(chance, chance_source)
+        self._infer_chance = chance is None
+        self._width: int | None = None
+        self._sentinel = Sentinel(self.rules, EARLY_STEPS, chance)
+        self._input_std: Tensor | None = None  # of the sampled step in progress
+        self._sample_input: Tensor | None = None  # of the last sampled step, until the next fetch
+        self._latest_input_std: float | None = None
 
         owner: dict[int, str] = {}
         lookup: set[int] = set()
@@ -177,6 +207,7 @@ class Monitor:
         self._stats = ParamStats([p for _, p in named], rows=log_every, reduce_fn=reduce_fn)
         self._tap = ActivationTap(module, {n: m for n, m in module.named_modules() if n != ""})
         self._saturation_kinds = {n: k for n, k in self._tap.kinds.items() if k is not None}
+        self._norm_layers = frozenset(n for n, m in model.named_modules() if is_norm(m))
 
         self.sinks: list[Sink] = []
         if log_dir is not None:
@@ -251,6 +282,11 @@ class Monitor:
         # replay the step bit-for-bit (dropout masks included) if a NaN/Inf is flagged. No copy, no sync.
         if not self._training_call():
             return
+        if self._tap.armed and self._input_std is None:
+            # The scale the first layer receives, for the forward-growth rule (a device scalar; read on fetch).
+            x = next((t for t in tensors_in((args, kwargs)) if t.is_floating_point() and t.numel() > 1), None)
+            if x is not None:
+                self._input_std = x.detach().float().std()
         self._forwards += 1
         if self._wrapped or compiled_in_place(self._module):
             self._compiled_seen = True
@@ -266,6 +302,8 @@ class Monitor:
         )
 
     def _root_post(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        if self._width is None and type(output) is Tensor and output.dim() in (2, 3) and output.is_floating_point():
+            self._width = int(output.shape[-1])  # classes of (N, C) or (N, T, C) logits, if a classifier's
         if not self._training_call():
             return
         if self._wrapped and self._tap.armed and not self._eager_done:
@@ -345,6 +383,11 @@ class Monitor:
                     "reduce it first (e.g. loss.mean())"
                 )
         step = self._step
+        if self._infer_chance and loss is not None and self._width is not None:
+            self._infer_chance = False
+            if self._width >= 2 and _is_cross_entropy(loss):
+                self._run.chance = self._sentinel.chance = math.log(self._width)
+                self._run.chance_source = f"ln {self._width}, inferred from the output width"
         present, grads = self._stats.gradients()
         if not grads:
             self._no_gradients(step)
@@ -369,6 +412,7 @@ class Monitor:
         sample = self._tap.disarm()
         if sample is not None:
             self._samples.append(sample)
+            self._sample_input, self._input_std = self._input_std, None
         force = False
         if device.type == "cpu" and self._stats.reduce_fn is None:
             # (issue 6) With a distributed reduce_fn the flag of a local shard may differ between ranks, and
@@ -383,6 +427,16 @@ class Monitor:
                 force = True  # a loss-scaler overflow: counted by _flush, not replayed as a NaN
             elif flagged or self._bad_episode:
                 force = self._check_nonfinite(meta, flagged, loss)
+            if not flagged:
+                # The same host floats feed the tripwire that runs the rules before the schedule (see
+                # gradguard.detect.sentinel): a finding is visible within a step of the evidence.
+                norms = host[:-1] if loss is not None else host
+                gn = math.sqrt(math.fsum(v * v for v in norms))
+                force = self._sentinel.check(step, host[-1] if loss is not None else None, gn) or force
+        elif step < EARLY_STEPS and self._stats.reduce_fn is None:
+            # Accelerators: one fetch per step at the start only, then the logging schedule. Not with a
+            # distributed reduce_fn, whose collective belongs to the logging schedule.
+            force = True
         if self.sample_every(step + 1):
             self._arm(step + 1)
         self._step += 1
@@ -550,6 +604,14 @@ class Monitor:
         self._origin = None
         if not new_rows:
             return
+        self._run.update(new_rows)
+        if samples and self._sample_input is not None:
+            self._latest_input_std, self._sample_input = float(self._sample_input), None
+        lrs: dict[str, float] = {}
+        if self.optimizer is not None:
+            by_id = {id(p): float(g["lr"]) for g in self.optimizer.param_groups for p in g["params"]
+                     if isinstance(g.get("lr"), int | float)}
+            lrs = {n: by_id[id(p)] for n, p in self.model.named_parameters() if id(p) in by_id}
         obs = Observation(
             step=new_rows[-1]["step"],
             rows=list(self._window),
@@ -565,6 +627,12 @@ class Monitor:
             origin=origin,
             nonfinite_step=nonfinite_step,
             nonfinite_counts=counts,
+            window=self.window,
+            input_std=self._latest_input_std,
+            norm_layers=self._norm_layers,
+            options=self.rules,
+            run=self._run,
+            lrs=lrs,
         )
         for f in run_rules(obs):
             self._update_finding(f)
@@ -864,6 +932,37 @@ class Monitor:
             pass
 
 
+def _chance(num_classes: Any, chance_loss: Any) -> tuple[float | None, str]:
+    """The chance-level loss from watch()'s options: ``ln C`` for ``num_classes=C``, or ``chance_loss``."""
+    if num_classes is not None and chance_loss is not None:
+        raise ConfigError(
+            f"give num_classes={num_classes!r} or chance_loss={chance_loss!r}, not both (chance_loss overrides ln C)"
+        )
+    if num_classes is not None:
+        check_number("num_classes", num_classes, low=2, integer=True)
+        return math.log(num_classes), f"ln {num_classes}, num_classes={num_classes}"
+    if chance_loss is not None:
+        check_number("chance_loss", chance_loss, low=0.0, low_inclusive=False)
+        return float(chance_loss), "chance_loss"
+    return None, ""
+
+
+def _is_cross_entropy(loss: Tensor) -> bool:
+    """True when the loss graph ends in a negative log-likelihood (F.cross_entropy / nll_loss), possibly
+    scaled or averaged (gradient accumulation): host-side graph metadata only, no device work."""
+    fn = loss.grad_fn
+    for _ in range(4):
+        if fn is None:
+            return False
+        name = fn.name()
+        if name.startswith("NllLoss"):
+            return True
+        if not name.startswith(("DivBackward", "MulBackward", "MeanBackward", "ViewBackward", "SqueezeBackward")):
+            return False
+        fn = next((f for f, _ in fn.next_functions if f is not None), None)
+    return False
+
+
 def _keep_grad(grads: list[Tensor | None], i: int, g: Tensor) -> None:
     """Tensor hook: remember the gradient that reached a model output (a reference, no copy)."""
     grads[i] = g.detach()
@@ -897,13 +996,15 @@ def watch(model: nn.Module, **options: Any) -> Monitor:
     the logging schedule or when ``history``/``findings``/``summary()`` is read.
 
     Options:
-        log_every (int, 10): steps between fetches (detection and sinks run then).
+        log_every (int, 10): steps between fetches (detection and sinks run then). The rules also run at
+            each of the first 16 steps and, on CPU, whenever a step's loss or gradient norm trips
+            gradguard.detect.Sentinel, so a finding is visible within a step or two of its evidence.
         sample_every (int, 10): steps between sampled steps (activation hooks).
         detail_every (int, None → sample_every): steps between max|g|, ‖w‖ and update-ratio measurements.
             1 = every step, at the cost of one weight copy and four extra passes over gradients and weights
             per step: measured 1.12× the bare step on the 20-layer MLP of ``benchmarks/overhead.py``, against
             ≈ 1.05× for the default, which is why these three are sampled (see gradguard.monitor.params).
-        window (int ≥ 10, 200): steps of history the rules look back on.
+        window (int ≥ 10, 200): steps of history the rules look back on (and the spike test's window).
         dead_window (int, 5): sampled steps over which a ReLU unit must never fire (peak output 0) to be
             called dead.
         log_dir (path, None): also append history and findings to ``<log_dir>/metrics.jsonl``.
@@ -929,6 +1030,14 @@ def watch(model: nn.Module, **options: Any) -> Monitor:
             (20 skips in a row, or a scale ≤ 1 that still overflows) is an error naming the module whose
             fp16 values overflow. The scale is read as a device tensor (gradguard.stats.scaler): no sync.
 
+        num_classes (int ≥ 2, None): classes of a classification loss; its chance level is ln C. Without it
+            and ``chance_loss``, ln C is inferred from the width C of a plain 2-d/3-d output tensor when the
+            loss is a cross-entropy. Label smoothing, ``ignore_index`` and skewed labels put the real chance
+            level below ln C: pass ``chance_loss`` then (see docs/detection.md).
+        chance_loss (float > 0, None): the chance-level loss itself (instead of ``num_classes``).
+        optimizer (torch.optim.Optimizer, None): lets the update-size rule name the learning rate that
+            would bring a layer's ‖Δw‖/‖w‖ back to ≈ 3e-3.
+        rules (gradguard.detect.RuleOptions, None): the detection rules' thresholds (docs/detection.md).
     torch.compile: pass the compiled wrapper (``gg.watch(torch.compile(model))``); names and parameters
     are the original module's. The monitor's hooks compile to nothing, so a non-sampled step adds no graph
     break and no recompilation; a sampled step's activation statistics come from one extra eager forward

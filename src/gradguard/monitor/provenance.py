@@ -201,6 +201,29 @@ def _innermost(candidates: list[tuple[int, str]]) -> tuple[int, str]:
     return min(leaves or candidates)
 
 
+def _first_receiver(model: nn.Module, modules: Mapping[str, nn.Module], call: Call) -> str:
+    """The innermost module that first received a non-finite input in a replay of ``call`` ("" if none)."""
+    seq = itertools.count()
+    hits: list[tuple[int, str]] = []
+
+    def pre(name: str) -> Any:
+        def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if _nonfinite(list(tensors_in((args, kwargs)))):
+                hits.append((next(seq), name))
+        return hook
+
+    handles = [m.register_forward_pre_hook(pre(n), with_kwargs=True) for n, m in modules.items() if n]
+    try:
+        with torch.no_grad():
+            model(*call.args, **call.kwargs)
+    except Exception:  # the replay only names a module; a model that rejects NaN keeps the hits so far
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return _innermost(hits)[1] if hits else ""
+
+
 def snapshot_buffers(model: nn.Module) -> list[tuple[Tensor, Tensor]]:
     """``(buffer, copy)`` pairs; :func:`restore_buffers` undoes what a replayed forward did to them."""
     return [(b, b.detach().clone()) for b in model.buffers()]
@@ -251,8 +274,14 @@ def _replay_one(
     mb = {"micro_batch": index, "forwards": forwards} if forwards > 1 else {}
     bad_inputs = _nonfinite(list(tensors_in((call.args, call.kwargs))))
     if bad_inputs:
-        return Origin("", "forward", f"the input batch itself held {bad_inputs} non-finite values{where}",
-                      {"nonfinite_inputs": bad_inputs, **mb})
+        ev: dict[str, Any] = {"nonfinite_inputs": bad_inputs, **mb}
+        first = next(tensors_in((call.args, call.kwargs)), None)
+        if first is not None and not _nonfinite([first]):
+            # The batch is clean and another input (a carried hidden state) is not: name its consumer.
+            ev["received_by"] = _first_receiver(model, modules, call)
+            return Origin("", "forward", f"an input beside the batch (a carried state) held {bad_inputs} "
+                          f"non-finite values{where}", ev)
+        return Origin("", "forward", f"the input batch itself held {bad_inputs} non-finite values{where}", ev)
     rec = _Recorder(modules)
     rec.attach()
     try:

@@ -19,9 +19,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradguard.adapt import as_module
+from gradguard.detect.forward import is_norm
 from gradguard.errors import ConfigError, GradGuardError, InputError, StateError, check_number
 from gradguard.findings import Finding
-from gradguard.preflight.recurrent import cell_spec, is_recurrent, unroll_profile, unsupported_reason
+from gradguard.preflight.recurrent import (
+    cell_spec,
+    has_active_dropout,
+    is_recurrent,
+    unroll_profile,
+    unsupported_reason,
+)
 from gradguard.stats import (
     activation_summary,
     gradient_horizon,
@@ -367,15 +374,20 @@ def probe(
         where = ", ".join(f"input {k!r}: {n}" for k, n in bad.items() if n)
         raise ConfigError(f"the probe batch holds NaN/Inf values ({where}); probe a finite batch")
     first_key: Any = None
-    for key, value in [*enumerate(args), *kwargs.items()]:
-        if isinstance(value, Tensor) and value.is_floating_point():
+    tensors = [(k, v) for k, v in [*enumerate(args), *kwargs.items()] if isinstance(v, Tensor)]
+    for key, value in tensors:
+        if value.is_floating_point():
             first_key = key
             break
+    # Integer first input (token ids, as in model(tokens, hidden)): the signal starts at the embedding's
+    # output, so that is the tensor profiled through time, not the first floating one (a zero hidden state).
+    tokens_key = tensors[0][0] if tensors and not tensors[0][1].is_floating_point() else None
+    tokens_first = tokens_key is not None and any(isinstance(m, nn.Embedding) for m in model.modules())
     if time_dim is not None:
         check_number("time_dim", time_dim, integer=True)
-        if first_key is None:
+        if first_key is None and not tokens_first:
             raise ConfigError("time_dim was given but the inputs contain no floating-point tensor")
-        x0 = args[first_key] if isinstance(first_key, int) else kwargs[first_key]
+        x0 = tensors[0][1] if tokens_first else (args[first_key] if isinstance(first_key, int) else kwargs[first_key])
         if not -x0.dim() <= time_dim < x0.dim():
             raise ConfigError(f"time_dim={time_dim} is out of range for an input of shape {tuple(x0.shape)}")
         time_dim = time_dim % x0.dim()
@@ -392,7 +404,7 @@ def probe(
                 torch.backends.cudnn.enabled = False
             model.train(train)
             calls: list[_Call] = []
-            state = {"after_conv": False}
+            state: dict[str, Any] = {"after_conv": False, "embedding": None}
             counts: dict[str, int] = {}
 
             def make_hook(name: str) -> Callable[..., None]:
@@ -410,6 +422,9 @@ def probe(
                         dead = summary.new_full((), float("nan"))
                     if next(module.parameters(recurse=False), None) is not None:
                         state["after_conv"] = isinstance(module, nn.modules.conv._ConvNd)
+                    first_embedding = state["embedding"] is None and isinstance(module, nn.Embedding)
+                    if tokens_first and first_embedding and y is not None:
+                        state["embedding"] = (name, y)
                     call = _Call(name, module, counts[name], y, summary, dead)
                     if is_recurrent(module):
                         call.rec_outputs = tensors
@@ -445,10 +460,18 @@ def probe(
             handles.clear()
 
             loss, loss_kind = _compute_loss(output, targets, loss_fn, seed)
-            report = _backward_and_measure(calls, loss, x_leaf, time_dim, unroll)
+            profiled = x_leaf
+            what = "none (no floating input)" if x_leaf is None else f"input {first_key!r}"
+            if state["embedding"] is not None:
+                emb_name, profiled = state["embedding"]
+                what = f"output of `{emb_name}` (nn.Embedding) for the integer input {tokens_key!r}"
+            input_std = None
+            if profiled is not None and profiled.numel() > 1:
+                input_std = float(profiled.detach().double().std())
+            report = _backward_and_measure(calls, loss, profiled, time_dim, unroll, input_std)
             report.loss_kind = loss_kind
             report.options = {"train": train, "seed": seed, "time_dim": time_dim, "unroll": unroll,
-                              "loss": loss_kind}
+                              "loss": loss_kind, "profiled": what}
             return report
     finally:
         torch.backends.cudnn.enabled = cudnn_was
@@ -479,7 +502,7 @@ def _compute_loss(output: Any, targets: Tensor | None, loss_fn: Callable[..., Te
 
 
 def _backward_and_measure(calls: list[_Call], loss: Tensor, x_leaf: Tensor | None,
-                          time_dim: int | None, unroll: bool) -> ProbeReport:
+                          time_dim: int | None, unroll: bool, input_std: float | None = None) -> ProbeReport:
     if not loss.requires_grad:
         raise StateError("the loss does not depend on any trainable parameter or input; nothing to probe")
     # Every tensor we want ∂L/∂· of, deduplicated by identity (an nn.Identity returns its input).
@@ -565,15 +588,27 @@ def _backward_and_measure(calls: list[_Call], loss: Tensor, x_leaf: Tensor | Non
             rec_raw.append((c, None, reason))
             continue
         upstream = [grad_of(s) for s in slots]
+        reference, note = c.rec_outputs, ""
+        if has_active_dropout(c.module):
+            # The unroll has no dropout: measure the recurrence with it off, as evaluation runs it, against
+            # the module's own dropout-free output (the upstream gradient stays the training pass's).
+            c.module.train(False)
+            try:
+                with torch.no_grad():
+                    again = c.module(c.rec_input) if c.rec_hx is None else c.module(c.rec_input, c.rec_hx)
+            finally:
+                c.module.train(True)
+            reference = _float_tensors(again)
+            note = f"measured with its inter-layer dropout (p={c.module.dropout:g}) off"
         try:
-            unrolled = unroll_profile(c.module, spec, c.rec_input, c.rec_hx, c.rec_outputs, upstream)
+            unrolled = unroll_profile(c.module, spec, c.rec_input, c.rec_hx, reference, upstream)
         except (RuntimeError, ValueError, IndexError) as exc:
             # An initial state or layout the unroller does not know must not cost the whole probe: the
             # per-layer rows stay valid, and the note says why this module has no time profile.
             line = (str(exc).strip().splitlines() or [""])[0]
             rec_raw.append((c, None, f"not unrolled: {type(exc).__name__}: {line}"))
             continue
-        rec_raw.append((c, unrolled, ""))
+        rec_raw.append((c, unrolled, note))
 
     # One transfer to the host for all per-layer numbers.
     host = torch.cat([summaries.reshape(-1).double(), dead.double(), grad_norm, p_norm, pg_norm, grad_bad, pg_bad,
@@ -613,7 +648,8 @@ def _backward_and_measure(calls: list[_Call], loss: Tensor, x_leaf: Tensor | Non
 
     from gradguard.preflight.verdict import diagnose
 
-    findings = diagnose(rows, recurrent, time_profile, loss_value)
+    norms = frozenset(c.name for c in calls if is_norm(c.module))
+    findings = diagnose(rows, recurrent, time_profile, loss_value, input_std=input_std, norm_layers=norms)
     return ProbeReport(layers=rows, findings=findings, recurrent=recurrent, time=time_profile, loss=loss_value)
 
 
@@ -668,7 +704,8 @@ def _recurrent_profile(c: _Call, u: Any, note: str) -> RecurrentProfile:
     growth, horizon = float(growth_factor(last)), float(gradient_horizon(last))
     last_l = last.cpu().tolist()
     err = float(u.unroll_error)
-    note = "" if err <= 1e-3 else f"unrolled output differs from the module's by {err:.1e} (relative)"
+    if err > 1e-3:
+        note = "; ".join(filter(None, [note, f"unrolled output differs from the module's by {err:.1e} (relative)"]))
     return RecurrentProfile(
         module=c.name, call=c.call, cell=spec.cell, nonlinearity=spec.nonlinearity, layers=spec.layers,
         steps=u.steps, hidden_norms=u.hidden_norms.cpu().tolist(), input_norms=u.input_norms.cpu().tolist(),

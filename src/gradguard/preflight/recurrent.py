@@ -73,6 +73,11 @@ def is_recurrent(module: nn.Module) -> bool:
     return cell_spec(module) is not None
 
 
+def has_active_dropout(module: nn.Module) -> bool:
+    """True for a stacked ``nn.RNN``/``LSTM``/``GRU`` whose inter-layer dropout is active (training mode)."""
+    return isinstance(module, nn.RNNBase) and module.dropout > 0 and module.training and module.num_layers > 1
+
+
 def unsupported_reason(module: nn.Module, x: object) -> str | None:
     """Why ``module`` called on ``x`` cannot be unrolled here, or ``None`` when it can."""
     if isinstance(module, nn.RNNBase):
@@ -80,8 +85,6 @@ def unsupported_reason(module: nn.Module, x: object) -> str | None:
             return "bidirectional recurrences are not unrolled"
         if getattr(module, "proj_size", 0):
             return "LSTMs with proj_size are not unrolled"
-        if module.dropout > 0 and module.training and module.num_layers > 1:
-            return "inter-layer dropout in training mode makes the unrolled pass differ; probe with train=False"
     if not isinstance(x, Tensor):
         return "packed sequences are not unrolled"
     if x.dim() not in (2, 3):

@@ -7,9 +7,12 @@ Rules and thresholds (all on one batch at initialisation):
 - **vanishing / exploding through depth**: ``a_l = grad_rms_l / grad_rms_last`` for every module with
   parameters called once (repeated calls are a recurrence), where ``last`` is the one nearest the loss.
   ``min a_l < 1e-3`` is vanishing (error below 1e-6); ``max a_l > 1e3`` is exploding (error above 1e6).
-  Without a backward explosion, hidden activations whose std grows > 1e3 × from the first to the last
-  hidden layer are reported as exploding too (error above 1e6). The gradient of a healthy network keeps its
-  order of magnitude from the top to the bottom (Glorot & Bengio 2010; He et al. 2015).
+  The gradient of a healthy network keeps its order of magnitude from the top to the bottom (Glorot &
+  Bengio 2010; He et al. 2015).
+- **forward explosion** (exploding): the std of the weighted layers' outputs, in execution order from the
+  input, grows ≥ 2 × per layer over consecutive layers by ≥ 100 × in all (error from 1e4), the test of
+  :mod:`gradguard.detect.forward` shared with the monitor; normalisation layers reset the reference, and
+  residual streams (≈ √2 per block) stay below it. The finding names the layer where the run starts.
 - **saturation**: share of a sigmoid/tanh output in its flat region (see
   :data:`gradguard.stats.activations.SATURATION_MARGIN`) ≥ 0.25 warning, ≥ 0.6 error.
 - **dead_units**: share of ReLU units that output 0 for every example of the batch ≥ 0.5 warning,
@@ -26,6 +29,8 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from gradguard.detect.base import RuleOptions
+from gradguard.detect.forward import forward_finding
 from gradguard.findings import Finding
 from gradguard.stats.temporal import HORIZON_THRESHOLD
 
@@ -131,21 +136,22 @@ def _depth(rows: Sequence[LayerRow]) -> list[Finding]:
             advice=f"{_init_advice(rows)}; {_NORM}; {_CLIP}.",
             evidence={"reference": ref.label, "layers": [r.label for r, _ in high], "attenuation": evidence_all},
         ))
-    # Forward growth of the activations through the hidden layers (the output layer is left out: its
-    # width and role differ). Backward explosion is the usual consequence; report it once.
-    hidden = [r for r in weighted[:-1] if math.isfinite(r.std) and r.std > 0]
-    if not high and len(hidden) >= 3 and hidden[-1].std / hidden[0].std > EXPLODE_WARNING:
-        growth = hidden[-1].std / hidden[0].std
-        per_layer = growth ** (1.0 / (len(hidden) - 1))
-        out.append(Finding(
-            kind="exploding", module=hidden[0].name, step=0,
-            severity="error" if growth > EXPLODE_ERROR else "warning",
-            message=(f"The activations grow {_fmt(growth)} × from `{hidden[0].label}` (std {_fmt(hidden[0].std)}) to "
-                     f"`{hidden[-1].label}` (std {_fmt(hidden[-1].std)}), about {_fmt(per_layer)} × per layer."),
-            advice=f"{_init_advice(rows)}; {_NORM}; {_CLIP}.",
-            evidence={"layers": {r.label: r.std for r in hidden}, "growth": growth, "per_layer": per_layer},
-        ))
     return out
+
+
+def _forward(rows: Sequence[LayerRow], input_std: float | None, norms: frozenset[str]) -> list[Finding]:
+    repeated = {r.name for r in rows if r.call > 1}
+    stds = [(r.name, r.std) for r in rows
+            if r.has_params and r.name not in repeated and math.isfinite(r.std) and r.std > 0]
+    if len(stds) < 2:
+        return []
+    saturating, relu = _activations(rows)
+    opts = RuleOptions()
+    f = forward_finding(stds, input_std, opts.forward_gain, opts.forward_growth, 0, relu or not saturating, norms)
+    if f is None:
+        return []
+    return [Finding(f.kind, f.module, f.step, f.severity, f.message,
+                    f"{f.advice[:-1]}; {_CLIP}." if f.advice.endswith(".") else f.advice, dict(f.evidence))]
 
 
 def _saturation(rows: Sequence[LayerRow]) -> list[Finding]:
@@ -267,14 +273,25 @@ def diagnose(
     recurrent: Sequence[RecurrentProfile] = (),
     time: TimeProfile | None = None,
     loss: float = 0.0,
+    *,
+    input_std: float | None = None,
+    norm_layers: frozenset[str] = frozenset(),
 ) -> list[Finding]:
-    """All findings for one probe, worst first (then in :data:`gradguard.KINDS` order)."""
+    """All findings for one probe, worst first (then in :data:`gradguard.KINDS` order).
+
+    ``input_std`` is the std of the profiled input (the reference of the first layer's gain) and
+    ``norm_layers`` the names of the normalisation modules (they reset the forward-growth reference).
+    """
     from gradguard.findings import KINDS
 
     findings = _nonfinite(rows, loss)
     forward_ok = not findings
+    forward: list[Finding] = []
     if forward_ok:
-        findings += _depth(rows)
+        depth = _depth(rows)
+        findings += depth
+        if not any(f.kind == "exploding" for f in depth):  # a backward explosion is the usual consequence
+            forward = _forward(rows, input_std, norm_layers)
     findings += _saturation(rows)
     findings += _dead(rows)
     findings += _recurrent(recurrent)
@@ -282,5 +299,7 @@ def diagnose(
     if time is not None and not unrolled and forward_ok:
         findings += _through_time("", "the input", time.norms, time.growth, time.horizon, time.reaches_start,
                                   None, "", {"time_dim": time.time_dim})
+    # A recurrence that amplifies through time also grows its output: its through-time finding says more.
+    findings += [f for f in forward if f.key not in {g.key for g in findings}]
     findings.sort(key=lambda f: (-f.rank, KINDS.index(f.kind)))
     return findings
