@@ -306,6 +306,7 @@ def monitor_state(mon: Monitor) -> dict[str, Any]:
         "step": mon.step_count,
         "rows": list(mon._window),
         "findings": [f.to_dict() for f in mon._findings.values()],
+        "run": dict(vars(mon._run)),  # the rules' memory of the whole run (best and first losses)
     }
 
 
@@ -323,6 +324,7 @@ def load_monitor_state(mon: Monitor, state: Mapping[str, Any]) -> None:
     for d in state["findings"]:
         f = Finding.from_dict(d)
         mon._findings[f.key] = f
+    vars(mon._run).update(state.get("run", {}))
     # The activation tap was armed for step 0 at construction; arm it for the step that comes next instead.
     mon._tap.disarm()
     if mon.sample_every(step):
