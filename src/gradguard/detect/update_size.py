@@ -9,7 +9,8 @@ so a single peak is never enough:
   within ten steps, which is a learning rate far too high for it. When the optimizer is known the message
   gives the learning rate that would bring the ratio to ``update_target`` (3e-3): ``lr · target / ratio``
   (the step of SGD and of Adam-type optimisers is proportional to the learning rate). Only while the loss
-  is not improving: its last three values sit at least ``STILL_LEARNING`` above the run's best level. Large
+  is not improving (:func:`gradguard.detect.base.still_learning`): its last three values sit at least
+  ``STILL_LEARNING`` above the run's best level. Large
   steps that still lower the loss are a schedule's choice, not a fault (the classic word-level LSTM recipe,
   SGD at lr 20 with clipping at 0.25, moves its decoder by > 0.1 of its norm per step early on and learns).
 - **stalled** (kind ``vanishing``): every one ≤ ``update_stall`` (1e-3) × the median ratio of the other
@@ -25,21 +26,11 @@ from __future__ import annotations
 
 import statistics
 
-from gradguard.detect.base import Observation, ParamInfo, finite_values, fmt
+from gradguard.detect.base import Observation, ParamInfo, finite_values, fmt, still_learning
 from gradguard.findings import Finding
 
 #: The other tensors "learn" when their median ratio is at least this (an order below the healthy 1e-3).
 LEARNING = 1e-4
-#: A run whose last losses are all within this factor of its best level is still learning (mini-batch noise
-#: of a falling loss stays well inside it; a learning rate far too high lifts the loss beyond it).
-STILL_LEARNING = 1.1
-
-
-def _still_learning(obs: Observation) -> bool:
-    """The last three losses are all below ``STILL_LEARNING`` × the run's best (positive) loss level."""
-    losses = finite_values(obs.rows, "loss")[-3:]
-    best = obs.run.best if obs.run is not None else float("inf")
-    return len(losses) == 3 and 0 < best < float("inf") and max(losses) < STILL_LEARNING * best
 
 
 def _judged(obs: Observation) -> list[tuple[ParamInfo, list[float]]]:
@@ -65,7 +56,7 @@ def detect(obs: Observation) -> list[Finding]:
     judged = _judged(obs)
     out: list[Finding] = []
     fast = sorted(((p, min(v)) for p, v in judged if min(v) >= opts.update_high), key=lambda t: -t[1])
-    if fast and not _still_learning(obs):
+    if fast and not still_learning(obs):
         p, ratio = fast[0]
         lr = obs.lrs.get(p.name)
         suggestion = ""
