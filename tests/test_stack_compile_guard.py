@@ -35,3 +35,20 @@ def test_compiled_model_is_guarded_exactly_like_the_eager_one() -> None:
     for a, b in zip(eager_model.parameters(), comp_model.parameters(), strict=True):
         assert torch.isfinite(b).all()
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
+def test_probe_of_a_compiled_model_measures_the_module_it_wraps() -> None:
+    # The seed-S2 network: twelve sigmoids at a small init, a vanishing gradient the probe must name.
+    torch.manual_seed(0)
+    layers = [m for _ in range(12) for m in (nn.Linear(32, 32), nn.Sigmoid())]
+    model = nn.Sequential(*layers, nn.Linear(32, 4))
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.05)
+    x, y = torch.randn(64, 32), torch.randint(0, 4, (64,))
+    eager = gg.probe(model, x, y, loss_fn=nn.functional.cross_entropy)
+    compiled = gg.probe(torch.compile(model, backend="eager"), x, y, loss_fn=nn.functional.cross_entropy)
+    assert compiled.options["compiled"] and not eager.options["compiled"]
+    assert [r.label for r in compiled.layers] == [r.label for r in eager.layers]
+    assert {(f.kind, f.severity) for f in compiled.findings} == {(f.kind, f.severity) for f in eager.findings}
+    assert any(f.kind == "vanishing" and f.severity != "info" for f in compiled.findings)

@@ -23,6 +23,7 @@ any ``keras.layers.RNN``) become :class:`KerasRecurrent` modules that own their 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -287,3 +288,16 @@ __all__ = [
     "model_arguments",
     "torch_view",
 ]
+
+
+def unwrap_compiled(model: nn.Module) -> tuple[nn.Module, bool]:
+    """``(module holding the parameters, whether model is a torch.compile wrapper)``.
+
+    ``torch.compile(m)`` returns an ``OptimizedModule`` whose parameters are named ``_orig_mod.*``;
+    the monitor and the probe name, hook and measure ``m`` itself.
+    """
+    wrapped = False
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # not imported: nothing can be compiled yet
+    while eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
+        model, wrapped = model._orig_mod, True
+    return model, wrapped

@@ -128,19 +128,6 @@ def in_backward(outer: int = -1) -> bool:
     return graph_task() not in (-1, outer)
 
 
-def unwrap_compiled(model: nn.Module) -> tuple[nn.Module, bool]:
-    """``(module holding the parameters, whether model is a torch.compile wrapper)``.
-
-    ``torch.compile(m)`` returns an ``OptimizedModule`` whose parameters are named ``_orig_mod.*``;
-    the monitor names and hooks ``m`` itself.
-    """
-    wrapped = False
-    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # not imported: nothing can be compiled yet
-    while eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
-        model, wrapped = model._orig_mod, True
-    return model, wrapped
-
-
 def compiled_in_place(module: nn.Module) -> bool:
     """True after ``module.compile()`` (its ``__call__`` then runs a compiled ``_call_impl``)."""
     return getattr(module, "_compiled_call_impl", None) is not None

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradguard.adapt import as_module
+from gradguard.adapt import as_module, unwrap_compiled
 from gradguard.detect import Observation, ParamInfo, RuleOptions, RunMemory, Sentinel, run_rules
 from gradguard.detect.base import Origin
 from gradguard.detect.forward import is_norm
@@ -34,7 +34,6 @@ from gradguard.monitor.hooks import (
     compiled_in_place,
     dynamo_compiled_something,
     in_backward,
-    unwrap_compiled,
 )
 from gradguard.monitor.params import ParamStats, ReduceFn, RowMeta
 from gradguard.monitor.provenance import (

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gradguard.adapt import as_module
+from gradguard.adapt import as_module, unwrap_compiled
 from gradguard.detect.forward import is_norm
 from gradguard.errors import ConfigError, GradGuardError, InputError, StateError, check_number
 from gradguard.findings import Finding
@@ -354,6 +354,9 @@ def probe(
     model = as_module(model)
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    # A torch.compile wrapper is probed through the module it wraps, eagerly: hooks added to a compiled
+    # graph never run (dynamo does not re-check module hooks), so every column would be empty.
+    model, compiled = unwrap_compiled(model)
     if loss_fn is not None and not callable(loss_fn):
         raise InputError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     if targets is not None and not isinstance(targets, Tensor):
@@ -471,7 +474,7 @@ def probe(
             report = _backward_and_measure(calls, loss, profiled, time_dim, unroll, input_std)
             report.loss_kind = loss_kind
             report.options = {"train": train, "seed": seed, "time_dim": time_dim, "unroll": unroll,
-                              "loss": loss_kind, "profiled": what}
+                              "loss": loss_kind, "profiled": what, "compiled": compiled}
             return report
     finally:
         torch.backends.cudnn.enabled = cudnn_was
