@@ -407,3 +407,33 @@ def test_bad_options_fail_at_construction() -> None:
         GradGuardCallback().on_train_begin(
             SimpleNamespace(deepspeed="ds.json"), state, None, model=torch.nn.Linear(2, 1)
         )
+
+
+@pytest.mark.parametrize("ga", [1, 2])
+def test_guard_option_rolls_the_sick_run_back_and_keeps_it_trainable(tmp_path: Path, ga: int) -> None:
+    steps = JUMP + 10
+    bare = train("gpt2", tmp_path / "bare", steps=steps, ga=ga, jump=JUMP, console=False)
+    run = train("gpt2", tmp_path / "guard", steps=steps, ga=ga, jump=JUMP, guard=True, console=False)
+    healthy = max(log["loss"] for log in bare.logs[:JUMP])
+    # The fault really ruins the unguarded run: every loss after the jump is over twice the healthy level.
+    assert min(log["loss"] for log in bare.logs[JUMP + 1 :]) > 2 * healthy
+    guard = run.callback.guard
+    assert guard is not None and guard.rollbacks >= 1, guard.summary()
+    assert all(torch.isfinite(p).all() for p in run.trainer.model.parameters())
+    # Guarded, the run is back at its healthy level by the end (the Trainer's own loss log).
+    assert max(log["loss"] for log in run.logs[-3:]) < 1.1 * healthy, [log["loss"] for log in run.logs]
+    assert type(run.trainer.optimizer.optimizer) is torch.optim.SGD  # the Trainer's own optimizer is back
+
+
+def test_guard_option_leaves_a_healthy_run_bit_identical(tmp_path: Path) -> None:
+    bare = train("gpt2", tmp_path / "bare", steps=12, console=False)
+    run = train("gpt2", tmp_path / "guard", steps=12, guard=True, console=False)
+    assert run.callback.guard is not None and run.callback.guard.summary()["intervened"] == 0
+    assert [log["loss"] for log in run.logs] == [log["loss"] for log in bare.logs]
+    for a, b in zip(bare.trainer.model.parameters(), run.trainer.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_guard_option_is_checked() -> None:
+    with pytest.raises(gg.ConfigError, match="guard="):
+        GradGuardCallback(guard="yes")  # type: ignore[arg-type]

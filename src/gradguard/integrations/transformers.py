@@ -63,6 +63,7 @@ from torch import Tensor, nn
 
 from gradguard.errors import ConfigError, StateError
 from gradguard.findings import SEVERITIES, Finding
+from gradguard.guard import Guard
 from gradguard.monitor import Monitor, watch
 from gradguard.monitor.monitor import DEFAULTS as WATCH_DEFAULTS
 from gradguard.monitor.provenance import tensors_in
@@ -88,6 +89,12 @@ class GradGuardCallback(TrainerCallback):
     """Watch a ``transformers.Trainer`` run with :func:`gradguard.watch`, seeing gradients before clipping.
 
     Args:
+        guard: ``True`` (the :class:`gradguard.Guard` defaults) or a dict of ``Guard`` options makes every
+            optimizer step of the Trainer a guarded one (skip, roll back, back off): the Trainer's torch
+            optimizer is wrapped inside accelerate's optimizer wrapper (:meth:`gradguard.Guard.wrap`) and the
+            step's loss is handed over with :meth:`gradguard.Guard.record_loss`. The Guard judges the
+            gradients Trainer has clipped (``max_grad_norm``); the monitor sees them before the clip. The
+            LR schedule is the Trainer's; the Guard's LR factor applies around each step only.
         **watch_options: options for :func:`gradguard.watch` (``log_every``, ``sample_every``, ``sinks``,
             ``log_dir``, ...). ``console`` (default True) prints findings on stderr, on the world process
             zero only.
@@ -95,6 +102,8 @@ class GradGuardCallback(TrainerCallback):
     Attributes:
         monitor: the :class:`gradguard.Monitor` of the latest ``train()`` (``None`` before it). After
             training it is closed but readable: ``callback.monitor.findings``, ``.history``, ``.summary()``.
+        guard: the :class:`gradguard.Guard` of the latest ``train()`` with ``guard=``, else ``None``
+            (``callback.guard.events``, ``.summary()``).
 
     Raises:
         ConfigError: an unknown ``gg.watch`` option (at construction); DeepSpeed (at ``train()``).
@@ -107,8 +116,15 @@ class GradGuardCallback(TrainerCallback):
         print(cb.monitor.summary())
     """
 
-    def __init__(self, **watch_options: Any) -> None:
+    def __init__(self, *, guard: bool | Mapping[str, Any] = False, **watch_options: Any) -> None:
         super().__init__()
+        if not isinstance(guard, bool | Mapping):
+            raise ConfigError(f"guard={guard!r:.60} must be True, False or a dict of gg.Guard options")
+        self._guard_options: dict[str, Any] | None = (
+            dict(guard) if isinstance(guard, Mapping) else {} if guard else None
+        )
+        self.guard: Guard | None = None
+        self._wrapper: Any = None  # accelerate's optimizer wrapper whose .optimizer the guard replaced
         unknown = sorted(set(watch_options) - set(WATCH_DEFAULTS))
         if unknown:
             raise ConfigError(
@@ -163,6 +179,19 @@ class GradGuardCallback(TrainerCallback):
         self._tokens_of_all_ranks = bool(getattr(args, "average_tokens_across_devices", False))
         self._reset_step()
         self._handles.append(model.register_forward_hook(self._on_forward, with_kwargs=True))
+        if self._guard_options is not None:
+            self._attach_guard(model, kwargs.get("optimizer"))
+
+    def _attach_guard(self, model: nn.Module, wrapper: Any) -> None:
+        inner = getattr(wrapper, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer):
+            raise StateError(
+                "GradGuardCallback(guard=...) needs the Trainer's accelerate optimizer wrapper around a "
+                f"torch.optim.Optimizer in on_train_begin, got {type(wrapper).__name__}"
+            )
+        self.guard = Guard(model, inner, monitor=self.monitor, **(self._guard_options or {}))
+        self._wrapper = wrapper
+        wrapper.optimizer = self.guard.wrap()  # Trainer's optimizer.step() is now the guarded step
 
     def _resume(self, args: Any, state: Any, consoles: list[ConsoleSink]) -> None:
         assert self.monitor is not None
@@ -240,6 +269,8 @@ class GradGuardCallback(TrainerCallback):
             self.monitor.step(loss)
         finally:
             self._stepping = False
+        if self.guard is not None and loss is not None:
+            self.guard.record_loss(loss)
         self._stepped = True
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -278,6 +309,8 @@ class GradGuardCallback(TrainerCallback):
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._detach()
+        if self._wrapper is not None and self.guard is not None:
+            self._wrapper.optimizer = self.guard.optimizer  # the Trainer's own optimizer back
         if self.monitor is not None:
             self.monitor.close()  # fetches what is pending and removes the monitor's hooks; stays readable
 
