@@ -69,3 +69,23 @@ def test_bounds_are_validated() -> None:
         RuleOptions(update_high=0.0)
     with pytest.raises(ConfigError, match="update_target"):
         RuleOptions(update_high=0.01, update_target=0.05)
+
+
+def test_large_updates_that_keep_the_loss_at_its_best_are_not_judged() -> None:
+    from gradguard.detect.base import NEAR_BEST, RunMemory
+
+    rs = history({"fc1.weight": [0.4, 0.5, 0.3]}, n=31)
+    falling = [dict(r, loss=3.0 / (1 + r["step"])) for r in rs]  # learning: the last losses are its best
+    run = RunMemory()
+    run.update(falling)
+    o = obs(falling)
+    o.run = run
+    assert update_size.detect(o) == []
+    # The same updates once the loss has left its best level by more than NEAR_BEST: a learning-rate problem.
+    risen = [dict(r, loss=r["loss"] * (1.0 if r["step"] < 28 else 1.5 * NEAR_BEST)) for r in falling]
+    run = RunMemory()
+    run.update(risen)
+    o = obs(risen)
+    o.run = run
+    (f,) = update_size.detect(o)
+    assert (f.kind, f.module) == ("exploding", "fc1")

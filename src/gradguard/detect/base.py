@@ -208,17 +208,18 @@ def fmt(x: float) -> str:
     return f"{x:.3g}"
 
 
-#: A run whose last losses are all within this factor of its best level is still learning (mini-batch noise
-#: of a falling loss stays well inside it; a learning rate far too high lifts the loss beyond it).
-STILL_LEARNING = 1.1
+#: A run whose last losses are all within this factor of its best level has not degraded (mini-batch noise
+#: around a falling or settled loss stays inside it; a learning rate far too high lifts the loss beyond it).
+NEAR_BEST = 1.1
 
 
-def still_learning(obs: Observation) -> bool:
-    """The last three losses are all below :data:`STILL_LEARNING` × the run's best (positive) loss level.
+def loss_near_best(obs: Observation) -> bool:
+    """The last three losses are all below :data:`NEAR_BEST` × the run's best (positive) loss level.
 
-    Rules whose evidence is a symptom that healthy training also shows for a while (large updates early on,
-    units off at an initial plateau) stay at ``info`` while it holds: the loss is the arbiter.
+    A finding is judged by what the run did: rules whose evidence is a symptom that healthy training also
+    shows for a while (large updates early on, units off at an initial plateau) stay at ``info`` while the
+    loss holds at its best. A loss stuck at chance from the start is the divergence rule's to judge.
     """
     losses = finite_values(obs.rows, "loss")[-3:]
     best = obs.run.best if obs.run is not None else math.inf
-    return len(losses) == 3 and 0 < best < math.inf and max(losses) < STILL_LEARNING * best
+    return len(losses) == 3 and 0 < best < math.inf and max(losses) < NEAR_BEST * best

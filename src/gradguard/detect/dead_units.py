@@ -12,7 +12,7 @@ leaves the plateau), so a layer that is recovering by itself is info. A whole de
 at once: it passes no gradient to the layers before it, so nothing can revive it. So is any share while the gradient
 vanishes along the depth (the ``vanishing`` test of :mod:`gradguard.detect.vanishing`): units that are off
 because the signal has collapsed with depth are that finding's symptom, not ReLUs that died. And so is a
-partial share while the loss still improves (:func:`gradguard.detect.base.still_learning`): the net is
+partial share while the loss holds at its best (:func:`gradguard.detect.base.loss_near_best`): the net is
 learning around them.
 """
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gradguard.detect.base import Observation, fmt, still_learning
+from gradguard.detect.base import Observation, fmt, loss_near_best
 from gradguard.detect.exploding import DEPTH_RATIO, depth_profile
 from gradguard.findings import Finding
 
@@ -54,7 +54,7 @@ def detect(obs: Observation) -> list[Finding]:
             obs.run.dead_counts[name] = max(dead, before or 0)
             if dead < units and (samples < WARN_SAMPLES or before is None or dead < before):
                 severity = "info"
-        if dead < units and (collapsed or still_learning(obs)):
+        if dead < units and (collapsed or loss_near_best(obs)):
             severity = "info"
         out.append(
             Finding(

@@ -8,10 +8,10 @@ so a single peak is never enough:
 - **too large** (kind ``exploding``): every one ≥ ``update_high`` (0.1): at that pace the tensor is replaced
   within ten steps, which is a learning rate far too high for it. When the optimizer is known the message
   gives the learning rate that would bring the ratio to ``update_target`` (3e-3): ``lr · target / ratio``
-  (the step of SGD and of Adam-type optimisers is proportional to the learning rate). Only while the loss
-  is not improving (:func:`gradguard.detect.base.still_learning`): its last three values sit at least
-  ``STILL_LEARNING`` above the run's best level. Large
-  steps that still lower the loss are a schedule's choice, not a fault (the classic word-level LSTM recipe,
+  (the step of SGD and of Adam-type optimisers is proportional to the learning rate). Only once the loss has
+  left its best level (:func:`gradguard.detect.base.loss_near_best`: one of its last three values at least
+  ``NEAR_BEST`` × the run's best). Large steps that keep the loss at its best are a schedule's choice, not a
+  fault (the classic word-level LSTM recipe,
   SGD at lr 20 with clipping at 0.25, moves its decoder by > 0.1 of its norm per step early on and learns).
 - **stalled** (kind ``vanishing``): every one ≤ ``update_stall`` (1e-3) × the median ratio of the other
   tensors, while its gradient is non-zero and the others learn: the tensor receives a gradient and does not
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import statistics
 
-from gradguard.detect.base import Observation, ParamInfo, finite_values, fmt, still_learning
+from gradguard.detect.base import Observation, ParamInfo, finite_values, fmt, loss_near_best
 from gradguard.findings import Finding
 
 #: The other tensors "learn" when their median ratio is at least this (an order below the healthy 1e-3).
@@ -56,7 +56,7 @@ def detect(obs: Observation) -> list[Finding]:
     judged = _judged(obs)
     out: list[Finding] = []
     fast = sorted(((p, min(v)) for p, v in judged if min(v) >= opts.update_high), key=lambda t: -t[1])
-    if fast and not still_learning(obs):
+    if fast and not loss_near_best(obs):
         p, ratio = fast[0]
         lr = obs.lrs.get(p.name)
         suggestion = ""
