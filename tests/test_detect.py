@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import random
 
+import pytest
 import torch
 
 from gradguard.detect import Observation, ParamInfo, dead_units, exploding, loss_spike, run_rules, saturation, vanishing
@@ -147,3 +148,23 @@ def test_embedding_tables_are_left_out_of_the_depth_profile() -> None:
     o.params = [emb, *PARAMS]
     o.depth = ["emb", *DEPTH]
     assert vanishing.detect(o) == []
+
+
+def test_vanishing_is_judged_at_the_input_end_not_at_one_projection_off_the_path() -> None:
+    # Two attention-style blocks and a head, in forward order (13 modules: the input end is the first 3).
+    # At init a block's query and key gradients are tiny (second order in two small matrices) while the
+    # value projection beside them gets the full signal: the signal reached the input end, not vanishing.
+    names = [f"{m}{b}" for b in range(2) for m in ("q", "k", "v", "o", "f", "g")] + ["head"]
+    params = [ParamInfo(f"{n}.weight", n, 2, 64) for n in names]
+    rms = {n: (1e-7 if n[0] in "qk" else 1e-2) for n in names} | {"head": 5e-2}
+
+    def observe(values: dict[str, float]) -> Observation:
+        rs = [{"step": s, **{f"grad_norm/{n}.weight": values[n] * 8.0 for n in names}} for s in range(20)]
+        return Observation(step=19, rows=rs, new=10, params=params, depth=names)
+
+    assert vanishing.detect(observe(rms)) == []
+    # The whole input end starved (the signal collapsed through the depth): vanishing, at the weakest layer.
+    starved = rms | {"v0": 3e-7}
+    (f,) = vanishing.detect(observe(starved))
+    assert (f.kind, f.module) == ("vanishing", "q0")
+    assert f.evidence["ratio"] == pytest.approx(3e-7 / 5e-2, rel=1e-6)  # largest of the input end / output

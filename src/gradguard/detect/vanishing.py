@@ -1,7 +1,13 @@
 """Vanishing gradients: where along the depth the backward signal collapses.
 
-The test is relative along the depth: the per-element gradient RMS ‖g‖/√n of the input-side layer's
-weights against the output layer's (see :func:`gradguard.detect.exploding.depth_profile`). When it is
+The test is relative along the depth: the per-element gradient RMS ‖g‖/√n of the input end's weights
+(the largest over the first quarter of the modules, at least one: how much of the backward signal got
+through) against the output layer's (see :func:`gradguard.detect.exploding.depth_profile`). The input
+*end*, not its first module: a projection off the signal's path, such as an attention block's query and
+key at initialisation (their gradient is second order in two small weight matrices while the softmax is
+near uniform), is not what the layers before it receive, and a healthy transformer would otherwise read as
+vanishing at step 0. A signal that collapsed through the depth leaves every layer of the input end small.
+When the ratio is
 ≤ 1/:data:`~gradguard.detect.exploding.DEPTH_RATIO` (three orders of magnitude), the first layers learn
 a thousand times slower than the last under SGD (SEEDS S1.1, S2.1). The update ratio ‖Δw‖/‖w‖ is reported
 beside it: Karpathy's rule of thumb is ≈ 1e-3 per step for a layer that learns at a healthy pace; a
@@ -42,7 +48,9 @@ def detect(obs: Observation) -> list[Finding]:
     prof = depth_profile(obs)
     if len(prof) < 3 or obs.new == 0:
         return []
-    (first, g_first), (last, g_last) = prof[0], prof[-1]
+    last, g_last = prof[-1]
+    quarter = prof[: max(1, len(prof) // 4)]
+    first, g_first = max(quarter, key=lambda t: t[1])  # the signal that reached the input end
     ratio = g_first / g_last
     if ratio > 1.0 / DEPTH_RATIO:
         return []
@@ -63,7 +71,7 @@ def detect(obs: Observation) -> list[Finding]:
             severity="warning" if confirmed else "info",
             message=(
                 f"Gradients shrink ×{fmt(ratio)} from the output layer `{last}` (RMS {fmt(g_last)}) to the input "
-                f"layer `{first}` (RMS {fmt(g_first)}) across {len(prof)} layers; weakest at `{weakest}` "
+                f"end `{first}` (RMS {fmt(g_first)}) across {len(prof)} layers; weakest at `{weakest}` "
                 f"(RMS {fmt(g_weak)}){updates}."
             ),
             advice=(
