@@ -7,8 +7,8 @@
 
 Sections, in order: monitor overhead against the peers (``peers.py``), clipping against torch and the
 packages (``clip_peers.py``), NaN provenance (``nan_provenance.py``), Guard (``guard.py``), probe
-(``probe.py``), lab wall time. The measurement method is described in ``harness.py`` and written into the
-file's "Method" paragraph.
+(``probe.py``), lab wall time, import time (``import_time.py``). The measurement method is described in
+``harness.py`` and written into the file's "Method" paragraph.
 """
 
 from __future__ import annotations
@@ -168,6 +168,12 @@ def lab(opts: harness.Options) -> harness.Section:
     return harness.Section("## Lab", body, [] if opts.smoke else lab_targets)
 
 
+def import_time(opts: harness.Options) -> harness.Section:
+    import import_time
+
+    return import_time.run(opts)
+
+
 SECTIONS: dict[str, Runner] = {
     "monitor": monitor,
     "clipping": clipping,
@@ -175,6 +181,7 @@ SECTIONS: dict[str, Runner] = {
     "guard": guard,
     "probe": probe,
     "lab": lab,
+    "import": import_time,
 }
 
 
