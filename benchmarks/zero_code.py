@@ -33,7 +33,7 @@ import harness
 HEADING = "## Zero code (`gradguard run`)"
 LIMIT = 1.10
 PROGRAM = harness.HERE / "programs" / "digits_cnn.py"
-FULL = (3, 5000)  # pairs, steps (a run of about a minute on the 2-core reference machine)
+FULL = (3, 8000)  # pairs, steps (a run of about a minute on the 2-core reference machine)
 QUICK = (1, 400)
 SMOKE = (1, 20)
 STAMP = re.compile(r"^(started|finished) (\d+\.\d+)$", re.MULTILINE)
