@@ -7,8 +7,9 @@
 
 Sections, in order: monitor overhead against the peers (``peers.py``), clipping against torch and the
 packages (``clip_peers.py``), NaN provenance (``nan_provenance.py``), Guard (``guard.py``), probe
-(``probe.py``), lab wall time. The measurement method is described in ``harness.py`` and written into the
-file's "Method" paragraph.
+(``probe.py``), lab wall time, an unmodified program under ``gradguard run`` (``zero_code.py``), import time
+(``import_time.py``). The measurement method is described in ``harness.py`` and written into the file's
+"Method" paragraph.
 """
 
 from __future__ import annotations
@@ -168,6 +169,18 @@ def lab(opts: harness.Options) -> harness.Section:
     return harness.Section("## Lab", body, [] if opts.smoke else lab_targets)
 
 
+def zero_code(opts: harness.Options) -> harness.Section:
+    import zero_code
+
+    return zero_code.run(opts)
+
+
+def import_time(opts: harness.Options) -> harness.Section:
+    import import_time
+
+    return import_time.run(opts)
+
+
 SECTIONS: dict[str, Runner] = {
     "monitor": monitor,
     "clipping": clipping,
@@ -175,6 +188,8 @@ SECTIONS: dict[str, Runner] = {
     "guard": guard,
     "probe": probe,
     "lab": lab,
+    "zero-code": zero_code,
+    "import": import_time,
 }
 
 

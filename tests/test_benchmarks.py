@@ -19,9 +19,11 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import harness  # noqa: E402
+import import_time  # noqa: E402
 import nan_provenance  # noqa: E402
 import peers  # noqa: E402
 import run_all  # noqa: E402
+import zero_code  # noqa: E402
 
 pytestmark = pytest.mark.xdist_group("benchmarks")
 
@@ -65,7 +67,8 @@ def test_run_all_smoke_writes_every_section(tmp_path: Path) -> None:
     assert run_all.main(["--smoke", "--out", str(out)]) == 0
     text = out.read_text(encoding="utf-8")
     for heading in ("## Machine", "## Method", "## Targets", "## Monitor overhead", "## Clipping",
-                    "## NaN provenance", "## Guard", "## Probe", "## Lab"):
+                    "## NaN provenance", "## Guard", "## Probe", "## Lab", zero_code.HEADING,
+                    import_time.HEADING):
         assert f"\n{heading}\n" in text, heading
     assert "model name" not in text and "torch " in text
     # One row per configuration and workload: timed (a ratio) or a stated reason.
@@ -81,8 +84,18 @@ def test_run_all_smoke_writes_every_section(tmp_path: Path) -> None:
     found = re.search(rss, text)
     assert found, "the smoke run measures gradguard's peak RSS in a child process"
     assert 50 < int(found.group(1)) < 4000, "a child's own peak (torch alone is ~200 MiB), not this process's"
-    lab = text.split("## Lab", 1)[1]
+    lab = text.split("## Lab", 1)[1].split("\n## ", 1)[0]
     assert "| ok |" in lab
+    # Zero code: every part of the run timed for both, the ratio of the run, the report time apart.
+    zc = text.split(zero_code.HEADING, 1)[1].split("\n## ", 1)[0]
+    assert re.search(r"\| \*\*the run\*\* \(launch → last step\) \| [\d.]+ \[[^|]*\| [\d.]+ \[[^|]*\| [\d.]+× \[", zc)
+    assert re.search(r"\| report written at exit [^|]*\| — \| -?[\d.]+ \[", zc)
+    assert "stdout (timestamps removed) is the same under `gradguard run`: yes" in zc
+    # Import time: one row per command, and the --help check states a count of torch modules.
+    it = text.split(import_time.HEADING, 1)[1].split("\n## ", 1)[0]
+    for label in import_time.LABELS.values():
+        assert sum(ln.startswith(f"| {label} | ") for ln in it.splitlines()) == 1, label
+    assert re.search(r"`gradguard --help` imports \d+ torch module\(s\) \(\d+ modules in all", it)
 
 
 def test_pkg_resources_stand_in_lives_only_for_cockpits_import(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -94,3 +107,38 @@ def test_pkg_resources_stand_in_lives_only_for_cockpits_import(monkeypatch: pyte
 
         assert get_distribution("torch").version == peers.importlib.metadata.version("torch")
     assert "pkg_resources" not in sys.modules
+
+
+def test_zero_code_splits_wall_time_at_the_programs_timestamps() -> None:
+    """A program that sleeps 0.3 s between its timestamps and 0.4 s after the last one (at exit)."""
+    program = (
+        "import atexit, time\n"
+        "atexit.register(time.sleep, 0.4)\n"
+        "print(f'started {time.time():.6f}', flush=True)\n"
+        "print('own output')\n"
+        "time.sleep(0.3)\n"
+        "print(f'finished {time.time():.6f}', flush=True)\n"
+    )
+    parts = zero_code.launch(["-c", program], threads=1)
+    assert str(parts["stdout"]).split() == ["own", "output"]
+    secs = {k: v for k, v in parts.items() if isinstance(v, float)}
+    assert 0.3 <= secs["train"] < 0.3 + 0.5
+    assert 0.4 <= secs["exit"] < 0.4 + 0.5
+    assert abs(secs["startup"] + secs["train"] + secs["exit"] - secs["wall"]) < 1e-6
+    assert abs(secs["run"] - (secs["startup"] + secs["train"])) < 1e-6
+
+
+def test_importtime_lists_the_modules_the_child_really_imported() -> None:
+    """The parsed ``-X importtime`` list against the child's own ``sys.modules`` (the reference)."""
+    mods = import_time.imported(["-c", "import json, sys; print(' '.join(sys.modules))"])
+    names = [m for m, _, _ in mods]
+    assert "json" in names and "json.decoder" in names
+    assert all(cum >= own >= 0 for _, own, cum in mods)
+    proc = import_time.subprocess.run([sys.executable, "-c", "import json, sys; print(' '.join(sys.modules))"],
+                                      capture_output=True, text=True, check=True)
+    reference = set(proc.stdout.split())
+    assert {"json", "json.decoder", "json.scanner", "json.encoder"} <= set(names) & reference
+    # `site` tries these at start-up; absent here, their failed import is timed but never enters sys.modules.
+    assert set(names) - reference <= {"sitecustomize", "usercustomize"}
+    assert not any(import_time.is_torch(m) for m in names)
+    assert import_time.is_torch("torch.nn") and not import_time.is_torch("torchvision")
