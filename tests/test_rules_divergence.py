@@ -117,3 +117,16 @@ def test_chance_level_start_and_return() -> None:
     # A fresh head that starts near chance and learns: silent.
     step, _ = judge_each_step([1.3 * chance, 1.1 * chance, 0.9 * chance, 0.7 * chance] * 10, chance=chance)
     assert step is None
+
+
+def test_a_classifier_far_below_chance_must_give_back_a_quarter_of_what_it_learned() -> None:
+    # A digits-like classifier at a twentieth of its chance loss (ln 10 ≈ 2.3). Three hard batches in a row
+    # at 0.3 are ×2.5 its best level and far out of its batch noise (without the give-back condition they are
+    # a divergence), but give back under a quarter of what it learned: silent. At 1.5 they give back 60 %.
+    rng = random.Random(0)
+    chance = math.log(10)
+    falling = [2.3 * math.exp(-i / 30) + 0.1 for i in range(120)]
+    noisy = [v * math.exp(rng.gauss(0.0, 0.15)) for v in falling]
+    for bump, expected in ((0.3, False), (1.5, True)):
+        step, finding = judge_each_step([*noisy, bump, bump, bump], chance=chance)
+        assert (step is not None and step >= len(noisy)) is expected, (bump, step, finding)

@@ -16,7 +16,9 @@ median of 3 consecutive losses so far), the run has diverged when
    and above every earlier loss.
 
 With a known chance level ``χ`` (``ln C`` for ``C`` classes; label smoothing, ``ignore_index`` and skewed
-labels put the real one lower, so ``ln C`` errs towards silence), a run whose recent level ``M`` was below
+labels put the real one lower, so ``ln C`` errs towards silence), a rise must also give back
+:data:`GIVEN_BACK` (a quarter) of what the run had learned, ``L − B ≥ ¼ (χ − B)``; a run whose recent
+level ``M`` was below
 ``0.8 χ`` and whose loss stays at ``≥ χ`` (and passes test 2) has lost what it learned, even below 2×; and
 first ``level_steps`` losses all ``≥ level_ratio · χ`` mean a run worse than guessing from its start, by
 the factor that defines a degradation later: logits far too large (a healthy initialisation puts the loss
@@ -43,6 +45,10 @@ from gradguard.stats import spike_threshold
 LEARNED = 0.8
 #: A level this many times the best (or a start this many times the chance level) is an error, not a warning.
 CHANCE_FACTOR = 10.0
+#: With a known chance level, a rise is a divergence only once it gives back this share of what the run had
+#: learned (``L − B ≥ GIVEN_BACK · (χ − B)``): a classifier at a tenth of the chance loss has heavy-tailed
+#: batch noise (a few hard batches triple it), and ×2 over its best is still far better than guessing.
+GIVEN_BACK = 0.25
 #: Losses before the rise whose median is the level it rose from (the recent level, not the window's,
 #: which a falling loss would place far above it).
 RECENT_LEVEL = 16
@@ -151,6 +157,8 @@ def detect(obs: Observation) -> list[Finding]:
     back_at_chance = (chance is not None and level >= chance and len(past) >= MIN_HISTORY
                       and statistics.median(past[-RECENT_LEVEL:]) <= LEARNED * chance)
     if ratio < opts.level_ratio and not back_at_chance:
+        return []
+    if chance is not None and run.best < chance and level - run.best < GIVEN_BACK * (chance - run.best):
         return []
     if len(past) >= MIN_HISTORY:
         sigma = step_noise(past)
