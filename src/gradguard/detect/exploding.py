@@ -84,27 +84,27 @@ def _growth_in_time(obs: Observation) -> Finding | None:
     if not spike:
         return None
     grown = grown_tensors(obs, before, tail, obs.options.growth)
-    top = grown[:3]
+    return _growth_finding(
+        obs, grown[:3], ratio,
+        f"The global gradient norm grew ×{fmt(ratio)} over its median of the previous {len(window)} steps "
+        f"({fmt(base)} → {fmt(latest)}, median of the last {RECENT}; robust z = {fmt(z)}, limit "
+        f"{fmt(rule.threshold(len(window)))})",
+        {"grad_norm": latest, "window_median": base, "ratio": ratio, "zscore": z},
+    )
+
+
+def _growth_finding(obs: Observation, top: list[tuple[ParamInfo, float]], ratio: float, text: str,
+                    evidence: dict[str, Any]) -> Finding:
+    """An ``exploding`` finding for a global-norm growth of ``ratio``, at the tensor that grew most."""
     names = ", ".join(f"{p.name} ×{fmt(r)}" for p, r in top) if top else "every tensor"
-    module = top[0][0].module if top else ""
     return Finding(
         kind="exploding",
-        module=module,
+        module=top[0][0].module if top else "",
         step=obs.step,
         severity="error" if ratio >= 1e3 else "warning",
-        message=(
-            f"The global gradient norm grew ×{fmt(ratio)} over its median of the previous {len(window)} steps "
-            f"({fmt(base)} → {fmt(latest)}, median of the last {RECENT}; robust z = {fmt(z)}, limit "
-            f"{fmt(rule.threshold(len(window)))}); largest growth: {names}."
-        ),
+        message=f"{text}; largest growth: {names}.",
         advice=ADVICE + ".",
-        evidence={
-            "grad_norm": latest,
-            "window_median": base,
-            "ratio": ratio,
-            "zscore": z,
-            "grown": {p.name: r for p, r in top},
-        },
+        evidence={**evidence, "grown": {p.name: r for p, r in top}},
     )
 
 
@@ -122,19 +122,11 @@ def _geometric_growth(obs: Observation) -> Finding | None:
         return None
     total = values[-1] / values[0]
     grown = grown_tensors(obs, rows[-RECENT - 1 : -RECENT], rows[-1:])[:3]
-    names = ", ".join(f"{p.name} ×{fmt(r)}" for p, r in grown) if grown else "every tensor"
-    return Finding(
-        kind="exploding",
-        module=grown[0][0].module if grown else "",
-        step=obs.step,
-        severity="error" if total >= 1e3 else "warning",
-        message=(
-            f"The global gradient norm has multiplied by ×{', ×'.join(fmt(g) for g in gains)} over the last "
-            f"{RECENT} steps ({fmt(values[0])} → {fmt(values[-1])}): the optimizer's steps amplify instead of "
-            f"descend; largest growth: {names}."
-        ),
-        advice=ADVICE + ".",
-        evidence={"gains": gains, "grad_norm": values[-1], "grown": {p.name: r for p, r in grown}},
+    return _growth_finding(
+        obs, grown, total,
+        f"The global gradient norm has multiplied by ×{', ×'.join(fmt(g) for g in gains)} over the last "
+        f"{RECENT} steps ({fmt(values[0])} → {fmt(values[-1])}): the optimizer's steps amplify instead of descend",
+        {"gains": gains, "grad_norm": values[-1]},
     )
 
 
