@@ -147,6 +147,19 @@ def test_time_profile_matches_autograd() -> None:
     assert report.layer("1").dead_frac == 0.0
 
 
+def test_dead_channels_of_a_conv1d_counted_by_channel_through_batchnorm() -> None:
+    # Conv1d -> BatchNorm1d -> ReLU: the ReLU sees (N, C, L); a unit is a channel (as in the monitor), not
+    # a position. One of 4 channels gets a bias of -100 after normalisation: it never fires.
+    model = nn.Sequential(nn.Conv1d(3, 4, 3, padding=1), nn.BatchNorm1d(4), nn.ReLU())
+    with torch.no_grad():
+        model[1].bias[0] = -100.0
+    x = torch.randn(6, 3, 20)
+    y = model(x)
+    naive = sum(bool((y[:, c] == 0).all()) for c in range(4)) / 4  # channels that never fire
+    assert naive == 0.25
+    assert gg.probe(model, x).layer("2").dead_frac == naive
+
+
 def test_dead_units_after_negative_bias() -> None:
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1))
     with torch.no_grad():
@@ -238,16 +251,30 @@ def test_targets_without_loss_fn() -> None:
     model = nn.Linear(4, 3)
     x = torch.randn(8, 4)
     y_cls = torch.randint(0, 3, (8,))
-    report = gg.probe(model, x, y_cls)
+    report = gg.probe(model, x, targets=y_cls)
     assert report.loss_kind == "cross_entropy"
     assert report.loss == pytest.approx(F.cross_entropy(model(x), y_cls).item(), rel=1e-6)
     y_reg = torch.randn(8, 3)
-    report = gg.probe(model, x, y_reg)
+    report = gg.probe(model, x, targets=y_reg)
     assert report.loss_kind == "mse" and report.loss == pytest.approx(F.mse_loss(model(x), y_reg).item(), rel=1e-6)
-    report = gg.probe(model, x, y_reg, lambda out, t: (out - t).abs().mean())
+    report = gg.probe(model, x, targets=y_reg, loss_fn=lambda out, t: (out - t).abs().mean())
     assert report.loss_kind == "loss_fn"
     with pytest.raises(ConfigError, match="do not match"):
-        gg.probe(model, x, torch.randn(8, 5))
+        gg.probe(model, x, targets=torch.randn(8, 5))
+
+
+def test_positional_targets_and_loss_fn_are_deprecated_but_work() -> None:
+    model = nn.Linear(4, 3)
+    x, y = torch.randn(8, 4), torch.randn(8, 3)
+    l1 = lambda out, t: (out - t).abs().mean()  # noqa: E731
+    with pytest.warns(DeprecationWarning, match="targets=...") as caught:
+        old = gg.probe(model, x, y, l1)
+    assert caught[0].filename == __file__  # the warning points at the caller
+    new = gg.probe(model, x, targets=y, loss_fn=l1)
+    assert old.loss_kind == new.loss_kind == "loss_fn"
+    assert old.loss == new.loss == pytest.approx(float((model(x) - y).abs().mean().detach()), rel=1e-6)
+    with pytest.raises(InputError, match="positional"):
+        gg.probe(model, x, y, l1, 3)
 
 
 def test_bad_arguments_raise_specific_errors() -> None:
@@ -346,12 +373,12 @@ def test_eval_mode_probe_is_deterministic_and_train_mode_uses_dropout() -> None:
 
 
 def test_unroll_failure_becomes_a_note(monkeypatch: pytest.MonkeyPatch) -> None:
-    import gradguard.preflight.core as core
+    import gradguard.preflight.measure as measure
 
     def boom(*args: object, **kwargs: object) -> None:
         raise RuntimeError("odd layout\nmore")
 
-    monkeypatch.setattr(core, "unroll_profile", boom)
+    monkeypatch.setattr(measure, "unroll_profile", boom)
     report = gg.probe(nn.GRU(2, 3, batch_first=True), torch.randn(2, 5, 2))
     assert report.recurrent[0].note == "not unrolled: RuntimeError: odd layout"
     assert report.layers and report.recurrent[0].last_norms == []

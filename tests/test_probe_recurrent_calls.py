@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import gradguard as gg
+from gradguard.preflight import projection_loss
 
 
 class WordLM(nn.Module):
@@ -60,7 +61,7 @@ def test_tokens_and_hidden_are_profiled_at_the_embedding_output() -> None:
     # Reference: ‖∂L/∂e_t‖ at the embedding output, by plain autograd with the probe's projection loss.
     emb = model.encoder(tokens).detach().requires_grad_(True)
     out, h = model.rnn(emb, hidden)
-    loss = gg.preflight.core.projection_loss((model.decoder(out), h), seed=0)
+    loss = projection_loss((model.decoder(out), h), seed=0)
     (g,) = torch.autograd.grad(loss, emb)
     ref = g.pow(2).sum(dim=(1, 2)).sqrt()
     assert torch.allclose(torch.tensor(report.time.norms, dtype=torch.float64), ref.double(), rtol=1e-4)

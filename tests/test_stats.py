@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -122,6 +123,17 @@ def test_activation_summaries_match_naive_float64_row_by_row() -> None:
         for row, x in zip(activation_summaries(batch, [None] * len(equal)), equal, strict=True):
             _assert_matches_naive(row, x, None)
     assert activation_summaries([], []).shape == (0, 6)
+
+
+def test_single_and_batched_summaries_share_the_rescaling_beyond_float32_squares() -> None:
+    # 3e20² overflows float32 (max 3.4e38): without the max|x| rescaling the std would be inf.
+    x = torch.tensor([1e20, -1e20, 3e20, 0.0])
+    want = float(np.std(np.array([1e20, -1e20, 3e20, 0.0], dtype=np.float64)))  # population std, ddof=0
+    single = activation_summary(x)[1].item()
+    padded = activation_summaries([x, torch.ones(7)], [None, None])[0, 1].item()
+    matrix = activation_summaries(torch.stack([x, x.flip(0)]), [None, None])[:, 1].tolist()
+    for got in (single, padded, *matrix):
+        assert math.isfinite(got) and got == pytest.approx(want, rel=1e-6)  # float32 rounding: ~6e-8 relative
 
 
 def test_sigmoid_saturation_fraction() -> None:

@@ -14,8 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gradguard.adapt import call_model
 from gradguard.errors import ConfigError, InputError
-from gradguard.preflight.core import _float_tensors, probe
+from gradguard.preflight.core import probe
+from gradguard.preflight.loss import float_tensors
 from gradguard.report.files import write_json_atomic
 
 LOSSES = ("default", "mse", "ce")
@@ -93,7 +95,7 @@ def build_model(ref: str) -> nn.Module:
 def _loss_for(kind: str, output: Any, gen: torch.Generator) -> tuple[Tensor | None, Callable[..., Tensor] | None]:
     if kind == "default":
         return None, None
-    tensors = _float_tensors(output)
+    tensors = float_tensors(output)
     if not tensors:
         raise ConfigError(f"--loss {kind}: the model output holds no floating-point tensor")
     y = tensors[0]
@@ -106,7 +108,7 @@ def _loss_for(kind: str, output: Any, gen: torch.Generator) -> tuple[Tensor | No
     target = torch.randint(0, classes, tuple(y.shape[:-1]), generator=gen).to(y.device)
 
     def ce(out: Any, tgt: Tensor) -> Tensor:
-        scores = _float_tensors(out)[0]
+        scores = float_tensors(out)[0]
         return F.cross_entropy(scores.reshape(-1, scores.shape[-1]), tgt.reshape(-1))
 
     return target, ce
@@ -127,11 +129,12 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--input-shape {args.input_shape} cannot be allocated: {_first_line(exc)}") from exc
     try:
         with torch.no_grad():
-            output = model(x)
+            output = call_model(model, x)
     except Exception as exc:  # the user's model: a rejected shape is a usage error, in one line
         raise ConfigError(f"the model rejected an input of shape {args.input_shape}: {_first_line(exc)}") from exc
     targets, loss_fn = _loss_for(args.loss, output, gen)
-    report = probe(model, x, targets, loss_fn, time_dim=args.time_dim, seed=args.seed, train=not args.eval)
+    report = probe(model, x, targets=targets, loss_fn=loss_fn, time_dim=args.time_dim, seed=args.seed,
+                   train=not args.eval)
     print(report.to_markdown())
     out = Path(args.out)
     try:

@@ -68,11 +68,6 @@ def cell_spec(module: nn.Module) -> CellSpec | None:
     return None
 
 
-def is_recurrent(module: nn.Module) -> bool:
-    """True for ``nn.RNN``, ``nn.LSTM``, ``nn.GRU`` and ``gradguard.nn.LSTM``."""
-    return cell_spec(module) is not None
-
-
 def has_active_dropout(module: nn.Module) -> bool:
     """True for a stacked ``nn.RNN``/``LSTM``/``GRU`` whose inter-layer dropout is active (training mode)."""
     return isinstance(module, nn.RNNBase) and module.dropout > 0 and module.training and module.num_layers > 1
@@ -151,7 +146,7 @@ def unroll_profile(
 
     Returns:
         :class:`Unrolled` with ``‖∂L/∂h^k_t‖`` (true loss), ``‖∂L/∂x_t‖`` and the profile of the gradient
-        coming from the last step alone, which is the product of Jacobians of SEEDS S3.1.
+        coming from the last step alone, the product of per-step Jacobians (Bengio et al. 1994).
     """
     unbatched = x.dim() == 2
     xb = x.detach().unsqueeze(0 if spec.batch_first else 1) if unbatched else x.detach()

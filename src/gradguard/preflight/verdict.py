@@ -27,15 +27,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from gradguard.detect.base import RuleOptions
 from gradguard.detect.forward import forward_finding
-from gradguard.findings import Finding
+from gradguard.findings import KINDS, Finding
+from gradguard.preflight.rows import LayerRow, RecurrentProfile, TimeProfile
 from gradguard.stats.temporal import HORIZON_THRESHOLD
-
-if TYPE_CHECKING:
-    from gradguard.preflight.core import LayerRow, RecurrentProfile, TimeProfile
 
 VANISH_WARNING, VANISH_ERROR = 1e-3, 1e-6
 EXPLODE_WARNING, EXPLODE_ERROR = 1e3, 1e6
@@ -282,8 +279,6 @@ def diagnose(
     ``input_std`` is the std of the profiled input (the reference of the first layer's gain) and
     ``norm_layers`` the names of the normalisation modules (they reset the forward-growth reference).
     """
-    from gradguard.findings import KINDS
-
     findings = _nonfinite(rows, loss)
     forward_ok = not findings
     forward: list[Finding] = []

@@ -1,9 +1,9 @@
-"""Showing a :class:`~gradguard.preflight.core.ProbeReport`: Markdown tables and a self-contained HTML page.
+"""The probe's report: :class:`ProbeReport`, and its Markdown tables and self-contained HTML page.
 
-Rendering only: every number shown was measured by the probe. Plots are drawn with matplotlib's Agg
-backend into PNG bytes embedded as ``data:`` URIs, so the page needs no other file and no network.
-Every string that comes from the user's model (module names, messages quoting them) is escaped with
-``html.escape``.
+Rendering only: every number shown was measured by :mod:`gradguard.preflight.measure` and judged by
+:mod:`gradguard.preflight.verdict`. Plots are drawn with matplotlib's Agg backend into PNG bytes embedded as
+``data:`` URIs, so the page needs no other file and no network. Every string that comes from the user's
+model (module names, messages quoting them) is escaped with ``html.escape``.
 """
 
 from __future__ import annotations
@@ -12,14 +12,67 @@ import base64
 import html
 import io
 import math
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
+from gradguard.errors import ConfigError
+from gradguard.findings import Finding
+from gradguard.preflight.rows import LayerRow, RecurrentProfile, TimeProfile
 from gradguard.report.files import write_bytes_atomic
 from gradguard.report.html import page
 
-if TYPE_CHECKING:
-    from gradguard.preflight.core import ProbeReport
+
+@dataclass
+class ProbeReport:
+    """Everything one :func:`gradguard.probe` call measured, and the verdict.
+
+    Attributes:
+        layers: :class:`~gradguard.preflight.rows.LayerRow` per module call, in execution order.
+        findings: :class:`gradguard.Finding` list, worst first (``step`` is 0).
+        recurrent: :class:`~gradguard.preflight.rows.RecurrentProfile` per recurrent module call.
+        time: :class:`~gradguard.preflight.rows.TimeProfile` of the model input when ``time_dim`` was
+            given, else None.
+        loss: the probe loss value.
+        loss_kind: one of :data:`gradguard.preflight.loss.LOSS_KINDS`.
+        options: the resolved options of the call (seed, train, time_dim, ...).
+    """
+
+    layers: list[LayerRow]
+    findings: list[Finding]
+    recurrent: list[RecurrentProfile] = field(default_factory=list)
+    time: TimeProfile | None = None
+    loss: float = float("nan")
+    loss_kind: str = "projection"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def layer(self, name: str, call: int = 1) -> LayerRow:
+        """The row of module ``name`` (its ``call``-th call)."""
+        for row in self.layers:
+            if row.name == name and row.call == call:
+                return row
+        raise ConfigError(f"no probed module named {name!r} (call {call}); have {[r.label for r in self.layers]}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable copy (NaN stays NaN; use ``json.dumps(..., allow_nan=True)``)."""
+        return {
+            "layers": [asdict(r) for r in self.layers],
+            "findings": [f.to_dict() for f in self.findings],
+            "recurrent": [asdict(r) for r in self.recurrent],
+            "time": None if self.time is None else asdict(self.time),
+            "loss": self.loss,
+            "loss_kind": self.loss_kind,
+            "options": dict(self.options),
+        }
+
+    def to_markdown(self) -> str:
+        """Per-layer table, recurrent profiles and findings as GitHub-flavoured Markdown."""
+        return report_markdown(self)
+
+    def to_html(self, path: str | Path) -> Path:
+        """Write a self-contained HTML report (plots embedded as PNG) to ``path``; returns the path."""
+        return write_html(self, Path(path))
+
 
 _COLUMNS = ("#", "module", "type", "mean", "std", "std gain", "zero", "sat", "dead", "nonfinite",
             "‖∂L/∂y‖ rms", "grad gain", "‖W‖", "‖∂L/∂W‖")
