@@ -20,7 +20,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 #: Sub-command -> (module with its ``register``, its one-line help in ``gradguard --help``).
 COMMANDS: dict[str, tuple[str, str]] = {
-    "lab": ("gradguard.lab.command", "reproduce the seed demonstrations as experiments with reports"),
+    "lab": ("gradguard.lab.command", "reproduce vanishing/exploding-gradient results as experiments with reports"),
     "report": ("gradguard.lab.command", "re-render a lab run's reports, draw a run log, or compare two run logs"),
     "probe": ("gradguard.preflight.command", "diagnose a model on one random batch before training"),
     "run": ("gradguard.attach.command", "run an unmodified training program with the monitor attached"),

@@ -1,4 +1,4 @@
-"""The lab: every seed demonstration (SEEDS.md S0–S4) as a reproducible experiment with claims and a report.
+"""The lab: vanishing and exploding gradients from the literature, as experiments with checked claims.
 
 ``gradguard lab list`` shows the registry (:mod:`gradguard.lab.registry`); ``gradguard lab run ID`` runs
 experiments (:mod:`gradguard.lab.runner`) into a folder of results: ``config.json``, ``metrics.json`` with

@@ -30,10 +30,10 @@ SEED_MAX = 2**32 - 1
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``lab`` (with ``list`` and ``run``) and ``report`` sub-commands to the CLI."""
-    lab = sub.add_parser("lab", help="reproduce the seed demonstrations as experiments with reports")
+    lab = sub.add_parser("lab", help="reproduce vanishing/exploding-gradient results as experiments with reports")
     lab_sub = lab.add_subparsers(dest="lab_command", metavar="{list,run}", parser_class=type(lab))
     lab_sub.required = True
-    ls = lab_sub.add_parser("list", help="one line per experiment: id, seed items covered, title")
+    ls = lab_sub.add_parser("list", help="one line per experiment: id, references, title")
     ls.set_defaults(func=_cmd_list)
     run = lab_sub.add_parser("run", help="run experiments and write their reports")
     run.add_argument("ids", nargs="*", metavar="ID", help="experiment ids (see `gradguard lab list`)")
@@ -67,10 +67,10 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
     console = Console(highlight=False)
     table = Table(title="gradguard lab experiments")
-    for col in ("id", "seed items", "title"):
+    for col in ("id", "references", "title"):
         table.add_column(col)
     for e in registry.EXPERIMENTS:
-        table.add_row(e.id, ", ".join(e.seeds), e.title)
+        table.add_row(e.id, ", ".join(e.references), e.title)
     console.print(table)
     cover = registry.coverage()
     console.print("coverage: " + "; ".join(f"{s} → {', '.join(ids)}" for s, ids in cover.items()))

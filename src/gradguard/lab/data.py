@@ -1,7 +1,7 @@
 """Offline datasets for the lab: nothing here downloads anything.
 
 - :func:`sunspots_windows`: yearly sunspot numbers 1700–2008 (``statsmodels``), min-max scaled to [0, 1],
-  cut into sliding windows for next-value regression (the real series SEEDS S0.1 asks for).
+  cut into sliding windows for next-value regression (a real series, not a synthetic one).
 - :func:`digits`: scikit-learn's 8×8 handwritten digits (1,797 images, 64 features, 10 classes).
 - :func:`mnist1d`: MNIST-1D (Greydanus 2020), generated locally by ``mnist1d.make_dataset`` with explicit
   arguments (40 features, 10 classes).
@@ -56,7 +56,7 @@ def sunspots_windows(window: int, test_fraction: float = 0.2) -> Split:
 
 
 def _standardise(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    # Feature scaling with the training set's statistics only (SEEDS S0.7: normalise the features).
+    # Feature scaling with the training set's statistics only, so the test set stays unseen.
     mean, std = train.mean(0), train.std(0) + 1e-6
     return (train - mean) / std, (test - mean) / std
 

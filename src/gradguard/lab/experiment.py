@@ -43,14 +43,14 @@ class ExperimentInfo:
 
     Attributes:
         id: the name used on the command line and as the output folder.
-        seeds: the SEEDS.md items it demonstrates (e.g. ``("S0.5",)``).
+        references: the papers whose result it reproduces (e.g. ``("Glorot & Bengio 2010",)``).
         title: one line.
         summary: the paragraph opening its report: what it shows and which remedy it supports.
         run: ``RunContext -> Result``.
     """
 
     id: str
-    seeds: tuple[str, ...]
+    references: tuple[str, ...]
     title: str
     summary: str
     run: Callable[[RunContext], Result]

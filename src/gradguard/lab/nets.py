@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from gradguard.lab.data import Split
 from gradguard.stats import tensor_norms, total_norm
 
-#: Activations by the names experiments use (SEEDS S2.3).
+#: Activations by the names experiments use.
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "sigmoid": nn.Sigmoid,
     "tanh": nn.Tanh,
@@ -37,7 +37,7 @@ class DeepMLP(nn.Module):
 
     With ``residual=True`` each hidden layer after the first adds its input back: h ← h + f(h) (He et al.
     2016), so the backward pass has an identity path around every layer (the widths must then be equal).
-    BatchNorm uses PyTorch momentum 0.1, i.e. Keras' 0.9 (SEEDS S2.4). ``forward_all`` also returns each
+    BatchNorm uses PyTorch momentum 0.1, i.e. Keras' 0.9 (Ioffe & Szegedy 2015). ``forward_all`` also returns each
     hidden layer's output, which the experiments summarise.
     """
 

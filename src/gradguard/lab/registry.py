@@ -61,9 +61,9 @@ def select(names: Iterable[str]) -> list[ExperimentInfo]:
 
 
 def coverage() -> dict[str, list[str]]:
-    """Seed item → ids of the experiments that demonstrate it."""
+    """Reference → ids of the experiments that reproduce its result, references in alphabetical order."""
     out: dict[str, list[str]] = {}
     for e in EXPERIMENTS:
-        for s in e.seeds:
-            out.setdefault(s, []).append(e.id)
-    return dict(sorted(out.items(), key=lambda kv: tuple(int(p) for p in kv[0][1:].split("."))))
+        for ref in e.references:
+            out.setdefault(ref, []).append(e.id)
+    return dict(sorted(out.items()))

@@ -73,7 +73,7 @@ def run_experiment(
     metrics = {
         "id": info.id,
         "title": info.title,
-        "seeds": list(info.seeds),
+        "references": list(info.references),
         "summary": info.summary,
         "seed": seed,
         "quick": quick,

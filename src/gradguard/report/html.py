@@ -98,11 +98,11 @@ def render_experiment(results: ExperimentResults, images: dict[str, bytes]) -> s
     """The experiment's report page; ``images`` maps figure names to PNG bytes (embedded inline)."""
     m = results.metrics
     n_hold = sum(bool(c["holds"]) for c in results.claims)
-    seeds = ", ".join(str(s) for s in m.get("seeds", []))
+    references = ", ".join(str(s) for s in m.get("references", []))
     mode = "quick" if m.get("quick") else "full"
     parts = [
         f"<h1>{escape(str(m.get('title', results.id)))}</h1>",
-        f'<p class="meta">experiment <code>{escape(results.id)}</code> · seed items {escape(seeds)} · '
+        f'<p class="meta">experiment <code>{escape(results.id)}</code> · {escape(references)} · '
         f"{escape(mode)} mode · seed {escape(str(m.get('seed')))} · "
         f"{escape(format_value(m.get('elapsed_s', float('nan'))))} s · "
         f"{n_hold}/{len(results.claims)} claims hold</p>",
@@ -136,7 +136,7 @@ def render_index(runs: list[ExperimentResults]) -> str:
     rows = "".join(
         f'<tr><td><a href="{escape(r.folder.name)}/{REPORT}">{escape(r.id)}</a></td>'
         f"<td>{escape(str(r.metrics.get('title', '')))}</td>"
-        f"<td>{escape(', '.join(str(s) for s in r.metrics.get('seeds', [])))}</td>"
+        f"<td>{escape(', '.join(str(s) for s in r.metrics.get('references', [])))}</td>"
         f"<td class=\"num\">{sum(bool(c['holds']) for c in r.claims)}/{len(r.claims)}</td>"
         f"<td>{_mark(r.all_hold)}</td></tr>"
         for r in runs
@@ -147,7 +147,7 @@ def render_index(runs: list[ExperimentResults]) -> str:
         '<p class="summary">Each experiment reproduces a demonstration about vanishing and exploding gradients, '
         "measures it, and checks its claims. Follow a link for the figures and the explanation.</p>",
         "<h2>Experiments</h2>",
-        "<table><tr><th>experiment</th><th>title</th><th>seed items</th><th>claims</th><th>verdict</th></tr>"
+        "<table><tr><th>experiment</th><th>title</th><th>references</th><th>claims</th><th>verdict</th></tr>"
         f"{rows}</table>",
         "<h2>All claims</h2>",
     ]

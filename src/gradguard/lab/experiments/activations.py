@@ -1,4 +1,4 @@
-"""S2.3: non-saturating activations, and ReLU units that die at a high learning rate.
+"""Non-saturating activations, and ReLU units that die at a high learning rate.
 
 The same 8-layer, 100-unit MLP (He init) is trained on digits with Adam at lr 0.01, ten times the usual
 default, with nine activations. A unit is *dead* when its activation's derivative is exactly zero on every
@@ -118,7 +118,7 @@ def run(ctx: RunContext) -> Result:
 
 INFO = ExperimentInfo(
     id="activations",
-    seeds=("S2.3", "S0.7", "S4.5"),
+    references=("Maas et al. 2013", "He et al. 2015", "Clevert et al. 2016", "Klambauer et al. 2017"),
     title="Activations: dead ReLUs at a high learning rate, leaky variants cannot die",
     summary=(
         "Trained at a high learning rate, a ReLU network ends with a sizeable share of units that output zero for "

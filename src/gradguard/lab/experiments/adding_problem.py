@@ -1,4 +1,4 @@
-"""S3.1–S3.3, S0.8, S4.3: the adding problem, a long-memory task, for a tanh RNN, an IRNN and an LSTM.
+"""The adding problem, a long-memory task, for a tanh RNN, an IRNN and an LSTM.
 
 Each input step carries a value u ~ U(0, 1) and a marker; exactly one step in each half of the sequence is
 marked, and the target is the sum of the two marked values (Hochreiter & Schmidhuber 1997; the setup of
@@ -103,7 +103,7 @@ def run(ctx: RunContext) -> Result:
     figure = Figure("adding", f"The adding problem at T = {length}", [curves, norms],
                     caption="Left: below the dotted line a model uses the marked values; at the line it has learned "
                             "only their mean. Dashed: with global-norm clipping at 1. Right: the ReLU RNN's gradient "
-                            "norm spikes by orders of magnitude (S3.3, S0.8), which clipping caps.")
+                            "norm spikes by orders of magnitude (Pascanu et al. 2013), which clipping caps.")
     metrics = {"baseline_mse": baseline, "length": length,
                "final_test_mse": {n: r["final_test_mse"] for n, r in runs.items()},
                "improvement_over_baseline": {n: baseline / r["final_test_mse"] for n, r in runs.items()}}
@@ -117,7 +117,7 @@ def run(ctx: RunContext) -> Result:
 
 INFO = ExperimentInfo(
     id="adding-problem",
-    seeds=("S3.1", "S3.2", "S3.3", "S0.8", "S4.3"),
+    references=("Hochreiter & Schmidhuber 1997", "Pascanu et al. 2013", "Le et al. 2015", "Arjovsky et al. 2016"),
     title="The adding problem: which recurrent nets remember across 100 steps",
     summary=(
         "The adding problem hides two numbers in a long sequence and asks for their sum, so a model must carry "

@@ -1,6 +1,6 @@
-"""S2.4, S2.5: batch normalisation before each activation lets a network train in fewer epochs.
+"""Batch normalisation before each activation lets a network train in fewer epochs.
 
-The seed's worked example is an MLP 784-300-100-10 with He initialisation, batch normalisation and ELU,
+The worked example is an MLP 784-300-100-10 with He initialisation, batch normalisation and ELU,
 trained with plain SGD (lr 0.01, batch 200, 20 epochs) on MNIST. Offline we use scikit-learn's 8×8
 digits (64 inputs, so 64-300-100-10). BN normalises each unit over the batch and rescales with learned
 γ, β; at inference it uses moving averages of μ and σ² (Ioffe & Szegedy 2015), which makes training far
@@ -30,7 +30,7 @@ TARGET = 0.90  # test accuracy whose epoch count is compared
 
 #: name → (activation, batchnorm, SGD learning rate)
 VARIANTS = {
-    "He + BN + ELU, lr 0.01 (S2.5)": ("elu", True, 0.01),
+    "He + BN + ELU, lr 0.01 (worked example)": ("elu", True, 0.01),
     "He + ELU, no BN, lr 0.01": ("elu", False, 0.01),
     "sigmoid + BN, lr 1.0": ("sigmoid", True, 1.0),
     "sigmoid, no BN, lr 1.0": ("sigmoid", False, 1.0),
@@ -38,7 +38,7 @@ VARIANTS = {
 
 
 def _he_init(model: nn.Module) -> None:
-    # He et al. 2015: Var(W) = 2/fan_in, the ReLU-family gain, biases zero (SEEDS S2.2, S2.5).
+    # He et al. 2015: Var(W) = 2/fan_in, the ReLU-family gain, biases zero.
     for m in model.modules():
         if isinstance(m, nn.Linear):
             nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
@@ -83,8 +83,8 @@ def run(ctx: RunContext) -> Result:
     claims = [
         C.at_least("BN is faster", f"epochs to {TARGET:.0%} test accuracy, sigmoid net without BN minus with BN",
                    sig_plain - sig_bn, 1.0),
-        C.at_least("S2.5 example", "He + BN + ELU (SGD 0.01, batch 200): test accuracy after 20 epochs",
-                   metrics["He + BN + ELU, lr 0.01 (S2.5)"]["final_test_accuracy"], 0.85),
+        C.at_least("worked example", "He + BN + ELU (SGD 0.01, batch 200): test accuracy after 20 epochs",
+                   metrics["He + BN + ELU, lr 0.01 (worked example)"]["final_test_accuracy"], 0.85),
         C.is_true("four vectors", "a BN layer holds γ, β (trained) and moving μ, σ² (buffers)",
                   (n_params, n_buffers) == (2, 2), f"{n_params} parameters, {n_buffers} moving statistics"),
     ]
@@ -109,7 +109,7 @@ def run(ctx: RunContext) -> Result:
 
 INFO = ExperimentInfo(
     id="batchnorm",
-    seeds=("S2.4", "S2.5"),
+    references=("Ioffe & Szegedy 2015", "He et al. 2015", "Clevert et al. 2016"),
     title="Batch normalisation: the He + BN + ELU example and fewer epochs to target",
     summary=(
         "Batch normalisation standardises each unit's pre-activation over the mini-batch, then rescales it with "

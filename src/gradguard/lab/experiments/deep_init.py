@@ -1,8 +1,8 @@
-"""S2.1, S2.2, S1.4, S4.2, S4.4: initialisation decides whether a deep net's signals survive.
+"""Initialisation decides whether a deep net's signals survive.
 
 A 10-hidden-layer MLP on scikit-learn digits, for each activation (sigmoid, tanh, ReLU) and each
-initialisation: N(0, 1), N(0, 0.01), 10×N(0, 1) (the "too large" init of S4.2), Xavier/Glorot (uniform,
-Var = gain²·2/(fan_in + fan_out), with the activation's gain, S2.2), He (normal, Var = 2/fan_in),
+initialisation: N(0, 1), N(0, 0.01), 10×N(0, 1) (too large), Xavier/Glorot (uniform,
+Var = gain²·2/(fan_in + fan_out), with the activation's gain), He (normal, Var = 2/fan_in),
 orthogonal (gain·Q with the activation's gain: without √2 a ReLU layer halves the variance) and LSUV
 (Mishkin & Matas 2016), all through :func:`gradguard.init.apply`. At initialisation we measure each
 layer's output std and the std of the back-propagated gradient ∂L/∂h_l (Glorot & Bengio 2010's picture);
@@ -136,7 +136,7 @@ def run(ctx: RunContext) -> Result:
 
 INFO = ExperimentInfo(
     id="deep-init",
-    seeds=("S2.1", "S2.2", "S1.4", "S4.2", "S4.4"),
+    references=("Glorot & Bengio 2010", "Saxe et al. 2014", "He et al. 2015", "Mishkin & Matas 2016"),
     title="Initialisation in a 10-layer net: Glorot & Bengio's picture and training",
     summary=(
         "The same 10-layer network is initialised eight ways. Unscaled N(0,1) weights saturate sigmoid and tanh "

@@ -1,4 +1,4 @@
-"""S1.1, S1.3: a product of 100 random 4×4 matrices explodes, like a deep network's chain of Jacobians.
+"""A product of 100 random 4×4 matrices explodes, like a deep network's chain of Jacobians.
 
 The gradient reaching layer l is a product of L − l Jacobians times a vector, so its size is governed by
 the growth rate of random matrix products: for n×n matrices with N(0, 1) entries the norm grows like
@@ -103,7 +103,7 @@ def run(ctx: RunContext) -> Result:
 
 INFO = ExperimentInfo(
     id="matrix-product",
-    seeds=("S1.1", "S1.3"),
+    references=("Newman 1986", "Bengio et al. 1994", "Saxe et al. 2014"),
     title="A product of 100 random matrices explodes",
     summary=(
         "Back-propagation multiplies one Jacobian per layer, so a deep network's gradient behaves like a product "

@@ -1,8 +1,8 @@
-"""S1.4, S4.5: adaptive optimisers (Adagrad, RMSProp, Adam) against plain SGD on a net whose gradients vanish.
+"""Adaptive optimisers (Adagrad, RMSProp, Adam) against plain SGD on a net whose gradients vanish.
 
 A 6-layer sigmoid MLP (PyTorch default init) has gradients that shrink by ≥ 4× per layer on the way
-down, so SGD moves the lower layers' weights almost not at all (the "lower layers stop changing" symptom
-of S4.5). Adagrad (Duchi et al. 2011), RMSProp (Tieleman & Hinton 2012) and Adam (Kingma & Ba 2015) divide
+down, so SGD moves the lower layers' weights almost not at all (the "lower layers stop changing"
+symptom). Adagrad (Duchi et al. 2011), RMSProp (Tieleman & Hinton 2012) and Adam (Kingma & Ba 2015) divide
 each parameter's step by a running root-mean-square of its own gradients, so a uniformly small gradient
 still gives a normal-sized step.
 """
@@ -83,7 +83,7 @@ def run(ctx: RunContext) -> Result:
 
 INFO = ExperimentInfo(
     id="optimizers",
-    seeds=("S1.4", "S4.5"),
+    references=("Duchi et al. 2011", "Tieleman & Hinton 2012", "Kingma & Ba 2015"),
     title="Adaptive optimisers keep the lower layers learning",
     summary=(
         "In a deep sigmoid network the gradient shrinks layer by layer, and plain SGD barely moves the lower "

@@ -1,10 +1,10 @@
-"""S0.1–S0.4, S0.6, S0.7, S4.5: a ReLU LSTM regressor on a real series explodes; clipping and Guard keep it finite.
+"""A ReLU LSTM regressor on a real series explodes; clipping and Guard keep it finite.
 
 A 2-layer :class:`gradguard.nn.LSTM` (its cell activation is selectable; PyTorch's is tanh only) predicts
 the next yearly sunspot number (scaled to [0, 1]) from the previous ones, trained with Adam on MSE. With
 ReLU as the cell activation nothing bounds h or c, and with weights ~ N(0, 1) the recurrence amplifies
-(S0.8): the loss jumps by orders of magnitude or turns NaN. Each variant runs several trials (different
-seeds) because explosions are random events (S0.3: "rarer, not eliminated").
+(Pascanu et al. 2013): the loss jumps by orders of magnitude or turns NaN. Each variant runs several trials (different
+seeds) because explosions are random events: a remedy makes them rarer, which one run cannot show.
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def run(ctx: RunContext) -> Result:
 
 INFO = ExperimentInfo(
     id="relu-lstm",
-    seeds=("S0.1", "S0.2", "S0.3", "S0.4", "S0.6", "S0.7", "S4.5"),
+    references=("Hochreiter & Schmidhuber 1997", "Pascanu et al. 2013", "Le et al. 2015"),
     title="A ReLU LSTM on a real series explodes; clipping and Guard keep it finite",
     summary=(
         "A two-layer LSTM forecasts yearly sunspot numbers. With the usual tanh cell it trains smoothly. With a "

@@ -1,4 +1,4 @@
-"""S1.4: residual connections give the gradient an identity path to the first layer.
+"""Residual connections give the gradient an identity path to the first layer.
 
 A plain 50-layer MLP with PyTorch's default initialisation (weights ~ U(±1/√fan_in), variance 1/(3·fan_in))
 shrinks the backward signal at every layer, so the first layer's gradient is many orders of magnitude
@@ -69,7 +69,7 @@ def run(ctx: RunContext) -> Result:
 
 INFO = ExperimentInfo(
     id="residual",
-    seeds=("S1.4",),
+    references=("He et al. 2016",),
     title="Residual connections carry the gradient through 50 layers",
     summary=(
         "In a plain 50-layer network every layer scales the backward signal down, and the first layer receives "

@@ -1,4 +1,4 @@
-"""S1.2, S4.1: sigmoid and its derivative over [−8, 8]; finite differences confirm autograd.
+"""Sigmoid and its derivative over [−8, 8]; finite differences confirm autograd.
 
 σ'(x) = σ(x)(1 − σ(x)) peaks at 0.25 at x = 0 and falls to 3.4e-4 at |x| = 8, so every saturated
 sigmoid a gradient passes shrinks it at least 4×, and far more when saturated. A central difference
@@ -98,7 +98,7 @@ def run(ctx: RunContext) -> Result:
 
 INFO = ExperimentInfo(
     id="sigmoid-gradient",
-    seeds=("S1.2", "S4.1"),
+    references=("Hochreiter 1991", "Glorot & Bengio 2010"),
     title="The sigmoid's gradient is at most 0.25 and vanishes when saturated",
     summary=(
         "The logistic sigmoid's derivative is at most 0.25 (at 0) and below 1e-3 once |x| > 7, so a gradient "

@@ -1,9 +1,9 @@
-"""S4.3, S4.2, S3.3: the stacked-LSTM recipe (2 × 100 units, SGD lr 0.01, element-wise clipping at 1.0).
+"""The stacked-LSTM recipe (2 × 100 units, SGD lr 0.01, element-wise clipping at 1.0).
 
 Two stacked 100-unit LSTM layers and a linear head forecast the scaled sunspot series, with plain SGD at
 lr 0.01, with and without :class:`gradguard.clip.ClipValue` (1.0). With PyTorch's default initialisation
-the gradients stay small and clipping never acts; with weights ~ N(0, 1) (S4.2, "too large") single
-gradient elements reach the hundreds or more despite the LSTM's gates (S3.3), and clipping bounds every
+the gradients stay small and clipping never acts; with weights ~ N(0, 1) (too large) single
+gradient elements reach the hundreds or more despite the LSTM's gates, and clipping bounds every
 applied element to [−1, 1].
 """
 
@@ -107,7 +107,7 @@ def run(ctx: RunContext) -> Result:
 
 INFO = ExperimentInfo(
     id="stacked-lstm-clip",
-    seeds=("S4.3", "S4.2", "S3.3"),
+    references=("Hochreiter & Schmidhuber 1997", "Pascanu et al. 2013"),
     title="Stacked LSTM with SGD and element-wise clipping at 1.0",
     summary=(
         "The classic recipe for a stacked LSTM is plain SGD with every gradient element clipped to [−1, 1]. With a "

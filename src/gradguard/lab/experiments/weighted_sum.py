@@ -1,4 +1,4 @@
-"""S0.5: the pre-activation of one neuron with 750 inputs, for three weight scales σ.
+"""The pre-activation of one neuron with 750 inputs, for three weight scales σ.
 
 z = Σ_{i=1..750} x_i·w_i with inputs x_i ~ U(0, 1) drawn once and weights w_i ~ N(0, σ) drawn 10,000
 times. Given x, z is exactly normal with mean 0 and variance σ²·Σx_i² (≈ 750·σ²/3 = 250·σ² since
@@ -65,7 +65,7 @@ def run(ctx: RunContext) -> Result:
 
 INFO = ExperimentInfo(
     id="weighted-sum",
-    seeds=("S0.5",),
+    references=("LeCun et al. 1998", "Glorot & Bengio 2010"),
     title="A neuron's weighted sum: weight scale sets the pre-activation scale",
     summary=(
         "A unit with 750 inputs in [0, 1] sums them with random weights. Its pre-activation has variance "
