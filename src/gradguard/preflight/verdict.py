@@ -1,26 +1,10 @@
 """The probe's verdict: measurements in, :class:`gradguard.Finding` list out, each with its remedy.
 
-Rules and thresholds (all on one batch at initialisation):
-
-- **nonfinite** (error): the first module in execution order whose output holds NaN/Inf while its
-  predecessors' did not; else the module nearest the loss whose output gradient is non-finite.
-- **vanishing / exploding through depth**: ``a_l = grad_rms_l / grad_rms_last`` for every module with
-  parameters called once (repeated calls are a recurrence), where ``last`` is the one nearest the loss.
-  ``min a_l < 1e-3`` is vanishing (error below 1e-6); ``max a_l > 1e3`` is exploding (error above 1e6).
-  The gradient of a healthy network keeps its order of magnitude from the top to the bottom (Glorot &
-  Bengio 2010; He et al. 2015).
-- **forward explosion** (exploding): the std of the weighted layers' outputs, in execution order from the
-  input, grows ≥ 2 × per layer over consecutive layers by ≥ 100 × in all (error from 1e4), the test of
-  :mod:`gradguard.detect.forward` shared with the monitor; normalisation layers reset the reference, and
-  residual streams (≈ √2 per block) stay below it. The finding names the layer where the run starts.
-- **saturation**: share of a sigmoid/tanh output in its flat region (see
-  :data:`gradguard.stats.activations.SATURATION_MARGIN`) ≥ 0.25 warning, ≥ 0.6 error.
-- **dead_units**: share of ReLU units that output 0 for every example of the batch ≥ 0.5 warning,
-  ≥ 0.9 error.
-- **through time** (each unrolled recurrent module, else the input's time profile): the gradient sent
-  back from the last step falls below 1e-3 of its peak inside the sequence → vanishing (warning), the
-  horizon is named; fitted growth factor > 1 with the earliest step getting ≥ 1e2 × the last step's
-  gradient → exploding (error at ≥ 1e6 or non-finite).
+One rule per pathology, all on one batch at initialisation: non-finite outputs or gradients, vanishing or
+exploding gradients through depth (RMS gradient relative to the layer nearest the loss outside
+[1e-3, 1e3]; Glorot & Bengio 2010, He et al. 2015), forward explosion (the monitor's rule,
+:mod:`gradguard.detect.forward`), saturation, dead ReLU units, and vanishing or exploding gradients through
+time (Bengio et al. 1994). The rules and thresholds are tabulated in ``docs/probe.md``.
 """
 
 from __future__ import annotations
