@@ -263,6 +263,16 @@ def test_targets_without_loss_fn() -> None:
         gg.probe(model, x, targets=torch.randn(8, 5))
 
 
+def test_public_probe_is_the_function_not_a_module() -> None:
+    # The package is gradguard.preflight, so importing it never shadows gg.probe (docs/probe.md, Layout).
+    import gradguard.preflight
+
+    assert callable(gg.probe) and gg.probe is gradguard.preflight.probe
+    from gradguard import probe
+
+    assert probe is gg.probe
+
+
 def test_positional_targets_and_loss_fn_are_deprecated_but_work() -> None:
     model = nn.Linear(4, 3)
     x, y = torch.randn(8, 4), torch.randn(8, 3)
