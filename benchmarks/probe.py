@@ -71,7 +71,7 @@ def train_step(model: nn.Module, x: Tensor, y: Tensor) -> Callable[[], None]:
 
 def probe_call(model: nn.Module, x: Tensor, y: Tensor, **options: object) -> Callable[[], None]:
     def run() -> None:
-        gg.probe(model, x, y, **options)  # type: ignore[arg-type]
+        gg.probe(model, x, targets=y, **options)  # type: ignore[arg-type]
 
     return run
 
