@@ -75,6 +75,9 @@ class Guard:
         guard = gg.Guard(model, opt)
         ...; loss.backward(); guard.step(loss); opt.zero_grad()
 
+    A step costs one blocking host synchronisation (one small vector fetched with ``.tolist()``: whether
+    to call ``optimizer.step()`` is host control flow); the tests behind the decision are host arithmetic.
+
     Every option after ``optimizer`` is keyword-only (passing ``clip, monitor, scaler, scheduler``
     positionally still works, with a ``DeprecationWarning``, until 0.3).
 
@@ -111,8 +114,9 @@ class Guard:
             (``snapshot_dir``), or ``"auto"`` (default): disk when ``snapshot_dir`` is given, else device
             when two snapshots of the parameters, buffers and an Adam-sized state take at most 10 % of each
             accelerator's memory, else host (always device on CPU). A snapshot costs a copy of the
-            owned parameters, the buffers and the optimizer state (≈ 3× the parameters with Adam), twice
-            for the one step a new snapshot waits to be committed.
+            owned parameters, the buffers and the optimizer state (≈ 3× the parameters with Adam); device
+            and host mode hold two (the committed one and the candidate, or the spare a capture reuses),
+            disk mode only the candidate until it is written.
         snapshot_dir: directory of the snapshot file in disk mode (``torch.save``; read back with
             ``torch.load(weights_only=True)``).
         max_events: how many recent events ``events`` keeps.

@@ -51,7 +51,7 @@ def measure(
     :func:`gradguard.stats.tensor_norms`: a kernel per device, an all-reduce for sharded tensors).
     ``zero(device)`` is a cached 0-d zero (a constant made per step would be a host-to-device copy).
     """
-    device = loss.device
+    device = params[0].device  # where the norms are: only a loss computed elsewhere has to move
     parts = [loss]
     if policies:
         results = [policy(params) for policy in policies]
