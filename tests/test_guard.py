@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import itertools
 import math
@@ -473,6 +474,43 @@ def test_exactly_one_host_sync_per_step(monkeypatch: pytest.MonkeyPatch, with_sc
     calls.clear()
     assert guard.step(loss)
     assert calls == ["tolist", *own], calls
+
+
+def test_a_healthy_step_adds_only_the_norm_the_gather_and_the_fetch() -> None:
+    """Without clipping, what a guarded step adds to the bare step is the decision's floor: a ``detach`` of
+    the loss, one fused ``_foreach_norm``, one ``stack`` and the ``.tolist()`` (``resolve_conj`` and
+    ``resolve_neg``): the spike and divergence tests run on the host."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def top_level_ops(step: Callable[[], None]) -> collections.Counter[str]:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        return collections.Counter(
+            e.name for e in prof.events()
+            if e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+        )
+
+    x, y = _mlp_data()
+    counts = []
+    for guarded in (False, True):
+        model = _mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        guard = Guard(model, opt) if guarded else None
+
+        def step(model: nn.Module = model, opt: torch.optim.Optimizer = opt, guard: Guard | None = guard) -> None:
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x[:32]), y[:32])
+            loss.backward()
+            guard.step(loss) if guard is not None else opt.step()
+
+        for _ in range(20):  # past min_history: the spike test runs
+            step()
+        counts.append(top_level_ops(step))
+    added = counts[1] - counts[0]
+    assert added == collections.Counter(
+        ["aten::detach", "aten::_foreach_norm", "aten::stack", "aten::resolve_conj", "aten::resolve_neg"]
+    ), added
+    assert not counts[0] - counts[1]  # and removes nothing
 
 
 def test_guard_state_dict_round_trip() -> None:
