@@ -451,15 +451,13 @@ class Guard:
         if held < self.min_history or not (math.isfinite(m.loss) and math.isfinite(m.norm)):
             return
         limit = self._limits[held - self.min_history]
-        spike, z = list(m.spike), list(m.z)
-        for row, value in enumerate((m.loss, m.norm)):
-            if rows[row] and math.isnan(z[row]):
+        for row in (0, 1):
+            if rows[row] and math.isnan(m.z[row]):
                 med, mad = self._windows.median_mad(row)
                 top = self._windows.recent_max(row, self._rule.recent)
-                spike[row], z[row] = self._rule.judge(value, med, mad, top, limit)
+                m.spike[row], m.z[row] = self._rule.judge(m.norm if row else m.loss, med, mad, top, limit)
                 if row == 1:
                     m.typical = med
-        m.spike, m.z = (spike[0], spike[1]), (z[0], z[1])
 
     def record_loss(self, loss: Tensor) -> None:
         """Hand the guard this step's loss before a step that is called without one (:meth:`wrap`).

@@ -30,8 +30,8 @@ class Step:
                  found_inf: bool) -> None:
         self.loss, self.norm, self.threshold, self.after = loss, norm, threshold, after
         self.clipped, self.found_inf = clipped, found_inf
-        self.spike = (False, False)
-        self.z = (math.nan, math.nan)
+        self.spike = [False, False]  # loss, gradient norm
+        self.z = [math.nan, math.nan]
         self.typical = math.nan  # median gradient norm of the window
 
     def numbers(self, lr_factor: float) -> dict[str, float]:
@@ -65,7 +65,9 @@ def measure(
             parts += torch._foreach_norm(grads, 2.0)
     if found_inf is not None:
         parts.append(found_inf.reshape(()))
-    values = torch.stack([t if t.device == device else t.to(device) for t in parts]).tolist()
+    if policies or not fused or found_inf is not None or loss.device != device:
+        parts = [t if t.device == device else t.to(device) for t in parts]
+    values = torch.stack(parts).tolist()
     found = bool(values.pop()) if found_inf is not None else False
     if policies:
         loss_v, norm, threshold, after = values[:4]
