@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import itertools
 import math
@@ -475,6 +476,43 @@ def test_exactly_one_host_sync_per_step(monkeypatch: pytest.MonkeyPatch, with_sc
     assert calls == ["tolist", *own], calls
 
 
+def test_a_healthy_step_adds_only_the_norm_the_gather_and_the_fetch() -> None:
+    """Without clipping, what a guarded step adds to the bare step is the decision's floor: a ``detach`` of
+    the loss, one fused ``_foreach_norm``, one ``stack`` and the ``.tolist()`` (``resolve_conj`` and
+    ``resolve_neg``): the spike and divergence tests run on the host."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def top_level_ops(step: Callable[[], None]) -> collections.Counter[str]:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        return collections.Counter(
+            e.name for e in prof.events()
+            if e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+        )
+
+    x, y = _mlp_data()
+    counts = []
+    for guarded in (False, True):
+        model = _mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        guard = Guard(model, opt) if guarded else None
+
+        def step(model: nn.Module = model, opt: torch.optim.Optimizer = opt, guard: Guard | None = guard) -> None:
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x[:32]), y[:32])
+            loss.backward()
+            guard.step(loss) if guard is not None else opt.step()
+
+        for _ in range(20):  # past min_history: the spike test runs
+            step()
+        counts.append(top_level_ops(step))
+    added = counts[1] - counts[0]
+    assert added == collections.Counter(
+        ["aten::detach", "aten::_foreach_norm", "aten::stack", "aten::resolve_conj", "aten::resolve_neg"]
+    ), added
+    assert not counts[0] - counts[1]  # and removes nothing
+
+
 def test_guard_state_dict_round_trip() -> None:
     setup = nan_injected_gradients()
     guard = Guard(setup.model, setup.optimizer, rollback_after=2)
@@ -484,6 +522,74 @@ def test_guard_state_dict_round_trip() -> None:
     other.load_state_dict(state)
     _assert_bit_equal(other.state_dict(), state, "guard")
     assert other.lr_factor == guard.lr_factor and other.skipped == guard.skipped > 0
+
+
+def test_load_state_dict_mid_run_continues_exactly_as_without_saving() -> None:
+    """Save a guard mid-run (after a rollback: LR factor below 1, rescue engaged, full windows), rebuild the
+    model, optimizer and guard in a fresh set of objects, load, and continue both on the same batches with
+    one-off non-finite skips: parameters, counters and events must agree bit for bit."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    guard = Guard(model, opt, rollback_after=2, snapshot_every=7)
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(16, 6, generator=g), torch.randn(16, 1, generator=g)) for _ in range(90)]
+
+    def step(m: nn.Module, o: torch.optim.Optimizer, gd: Guard, i: int) -> bool:
+        x, y = data[i]
+        o.zero_grad()
+        loss = nn.functional.mse_loss(m(x), y)
+        loss.backward()
+        return gd.step(loss * math.nan if i in (20, 21, 50, 70) else loss)
+
+    for i in range(40):
+        step(model, opt, guard, i)
+    assert guard.rollbacks == 1 and guard.lr_factor < 1 and guard.rescue_engaged  # the state is not trivial
+    torch.save(guard.state_dict(), buf := __import__("io").BytesIO())
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)  # plain values only: a weights_only checkpoint reads it
+    model2 = copy.deepcopy(model)
+    opt2 = torch.optim.Adam(model2.parameters(), lr=1e-2)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))  # load_state_dict keeps the tensors it is given
+    guard2 = Guard(model2, opt2, rollback_after=2, snapshot_every=7)
+    guard2.load_state_dict(saved)
+    for i in range(40, 90):
+        assert step(model, opt, guard, i) == step(model2, opt2, guard2, i), i
+    for a, b in zip(model.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert guard.summary() == guard2.summary() and guard.skipped >= 3
+    assert [repr(e) for e in guard.events] == [repr(e) for e in guard2.events]  # repr: NaN numbers compare unequal
+    _assert_bit_equal(guard2.state_dict(), guard.state_dict(), "guard")
+
+
+def test_host_spike_test_agrees_with_the_device_rule() -> None:
+    """The Guard's windows live on the host; its test must give the decisions and z-scores of
+    ``SpikeRule.test`` on a device ``Window`` holding the same values (the shared definition)."""
+    from gradguard.stats.windows import SpikeRule, Window
+
+    g = torch.Generator().manual_seed(0)
+    rule = SpikeRule()
+    for trial in range(40):
+        size = [16, 31, 128][trial % 3]
+        pushes = size + trial * 5
+        series = torch.exp(torch.randn(pushes, 2, generator=g, dtype=torch.float64) * (0.05 + trial / 40))
+        model = nn.Linear(1, 1)
+        guard = Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), window=size, min_history=16)
+        device_window = Window(size, rows=2, dtype=torch.float64)
+        for row in series:
+            guard._windows.push(row.tolist())
+            device_window.push(row)
+        held = min(pushes, size)
+        limit = rule.threshold(held)
+        last = series[-8:].amax(0)
+        current = last * torch.tensor([1.0 + trial / 10, 3.0 - trial / 20], dtype=torch.float64)
+        spike, z, med = rule.test(current, device_window, limit)
+        for r in range(2):
+            m, mad = guard._windows.median_mad(r)
+            top = guard._windows.recent_max(r, rule.recent)
+            host_spike, host_z = rule.judge(float(current[r]), m, mad, top, limit)
+            assert host_spike == bool(spike[r]) and m == float(med[r]), (trial, r)
+            assert math.isclose(host_z, float(z[r]), rel_tol=1e-12), (trial, r)
 
 
 @pytest.mark.parametrize(
@@ -536,8 +642,10 @@ def test_bad_input_is_refused_clearly() -> None:
     guard = Guard(model, opt)
     with pytest.raises(InputError, match="loss"):
         guard.step(1.0)  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="scalar"):
-        guard.step(torch.ones(3))
+    with pytest.raises(InputError, match=r"scalar tensor \(1 element\), got shape \(3,\)"):
+        guard.step(torch.ones(3))  # a per-sample loss not reduced: a bad input, as in Monitor.step and probe
+    with pytest.raises(InputError, match="scalar"):
+        guard.record_loss(torch.ones(2, 2))
 
 
 # ------------------------------------------------------------------ campaign regressions: snapshots, windows

@@ -9,8 +9,11 @@
         loss.backward()
         applied = guard.step(loss)                # replaces optimizer.step(); False when skipped
 
-The procedure of one step, the divergence test, the rescue clip and the reasons for every default are in
-docs/guard.md.
+This module is the step policy (decide, apply or skip, roll back, back off). The device work of a step and
+its one fetch are in :mod:`gradguard.guard.measure`, what the Guard remembers of applied steps in
+:mod:`gradguard.guard.history`, what it tells the user in :mod:`gradguard.guard.events`, where snapshots
+live in :mod:`gradguard.guard.snapshot`. The procedure of one step, the divergence test,
+the rescue clip and the reasons for every default are in docs/guard.md.
 """
 
 from __future__ import annotations
@@ -19,9 +22,7 @@ import copy
 import math
 import os
 import warnings
-from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -29,51 +30,33 @@ import torch
 from torch import Tensor, nn
 
 from gradguard.clip import POLICIES, ClipPolicy, make_policy
-from gradguard.errors import ConfigError, InputError, StateError, check_number
+from gradguard.errors import ConfigError, InputError, StateError, check_number, check_scalar_loss
 from gradguard.findings import Finding
+from gradguard.guard.events import ACTIONS, FindingSink, GuardEvent, clip_finding, rollback_finding, skip_finding
+from gradguard.guard.history import Divergence, HostWindow
+from gradguard.guard.measure import Step, measure
 from gradguard.guard.snapshot import SnapshotStore, choose_mode
-from gradguard.stats import tensor_norms, total_norm
+from gradguard.stats.distributed import is_dtensor
 from gradguard.stats.scaler import found_inf as scaler_found_inf
-from gradguard.stats.windows import SpikeRule, Window
+from gradguard.stats.windows import SpikeRule
 
 if TYPE_CHECKING:
     from gradguard.guard.optimizer import GuardedOptimizer
 
-__all__ = ["ACTIONS", "SPIKE_SERIES", "FindingSink", "Guard", "GuardEvent"]
+__all__ = ["ACTIONS", "SPIKE_SERIES", "FindingSink", "Guard", "GuardEvent", "Stateful"]
 
-#: Actions a :class:`GuardEvent` can record.
-ACTIONS = ("skip", "clip", "rollback", "lr_backoff", "lr_restored", "reset_window", "rescue")
 #: Series whose spikes ``Guard(spikes=...)`` can skip.
 SPIKE_SERIES = ("loss", "grad_norm")
 
-# Positions in the vector fetched once per step (loss and norm first: the pair a window stores).
-_LOSS, _NORM, _ZLOSS, _ZNORM, _LSPIKE, _NSPIKE, _NMED, _THRESH, _CLIPPED, _FOUND_INF, _AFTER = range(11)
 
+class Stateful(Protocol):
+    """What ``Guard(scheduler=...)`` needs: an LR scheduler, or anything whose state a snapshot can hold."""
 
-class FindingSink(Protocol):
-    """What ``Guard(monitor=...)`` needs: a :class:`gradguard.Monitor`, or anything that takes findings."""
+    def state_dict(self) -> dict[str, Any]:
+        """The object's state."""
 
-    def report(self, finding: Finding) -> None:
-        """Receive one finding."""
-
-
-@dataclass(frozen=True)
-class GuardEvent:
-    """One intervention of a :class:`Guard`.
-
-    Attributes:
-        step: index of the ``guard.step()`` call (0-based).
-        action: one of :data:`ACTIONS`.
-        reason: why: ``nonfinite_loss``, ``nonfinite_grad``, ``amp_overflow``, ``loss_spike``,
-            ``grad_spike``, ``divergence``, ``large_norm`` (a clip of a norm far above the recent median;
-            routine clips are only counted), ``repeated_skips``, ``recovered``, ``rollback_loop``.
-        numbers: the measurements behind it (loss, grad_norm, threshold, z-scores, lr_factor ...).
-    """
-
-    step: int
-    action: str
-    reason: str
-    numbers: Mapping[str, float] = field(default_factory=dict)
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
 
 
 class Guard:
@@ -91,6 +74,9 @@ class Guard:
         opt = torch.optim.SGD(model.parameters(), lr=lr)   # replaces the hand-written update
         guard = gg.Guard(model, opt)
         ...; loss.backward(); guard.step(loss); opt.zero_grad()
+
+    A step costs one blocking host synchronisation (one small vector fetched with ``.tolist()``: whether
+    to call ``optimizer.step()`` is host control flow); the tests behind the decision are host arithmetic.
 
     Every option after ``optimizer`` is keyword-only (passing ``clip, monitor, scaler, scheduler``
     positionally still works, with a ``DeprecationWarning``, until 0.3).
@@ -128,8 +114,9 @@ class Guard:
             (``snapshot_dir``), or ``"auto"`` (default): disk when ``snapshot_dir`` is given, else device
             when two snapshots of the parameters, buffers and an Adam-sized state take at most 10 % of each
             accelerator's memory, else host (always device on CPU). A snapshot costs a copy of the
-            owned parameters, the buffers and the optimizer state (≈ 3× the parameters with Adam), twice
-            for the one step a new snapshot waits to be committed.
+            owned parameters, the buffers and the optimizer state (≈ 3× the parameters with Adam); device
+            and host mode hold two (the committed one and the candidate, or the spare a capture reuses),
+            disk mode only the candidate until it is written.
         snapshot_dir: directory of the snapshot file in disk mode (``torch.save``; read back with
             ``torch.load(weights_only=True)``).
         max_events: how many recent events ``events`` keeps.
@@ -143,8 +130,8 @@ class Guard:
         *positional: Any,
         clip: ClipPolicy | str | None = None,
         monitor: FindingSink | None = None,
-        scaler: Any = None,
-        scheduler: Any = None,
+        scaler: torch.amp.GradScaler | None = None,
+        scheduler: Stateful | None = None,
         rescue: ClipPolicy | str | None = "agc",
         spikes: tuple[str, ...] = ("loss",),
         divergence: float | None = 4.0,
@@ -214,9 +201,9 @@ class Guard:
         self._rule = SpikeRule(
             z=self.spike_z, min_history=self.min_history, min_excess=self.spike_min_excess, jump=self.spike_jump
         )
-        # Thresholds for every window size, once: a step only indexes a tuple of host floats.
+        # Thresholds for every window size, once: a step only indexes a list of host floats.
         self._limits = [self._rule.threshold(n) for n in range(self.min_history, self.window + 1)]
-        check_number("max_events", max_events, low=1, integer=True)
+        self.max_events = int(check_number("max_events", max_events, low=1, integer=True))
         self.params: list[Tensor] = []
         self.refresh_params()
         if snapshot == "auto":
@@ -224,8 +211,6 @@ class Guard:
             snapshot = "disk" if snapshot_dir is not None else choose_mode(owned)
         path = None if snapshot_dir is None else Path(snapshot_dir) / "gradguard_guard_snapshot.pt"
         self.snapshots = SnapshotStore(snapshot, path=path)
-        device = self.params[0].device
-        self.max_events = int(max_events)
         self.events: list[GuardEvent] = []
         self.lr_factor = 1.0
         self.steps = 0
@@ -237,16 +222,12 @@ class Guard:
         self.rescue_engaged = False
         self._pending_loss: Tensor | None = None  # losses recorded since the last real step, summed
         self._pending_count = 0
-        # Divergence test, on host floats the step fetches anyway: the last applied losses and the run's
-        # starting level (the smallest of its first ``divergence_steps`` losses).
-        self._recent_losses: deque[float] = deque(maxlen=self.divergence_steps)
-        self._baseline_level: float | None = None
         # One divergence rollback per committed snapshot: rolling back again to the same state, with the
         # rescue engaged and the LR lowered already, would only repeat the experiment at an ever lower LR
         # (non-finite and spike skips, and their rollbacks, keep protecting the weights meanwhile).
-        self._divergence_armed = True
-        self._windows = Window(self.window, rows=2, device=device)
-        self._consts: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
+        self._divergence = Divergence(self.divergence, self.divergence_steps)
+        self._windows = HostWindow(self.window, rows=2)
+        self._zero: dict[torch.device, Tensor] = {}
         self._consecutive_skips = 0
         self._good_run = 0
         self._rollbacks_since_progress = 0
@@ -260,6 +241,10 @@ class Guard:
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
         if not self.params:
             raise ConfigError("the optimizer has no parameters to guard")
+        # One fused norm kernel serves plain tensors on one device; several devices or sharded tensors
+        # go through gradguard.stats.tensor_norms (one kernel per device, one all-reduce).
+        device = self.params[0].device
+        self._fused_norms = all(p.device == device and not is_dtensor(p) for p in self.params)
 
     def _model_tensors(self) -> dict[str, Tensor]:
         """What a snapshot holds of the model: the parameters the optimizer owns, and every buffer.
@@ -279,9 +264,6 @@ class Guard:
                 tensors[f"param:#{i}"] = t
         tensors.update({f"buffer:{n}": b for n, b in self.model.named_buffers(remove_duplicate=False)})
         return tensors
-
-    def _guard_state(self) -> dict[str, Any]:
-        return self._windows.state_dict()
 
     def snapshot(self) -> None:
         """Record the current state as the rollback target now (a pending automatic candidate is dropped).
@@ -318,9 +300,9 @@ class Guard:
         sources: dict[str, Any] = {
             "model": self._model_tensors(),
             "optimizer": self.optimizer.state_dict(),
-            "guard": self._guard_state(),
+            "guard": self._windows.state_dict(),
             # The divergence test's reference belongs to the state it judges: restored with it.
-            "divergence": {"baseline": self._baseline_level},
+            "divergence": {"baseline": self._divergence.baseline},
         }
         if self.clip is not None:
             sources["clip"] = self.clip.state_dict()
@@ -336,7 +318,7 @@ class Guard:
 
     def _commit(self, state: dict[str, Any], step: int) -> None:
         self.snapshots.commit(state, step)
-        self._divergence_armed = True
+        self._divergence.armed = True
 
     def _capture_candidate(self) -> None:
         """Take the periodic snapshot as a *candidate*, right after an update.
@@ -351,11 +333,8 @@ class Guard:
 
     def _promote_candidate(self) -> None:
         if self.snapshots.candidate_step is not None:
-            self._divergence_armed = True
-        self.snapshots.promote()
-
-    def _discard_candidate(self) -> None:
-        self.snapshots.discard()
+            self.snapshots.promote()
+            self._divergence.armed = True
 
     def restore(self) -> None:
         """Restore the last snapshot bit-exactly (model, optimizer, scaler, scheduler, clip policy, windows)."""
@@ -384,11 +363,17 @@ class Guard:
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self._windows.load_state_dict(state["guard"])
-        self._baseline_level = state["divergence"]["baseline"]
-        self._recent_losses.clear()
+        self._divergence.baseline = state["divergence"]["baseline"]
+        self._divergence.recent.clear()
 
     def state_dict(self) -> dict[str, Any]:
-        """The guard's own state (counters, LR factor, windows, clip policy) for checkpoints."""
+        """The guard's state for checkpoints (its options are the constructor's arguments): counters, LR
+        factor, spike windows, divergence test, the clipping policies' state and the kept events.
+
+        Plain values and CPU tensors only, so ``torch.load(weights_only=True)`` reads a checkpoint of it.
+        The snapshots are not included: :meth:`load_state_dict` commits the loaded state as the rollback
+        target.
+        """
         return {
             "lr_factor": self.lr_factor,
             "steps": self.steps,
@@ -398,47 +383,48 @@ class Guard:
             "clipped": self.clipped,
             "intervened": self.intervened,
             "rescue_engaged": self.rescue_engaged,
-            "divergence": {
-                "armed": self._divergence_armed,
-                "recent": list(self._recent_losses),
-                "baseline": self._baseline_level,
-            },
+            "divergence": self._divergence.state_dict(),
             "good_run": self._good_run,
-            "guard": copy.deepcopy(self._guard_state()),
+            "consecutive_skips": self._consecutive_skips,
+            "skip_reasons": list(self._skip_reasons),
+            "rollbacks_since_progress": self._rollbacks_since_progress,
+            "good_since_snapshot": self._good_since_snapshot,
+            "guard": self._windows.state_dict(),
             "clip": None if self.clip is None else copy.deepcopy(self.clip.state_dict()),
             "rescue": None if self.rescue is None else copy.deepcopy(self.rescue.state_dict()),
+            "events": [[e.step, e.action, e.reason, dict(e.numbers)] for e in self.events],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
+        """Restore what :meth:`state_dict` returned, then commit the current model and optimizer state as
+        the rollback target: load the model's and the optimizer's state first.
+
+        Continuing after a save and a load is the run that continued without them, up to the rollback
+        target (the loaded state instead of the last snapshot before the save).
+        """
         self.lr_factor = float(state["lr_factor"])
         self.steps, self.applied = int(state["steps"]), int(state["applied"])
         self.skipped, self.rollbacks = int(state["skipped"]), int(state["rollbacks"])
         self._good_run = int(state["good_run"])
         self.clipped, self.intervened = int(state["clipped"]), int(state["intervened"])
         self.rescue_engaged = bool(state["rescue_engaged"])
-        div = state["divergence"]
-        self._recent_losses = deque(map(float, div["recent"]), maxlen=self.divergence_steps)
-        self._divergence_armed = bool(div["armed"])
-        self._baseline_level = None if div["baseline"] is None else float(div["baseline"])
+        self._consecutive_skips = int(state.get("consecutive_skips", 0))
+        self._skip_reasons = [str(r) for r in state.get("skip_reasons", [])]
+        self._rollbacks_since_progress = int(state.get("rollbacks_since_progress", 0))
         self._windows.load_state_dict(state["guard"])
         if self.clip is not None and state["clip"] is not None:
             self.clip.load_state_dict(state["clip"])
         if self.rescue is not None and state.get("rescue") is not None:
             self.rescue.load_state_dict(state["rescue"])
+        if "events" in state:
+            self.events = [GuardEvent(int(s), str(a), str(r), dict(n)) for s, a, r, n in state["events"]]
+        self.snapshots.discard()
+        self._commit(self._capture(), self.steps)
+        # After the commit, which re-arms the divergence test: the saved run's flag is the state.
+        self._divergence.load_state_dict(state["divergence"])
+        self._good_since_snapshot = int(state.get("good_since_snapshot", 0))
 
     # ------------------------------------------------------------------------------------------ step
-    def _constants(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-        # Made once per device: a constant built on the host and moved to CUDA each step would be a
-        # pageable host-to-device copy, which synchronises the stream (a second, hidden sync).
-        if device not in self._consts:
-            self._consts[device] = (
-                torch.zeros((), device=device),
-                torch.full((), math.inf, device=device),
-                torch.tensor([math.nan, math.nan, 0.0, 0.0, math.nan], device=device),  # z, z, spikes, median
-            )
-        return self._consts[device]
-
     def _policies(self) -> list[ClipPolicy]:
         """The clipping applied this step: the routine ``clip``, then ``rescue`` once it is engaged."""
         active = [] if self.clip is None else [self.clip]
@@ -446,67 +432,44 @@ class Guard:
             active.append(self.rescue)
         return active
 
-    def _diverged(self, loss: float) -> bool:
-        """Sustained rise: the last ``divergence_steps`` losses (this one included) all exceed
-        ``divergence`` × the run's starting level, the smallest of its first ``divergence_steps`` losses.
+    def _measure(self, loss: Tensor, scaler: torch.amp.GradScaler | None) -> Step:
+        """Everything the step decision needs, on the host: the one host sync of a step (:func:`measure`)."""
+        return measure(loss, self.params, self._policies(), fused=self._fused_norms, zero=self._zeros,
+                       found_inf=None if scaler is None else scaler_found_inf(scaler, self.optimizer))
 
-        The smallest of the recent losses must be above, so one outlier batch never trips it; the start,
-        not the best loss so far, is the reference, because the best so far of a noisy loss drifts into
-        its low tail (docs/guard.md). ``x > b + (f − 1)·|b|`` judges negative losses by the same margin.
-        Host floats only.
-        """
-        if self.divergence is None or not self._divergence_armed:
-            return False
-        recent = [*self._recent_losses, loss][-self.divergence_steps :]
-        if len(recent) < self.divergence_steps:
-            return False
-        if self._baseline_level is None:
-            self._baseline_level = min(recent)
-        base = self._baseline_level
-        return min(recent) > base + (self.divergence - 1.0) * abs(base)
+    def _zeros(self, device: torch.device) -> Tensor:
+        # Made once per device: a constant built on the host and moved to CUDA each step would be a
+        # pageable host-to-device copy, which synchronises the stream (a second, hidden sync).
+        if device not in self._zero:
+            self._zero[device] = torch.zeros((), device=device)
+        return self._zero[device]
 
-    def _measure(self, loss: Tensor) -> Tensor:
-        """Everything the step decision needs, as one device vector (see the ``_LOSS`` ... indices)."""
-        loss_d = loss.detach().reshape(()).float()
-        device = loss_d.device
-        zero, inf, unjudged = self._constants(device)
-        policies = self._policies()
-        if policies:
-            results = [policy(self.params) for policy in policies]
-            norm, threshold = results[0].norm_before.float(), results[-1].threshold.float()
-            clipped = torch.stack([r.clipped for r in results]).any().float()
-            after = results[-1].norm_after.float()
-        else:
-            grads = [p.grad for p in self.params if p.grad is not None]
-            norm = total_norm(tensor_norms(grads, 2.0), 2.0) if grads else zero
-            threshold, clipped, after = inf, zero, norm
-        current = torch.stack([loss_d, norm.to(device)])
-        held = self._windows.held()  # host counter: only applied (finite) steps are pushed
-        if held >= self.min_history:
-            limit = self._limits[held - self.min_history]  # a host float: comparing with it does not sync
-            spikes, z, med = self._rule.test(current, self._windows, limit)
-            judged = torch.cat([z, spikes.float(), med[1:]])
-        else:
-            judged = unjudged
-        found_inf = zero
-        if self.scaler is not None and self.scaler.is_enabled():
-            flags = scaler_found_inf(self.scaler, self.optimizer)  # the one home of GradScaler's private state
-            if flags is not None:
-                found_inf = flags.to(device).float().reshape(())
-        tail = torch.stack([threshold.to(device), clipped.to(device), found_inf, after.to(device)])
-        return torch.cat([current, judged, tail])
+    def _judge(self, m: Step, rows: tuple[bool, bool]) -> None:
+        """The spike test of the loss (``rows[0]``) and the norm (``rows[1]``) against the windows of
+        applied steps: host arithmetic on the fetched floats."""
+        held = self._windows.held()
+        if held < self.min_history or not (math.isfinite(m.loss) and math.isfinite(m.norm)):
+            return
+        limit = self._limits[held - self.min_history]
+        for row in (0, 1):
+            if rows[row] and math.isnan(m.z[row]):
+                med, mad = self._windows.median_mad(row)
+                top = self._windows.recent_max(row, self._rule.recent)
+                m.spike[row], m.z[row] = self._rule.judge(m.norm if row else m.loss, med, mad, top, limit)
+                if row == 1:
+                    m.typical = med
 
     def record_loss(self, loss: Tensor) -> None:
         """Hand the guard this step's loss before a step that is called without one (:meth:`wrap`).
 
         No host sync: the tensor is kept (detached). Losses recorded on gradient-accumulation micro-steps
-        are averaged at the real step.
+        are averaged at the real step. A loss that is not a one-element tensor is an ``InputError``.
         """
-        if not isinstance(loss, Tensor):
-            raise InputError(f"loss must be a tensor (the value you called backward() on), got {type(loss).__name__}")
-        if loss.numel() != 1:
-            raise ConfigError(f"loss must be a scalar, got shape {tuple(loss.shape)}")
-        loss = loss.detach().reshape(()).float()
+        loss = check_scalar_loss(loss).detach()
+        if loss.dim():
+            loss = loss.reshape(())
+        if not loss.is_floating_point():
+            loss = loss.float()
         self._pending_loss = loss if self._pending_loss is None else self._pending_loss + loss
         self._pending_count += 1
 
@@ -539,75 +502,75 @@ class Guard:
         on a micro-step that does not synchronise gradients only records the loss and returns False: it
         is not a step, nothing is measured, clipped or counted, and the real step judges the accumulated
         gradients with the mean of the recorded losses.
+
+        One blocking host synchronisation per step (the fetch in :meth:`_measure`): whether to call
+        ``optimizer.step()`` is host control flow, so the decision needs the numbers on the host.
         """
         if loss is not None:
             self.record_loss(loss)
         if not _is_sync_step(self.optimizer):
             return False
-        if self._pending_loss is None:
-            loss, has_loss = self._constants(self.params[0].device)[0], False
-        else:
-            loss, has_loss = self._pending_loss / self._pending_count, True
+        pending, count = self._pending_loss, self._pending_count
         self._pending_loss, self._pending_count = None, 0
+        has_loss = pending is not None
+        if pending is None:
+            pending = self._zeros(self.params[0].device)
+        elif count > 1:
+            pending = pending / count
         step = self.steps
         self.steps += 1
-        amp = self.scaler is not None and self.scaler.is_enabled()
-        if amp:
-            self.scaler.unscale_(self.optimizer)
-        measured = self._measure(loss)
-        values = measured.tolist()  # the one host sync of the step (see module docstring)
-        numbers = {
-            "loss": values[_LOSS],
-            "grad_norm": values[_NORM],
-            "threshold": values[_THRESH],
-            "z_loss": values[_ZLOSS],
-            "z_grad_norm": values[_ZNORM],
-            "lr_factor": self.lr_factor,
-        }
-        clipped = bool(values[_CLIPPED]) and math.isfinite(values[_NORM])
-        if clipped:
-            self._on_clip(step, numbers, values[_AFTER], values[_NMED])
+        scaler = self.scaler if self.scaler is not None and self.scaler.is_enabled() else None
+        amp = scaler is not None
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
+        m = self._measure(pending, scaler)
+        # Only the series a decision needs are tested; the others only when a skip reports them.
+        self._judge(m, (has_loss and "loss" in self.spikes, "grad_norm" in self.spikes or m.clipped))
+        if m.clipped:
+            self._on_clip(step, m)
         reason = None
-        if not math.isfinite(values[_LOSS]):
+        if not math.isfinite(m.loss):
             reason = "nonfinite_loss"
-        elif values[_FOUND_INF] or not math.isfinite(values[_NORM]):
+        elif m.found_inf or not math.isfinite(m.norm):
             reason = "amp_overflow" if amp else "nonfinite_grad"
-        elif values[_LSPIKE] and has_loss and "loss" in self.spikes:
+        elif m.spike[0] and has_loss and "loss" in self.spikes:
             reason = "loss_spike"
-        elif values[_NSPIKE] and "grad_norm" in self.spikes:
+        elif m.spike[1] and "grad_norm" in self.spikes:
             reason = "grad_spike"
-        elif has_loss and self._diverged(values[_LOSS]):
+        elif has_loss and self._divergence.judge(m.loss):
             reason = "divergence"
         if reason is None:
-            if clipped or self.lr_factor != 1.0:
+            if m.clipped or self.lr_factor != 1.0:
                 self.intervened += 1
-            self._apply(step, measured, closure)
+            self._apply(step, m, closure)
             if has_loss:
-                self._recent_losses.append(values[_LOSS])
+                self._divergence.recent.append(m.loss)
             return True
         self.intervened += 1
-        if amp:
-            self.scaler.update()  # lowers the scale after an overflow; needed after every unscale_()
-        self._on_skip(step, reason, numbers)
+        self._judge(m, (True, True))
+        if scaler is not None:
+            scaler.update()  # lowers the scale after an overflow; needed after every unscale_()
+        self._on_skip(step, reason, m.numbers(self.lr_factor))
         return False
 
-    def _apply(self, step: int, measured: Tensor, closure: Callable[[], Any] | None) -> None:
+    def _apply(self, step: int, m: Step, closure: Callable[[], Any] | None) -> None:
         # This step's loss and gradients, measured on the state the last candidate captured, were healthy.
         self._promote_candidate()
         groups = self.optimizer.param_groups
-        saved = [g["lr"] for g in groups]
-        if self.lr_factor != 1.0:
+        if self.lr_factor == 1.0:
+            self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        else:
+            saved = [g["lr"] for g in groups]
             for g in groups:
                 g["lr"] = g["lr"] * self.lr_factor
-        try:
-            self.optimizer.step() if closure is None else self.optimizer.step(closure)
-        finally:
-            for g, lr in zip(groups, saved, strict=True):
-                g["lr"] = lr
+            try:
+                self.optimizer.step() if closure is None else self.optimizer.step(closure)
+            finally:
+                for g, lr in zip(groups, saved, strict=True):
+                    g["lr"] = lr
         if self.scaler is not None and self.scaler.is_enabled():
             self.scaler.update()
-        # Push the device copies: building new tensors from the fetched floats would copy host→device.
-        self._windows.push(measured[_LOSS : _NORM + 1])
+        self._windows.push((m.loss, m.norm))
         self.applied += 1
         self._consecutive_skips = 0
         self._skip_reasons.clear()
@@ -623,29 +586,21 @@ class Guard:
             self._good_since_snapshot = 0
             self._capture_candidate()
 
-    def _on_clip(self, step: int, numbers: dict[str, float], after: float, typical: float) -> None:
+    def _on_clip(self, step: int, m: Step) -> None:
         self.clipped += 1
         # Routine trimming (a norm always a bit above a fixed cap) is counted, not news; growth is: an
         # event and a finding only when the norm is many times the median of recent applied steps.
-        if math.isfinite(typical) and numbers["grad_norm"] >= self.clip_report_ratio * typical:
-            nums = {**numbers, "norm_after": after, "typical_grad_norm": typical}
+        if math.isfinite(m.typical) and m.norm >= self.clip_report_ratio * m.typical:
+            nums = {**m.numbers(self.lr_factor), "norm_after": m.after, "typical_grad_norm": m.typical}
             self._event(step, "clip", "large_norm", nums)
-            self._report(
-                "exploding",
-                step,
-                "warning",
-                f"gradient norm {numbers['grad_norm']:.3g} ({numbers['grad_norm'] / typical:.1f}× the recent "
-                f"median {typical:.3g}) was clipped to {numbers['threshold']:.3g}",
-                "Clipping is containing growing gradients; consider a lower learning rate or gg.init schemes.",
-                nums,
-            )
+            self._report(clip_finding(step, nums))
 
     def _on_skip(self, step: int, reason: str, numbers: dict[str, float]) -> None:
         self.skipped += 1
         self._good_run = 0
         # The state the candidate holds failed its first measurement (or the scaler is still searching
         # for a scale): never roll back to it. The next one is taken after snapshot_every good steps.
-        self._discard_candidate()
+        self.snapshots.discard()
         self._event(step, "skip", reason, numbers)
         if reason == "amp_overflow":
             return  # the scaler's normal search for a usable scale, not a sign of a bad state
@@ -654,21 +609,7 @@ class Guard:
             self._skip_reasons.append(reason)
             self._rollback(step, numbers)
             return
-        kind = "nonfinite" if reason.startswith("nonfinite") else "loss_spike"
-        what = {
-            "nonfinite_loss": f"loss {numbers['loss']}",
-            "nonfinite_grad": f"gradient norm {numbers['grad_norm']}",
-            "loss_spike": f"loss {numbers['loss']:.4g} (robust z {numbers['z_loss']:.1f})",
-            "grad_spike": f"gradient norm {numbers['grad_norm']:.4g} (robust z {numbers['z_grad_norm']:.1f})",
-        }[reason]
-        self._report(
-            kind,
-            step,
-            "warning",
-            f"Guard skipped step {step}: {what}",
-            "Lower the learning rate, clip gradients (gg.clip) or inspect the batch at this step.",
-            numbers,
-        )
+        self._report(skip_finding(step, reason, numbers))
         self._consecutive_skips += 1
         self._skip_reasons.append(reason)
         if self._consecutive_skips >= self.rollback_after:
@@ -681,7 +622,7 @@ class Guard:
         # rollback_after they reach back past the snapshot, so the level the restored state starts from
         # is in them. Restoring them instead would leave the guard blind (fewer than min_history values)
         # after every rollback to an early snapshot. The clip policy *is* restored: it shapes the updates.
-        windows = self._guard_state()
+        windows = self._windows.state_dict()
         self.restore()
         self._windows.load_state_dict(windows)
         self.rollbacks += 1
@@ -695,34 +636,23 @@ class Guard:
         self._event(step, "rollback", cause, nums)
         self._event(step, "lr_backoff", cause, {"lr_factor": self.lr_factor, "previous": old})
         # The losses that made the level are the diverged state's: judge the restored state afresh.
-        self._recent_losses.clear()
+        self._divergence.recent.clear()
         if reasons[-1] == "divergence":
-            self._divergence_armed = False
+            self._divergence.armed = False
         engaged = self.rescue is not None and not self.rescue_engaged
         if engaged:
             self.rescue_engaged = True
             self._event(step, "rescue", reasons[-1], {"lr_factor": self.lr_factor})
-        growth = not any(r.startswith("nonfinite") for r in reasons)
-        why = (
-            f"the loss stayed above {self.divergence:g}x its starting level for {self.divergence_steps} steps"
-            if reasons[-1] == "divergence"
-            else f"{len(reasons)} skipped steps ({', '.join(sorted(set(reasons)))})"
-        )
-        rescue = f"; rescue clipping {type(self.rescue).__name__} engaged" if engaged else ""
-        self._report(
-            "exploding" if growth else "nonfinite",
-            step,
-            "error",
-            f"Guard rolled back to step {self.snapshot_step} after {why}; learning-rate factor now "
-            f"{self.lr_factor:.3g}{rescue}",
-            "Training is unstable at this learning rate: lower it, clip gradients, or re-initialise (gg.init).",
-            nums,
-        )
+        self._report(rollback_finding(
+            step, reasons, nums, to_step=self.snapshot_step, lr_factor=self.lr_factor,
+            divergence=(self.divergence, self.divergence_steps),
+            rescue=type(self.rescue).__name__ if engaged else None,
+        ))
         self._rollbacks_since_progress += 1
         if self._rollbacks_since_progress >= 2:
             # Rolled back twice without one good step in between: if the loss level has truly moved (new
             # data, curriculum), the old window would reject every step forever, so judge from scratch.
-            self._windows = Window(self.window, rows=2, device=self._windows.values.device)
+            self._windows = HostWindow(self.window, rows=2)
             self._event(step, "reset_window", "rollback_loop", {"lr_factor": self.lr_factor})
 
     def _event(self, step: int, action: str, reason: str, numbers: Mapping[str, float]) -> None:
@@ -730,11 +660,9 @@ class Guard:
         if len(self.events) > self.max_events:
             del self.events[: len(self.events) - self.max_events]
 
-    def _report(
-        self, kind: str, step: int, severity: str, message: str, advice: str, evidence: Mapping[str, float]
-    ) -> None:
+    def _report(self, finding: Finding) -> None:
         if self.monitor is not None:
-            self.monitor.report(Finding(kind, "", step, severity, message, advice, dict(evidence)))
+            self.monitor.report(finding)
 
     def summary(self) -> dict[str, Any]:
         """Counts for logs and reports: steps, applied, skipped, clipped (routine clips included),

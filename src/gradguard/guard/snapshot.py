@@ -86,7 +86,7 @@ class SnapshotStore:
 
     Captures write into the tensors of the last snapshot replaced or dropped (the *spare*) when shapes
     match: allocating a fresh copy of the model and its optimizer state each time costs about twice the
-    copy itself.
+    copy itself. In disk mode only the candidate stays in memory, until it is written.
 
     Args:
         mode: one of :data:`SNAPSHOT_MODES`.
@@ -128,7 +128,9 @@ class SnapshotStore:
         tmp = self.path.with_suffix(".tmp")
         torch.save(state, tmp)
         os.replace(tmp, self.path)  # atomic: a crash never leaves half a snapshot
-        self._spare = state  # on disk now: its tensors are free for the next capture
+        # The file is the snapshot: keeping its tensors as the spare would hold the host copy that the disk
+        # mode exists to avoid, so the next capture allocates afresh (once per snapshot_every steps).
+        self._spare = {}
 
     def propose(self, state: dict[str, Any], step: int) -> None:
         """Hold ``state`` as the candidate (a pending one is dropped)."""

@@ -153,6 +153,21 @@ class SpikeRule:
         )
         return spike, z, med
 
+    def judge(self, value: float, median: float, mad: float, top: float, limit: float) -> tuple[bool, float]:
+        """:meth:`test` of one value on host floats: ``(spike, z)`` given the window's median, its MAD and
+        the recent maximum ``top`` (for a caller that keeps its window on the host, as the Guard does: its
+        values reach the host with its one fetch per step, and a few float operations replace a dozen
+        device kernels). ``z`` is :func:`robust_zscore`'s formula.
+        """
+        eps = 1e-12
+        z = (value - median) / (MAD_TO_SIGMA * mad + eps * abs(median) + eps)
+        spike = (
+            z > limit
+            and value > median + self.min_excess * abs(median)
+            and value > top + (self.jump - 1.0) * abs(top)
+        )
+        return spike, z
+
     def scan(self, values: list[float], window: list[float]) -> list[tuple[bool, float, float]]:
         """Host-side convenience for the monitor's rules: ``(spike, z, x / median)`` of each value against
         the same window of finite floats, oldest first (never a spike below ``min_history`` values)."""
