@@ -155,7 +155,7 @@ def cockpit_economy(w: Workload) -> Step:
 
 def cockpit_economy_every_256(w: Workload) -> Step:
     # The same loop with the economy quantities tracked on every 256th step only (schedules.linear(256)):
-    # the other steps run the extended model and the per-sample losses, with no BackPACK extension active.
+    # on the other steps Cockpit's context only disables BackPACK (its `disable()` context), no extension runs.
     return _cockpit(w, track_interval=256)
 
 
@@ -406,8 +406,19 @@ def why_unavailable(cfg: Config) -> str | None:
 
 
 def source(cfg: Config) -> str:
-    """The code that builds ``cfg``'s training step, exactly as run."""
-    return inspect.getsource(cfg.build).rstrip()
+    """The code that builds ``cfg``'s training step, exactly as run: its function, then the helpers of this
+    module that it calls (shared by two schedules of one peer), except the import workaround for Cockpit."""
+    shown: list[Callable[..., object]] = []
+    todo: list[Callable[..., object]] = [cfg.build]
+    while todo:
+        fn = todo.pop(0)
+        if fn in shown:
+            continue
+        shown.append(fn)
+        todo += [f for name in fn.__code__.co_names
+                 if name.startswith("_") and name != "_pkg_resources_shim"
+                 and inspect.isfunction(f := globals().get(name)) and f.__module__ == __name__]
+    return "\n\n\n".join(inspect.getsource(fn).rstrip() for fn in shown)
 
 
 def prepare(cfg: Config, base: Workload) -> tuple[Step | None, str | None]:

@@ -222,3 +222,12 @@ def test_graph_count_charges_a_recompile_and_a_break_to_the_step_that_caused_the
     assert g.frames["first"] == 1 and g.breaks["first"] == 0
     assert g.frames["other"] >= 1 and g.breaks["other"] >= 1 and g.frames["sampled"] == 0
     assert g.reasons
+
+
+def test_code_shown_for_a_configuration_includes_the_helpers_it_calls() -> None:
+    """Two schedules of one peer share a helper: the code printed for each must contain the whole loop."""
+    text = peers.source(peers.BY_KEY["cockpit_256"])
+    assert text.startswith("def cockpit_economy_every_256(") and "\ndef _cockpit(" in text
+    assert "loss.backward(create_graph=" in text and "def _pkg_resources_shim" not in text
+    wandb = peers.source(peers.BY_KEY["wandb_10"])
+    assert "run.watch(w.model" in wandb and "\ndef _wandb_run(" in wandb and wandb.count("\ndef _wandb(") == 1
