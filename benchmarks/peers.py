@@ -222,6 +222,7 @@ def _wandb(w: Workload, log_freq: int) -> Step:
     run = _wandb_run()
     opt = torch.optim.Adam(w.model.parameters(), lr=LR)
     run.watch(w.model, log="gradients", log_freq=log_freq)
+    _WANDB.setdefault("hooked", {})[log_freq] = w.model._wandb_hook_names  # checked against the run file
     count = [0]
 
     def step() -> None:
@@ -299,6 +300,7 @@ def close_peers() -> None:
     """Finish what a peer left open in this process (the offline wandb run) and remove its files."""
     run = _WANDB.pop("run", None)
     folder = _WANDB.pop("folder", None)
+    _WANDB.clear()
     if run is not None:
         run.finish()
     if folder is not None:
@@ -518,9 +520,9 @@ def _workload(key: str, rounds: int, warmup: int, opts: harness.Options, targets
         else:
             steps[cfg.key] = step
     limits = {c.key: c.max_steps for c in CONFIGS if c.max_steps is not None and not opts.smoke}
-    names0, cpu0 = _wandb_logged(), _children_cpu_s()
+    cpu0 = _children_cpu_s()
     times = harness.interleave_steps(steps, rounds=rounds, warmup=warmup, device=opts.device, limits=limits)
-    names1, cpu1 = _wandb_logged(), _children_cpu_s()
+    logged, cpu1 = _wandb_logged(), _children_cpu_s()
     syncs = {k: harness.count_syncs(s, 3, opts.device) for k, s in steps.items()}
     # A smoke run checks the child path once (gradguard on the first workload) instead of 30 processes.
     rss_keys = [k for k in steps if not opts.smoke or (k == "gradguard" and key == "mlp")]
@@ -562,13 +564,14 @@ def _workload(key: str, rounds: int, warmup: int, opts: harness.Options, targets
     body = [f"### {base.label}", "", f"{rounds} timed rounds after {warmup} warm-up round(s).", "",
             harness.table(["configuration", "ms / step", "ratio to bare", "peak RSS MiB", "syncs / step", "target"],
                           rows, "lrrrrl"), ""]
-    if "wandb_10" in steps and names0 is not None and names1 is not None:
-        watched = sum(p.requires_grad for p in base.model.parameters())
+    if "wandb_10" in steps and logged is not None:
+        hooked = {n.encode() for n in _WANDB["hooked"][10]}
         service = ("; wandb's service process, outside this process's CPU clock, used "
                    f"{1e3 * (cpu1 - cpu0) / (rounds + warmup):.1f} ms of CPU per round for the wandb rows together"
                    if cpu0 is not None and cpu1 is not None else "")
-        body += [f"wandb: during these rounds gradient histograms of {len(names1 - names0)} parameters reached the "
-                 f"offline run file (the `log_freq=10` model has {watched}){service}.", ""]
+        body += [f"wandb: by the end of these rounds the offline run file held gradient histograms of "
+                 f"{len(hooked & logged)} of the {len(hooked)} parameters watched at `log_freq=10` (the service "
+                 f"writes it asynchronously, in blocks){service}.", ""]
     for tg in targets:
         if not tg.met and base.label in tg.what and opts.profile:
             top = harness.pyspy_top(_child_args(key, "gradguard", opts, steps=4 * harness.PERIOD),

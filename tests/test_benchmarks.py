@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -178,10 +179,13 @@ def test_wandb_peer_runs_offline_and_its_hooks_log_every_parameter() -> None:
         for _ in range(11):
             step()
         folder = Path(peers._WANDB["folder"].name)
-        run.finish()  # flush the run file before reading it back
         # wandb names a later watched model's histograms with a prefix (`gradients/graph_<k><parameter>`).
         hooked = {n.encode() for n in w.model._wandb_hook_names}
         assert len(hooked) == len(list(w.model.parameters()))
+        run.finish()  # its service writes the run file asynchronously, even after finish() returns
+        deadline = time.monotonic() + 60
+        while not hooked <= (peers._wandb_logged() or set()) and time.monotonic() < deadline:
+            time.sleep(0.5)
         assert hooked <= (peers._wandb_logged() or set())
     finally:
         peers.close_peers()
