@@ -134,6 +134,19 @@ CONFIGS: tuple[Config, ...] = (
 )
 
 
+CONFIGS_BY_KEY = {c.key: c for c in CONFIGS}
+
+
+def by_kind_of_step(t: list[float], bare: list[float], mon: gg.Monitor, warmup: int) -> tuple[float, float]:
+    """(ratio on the monitor's other steps, ratio on its sampled steps): sums of the paired rounds of each
+    kind; timed round r is the monitor's step ``warmup + r``."""
+    kinds: tuple[list[int], list[int]] = ([], [])
+    for r in range(len(t)):
+        kinds[bool(mon.sample_every(warmup + r))].append(r)
+    other, sampled = (sum(t[r] for r in k) / sum(bare[r] for r in k) if k else float("nan") for k in kinds)
+    return other, sampled
+
+
 def pick_backend(smoke: bool) -> tuple[str, str]:
     """(backend, why): Inductor where a C++ compiler is found, else ``aot_eager``."""
     if smoke:
@@ -196,16 +209,18 @@ def run(opts: harness.Options) -> harness.Section:
 
     torch._dynamo.reset()
     steps: dict[str, Step] = {}
-    monitors: list[gg.Monitor] = []
+    monitors: dict[str, gg.Monitor] = {}
     for cfg in CONFIGS:
         w = Workload(base.key, base.label, copy.deepcopy(base.model), base.x, base.y)
         steps[cfg.key], mon = cfg.build(w, backend)
         if mon is not None:
-            monitors.append(mon)
+            monitors[cfg.key] = mon
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         times = harness.interleave_steps(steps, rounds=rounds, warmup=warmup, device=opts.device)
-    for mon in monitors:
+    split = {k: by_kind_of_step(times[k], times[CONFIGS_BY_KEY[k].baseline], mon, warmup)
+             for k, mon in monitors.items()}
+    for mon in monitors.values():
         mon.close()
     torch._dynamo.reset()
 
@@ -226,8 +241,9 @@ def run(opts: harness.Options) -> harness.Section:
             cells = [f"{total} ({total - bare:+d} vs bare)", str(breaks), quiet]
             if g.reasons:
                 cells[1] += " (" + "; ".join(f"`{r}`" for r in g.reasons)[:300] + ")"
-        baseline = next(c.label for c in CONFIGS if c.key == cfg.baseline)
-        rows.append([cfg.label, f"{ms:.1f}", harness.ratio_text(ratios), baseline, *cells])
+        baseline = CONFIGS_BY_KEY[cfg.baseline].label
+        kinds = " / ".join("—" if v != v else f"{v:.3f}×" for v in split[cfg.key]) if cfg.key in split else "—"
+        rows.append([cfg.label, f"{ms:.1f}", harness.ratio_text(ratios), kinds, baseline, *cells])
     targets = [] if opts.smoke else [harness.Target(
         f"`gg.watch` of a compiled {base.label}: no extra graph, graph break or recompilation", float("nan"),
         float("nan"), ok)]
@@ -242,15 +258,17 @@ def run(opts: harness.Options) -> harness.Section:
         "frames compiled by the backend and dynamo's graph breaks, in total and on the steps that are neither "
         "the first nor one of gradguard's sampled steps (every 10th), which must add none.",
         "",
-        harness.table(["configuration", "ms / step", "ratio to bare", "bare loop it is paired with",
+        harness.table(["configuration", "ms / step", "ratio to bare", "other / sampled steps",
+                       "bare loop it is paired with",
                        "graphs compiled", "graph breaks", "compiles / breaks on non-sampled steps"],
-                      rows, "lrrlrrr"),
+                      rows, "lrrrlrrr"),
         "",
         "The compiled bare loop against the eager one (same rounds): "
         f"{harness.ratio_text(harness.period_ratios(times, 'compiled', 'eager'))}.",
         "",
         "gradguard's sampled steps on a compiled model take their activation statistics from one extra eager "
-        "forward without autograd (`Monitor._eager_pass`), which is inside the ratio.",
+        "forward without autograd (`Monitor._eager_pass`), which is inside the ratio; the column \"other / "
+        "sampled steps\" splits the paired rounds by kind of step (sums over the rounds of each kind).",
         "",
         "### Code of each configuration",
         "",

@@ -235,3 +235,18 @@ def test_code_shown_for_a_configuration_includes_the_helpers_it_calls() -> None:
     assert "loss.backward(create_graph=" in text and "def _pkg_resources_shim" not in text
     wandb = peers.source(peers.BY_KEY["wandb_10"])
     assert "run.watch(w.model" in wandb and "\ndef _wandb_run(" in wandb and wandb.count("\ndef _wandb(") == 1
+
+
+def test_compiled_split_by_kind_of_step_pairs_the_monitors_own_schedule() -> None:
+    """Timed round r is the monitor's step warmup + r: with warm-up 2 and sampling every 10th step, rounds 8
+    and 18 are the sampled ones; sampled rounds cost 3.0, the others 1.2, the bare loop 1.0 (and 2.0)."""
+    from types import SimpleNamespace
+
+    from gradguard.monitor.schedule import every
+
+    mon = SimpleNamespace(sample_every=every(10))
+    sampled = {8, 18}
+    bare = [2.0 if r % 2 else 1.0 for r in range(20)]
+    t = [(3.0 if r in sampled else 1.2) * b for r, b in enumerate(bare)]
+    other, on_sampled = compiled.by_kind_of_step(t, bare, mon, warmup=2)  # type: ignore[arg-type]
+    assert other == pytest.approx(1.2, rel=1e-12) and on_sampled == pytest.approx(3.0, rel=1e-12)
