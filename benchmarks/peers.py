@@ -20,13 +20,16 @@ import importlib.util
 import inspect
 import io
 import json
+import re
 import sys
+import tempfile
 import types
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -147,16 +150,28 @@ def torch_surgeon(w: Workload) -> Step:
 def cockpit_economy(w: Workload) -> Step:
     # Cockpit's documented loop with configuration("economy") (every step, its default schedule): BackPACK
     # extend() on model and loss, per-sample losses, backward inside the cockpit context.
+    return _cockpit(w, track_interval=1)
+
+
+def cockpit_economy_every_256(w: Workload) -> Step:
+    # The same loop with the economy quantities tracked on every 256th step only (schedules.linear(256)):
+    # on the other steps Cockpit's context only disables BackPACK (its `disable()` context), no extension runs.
+    return _cockpit(w, track_interval=256)
+
+
+def _cockpit(w: Workload, track_interval: int) -> Step:
     with _pkg_resources_shim():
         from backpack import extend
         from cockpit import Cockpit
+        from cockpit.utils import schedules
         from cockpit.utils.configuration import configuration
 
     model = extend(w.model)
     loss_fn = extend(torch.nn.MSELoss(reduction="mean"))
     individual_loss_fn = torch.nn.MSELoss(reduction="none")
     opt = torch.optim.Adam(model.parameters(), lr=LR)
-    cockpit = Cockpit(model.parameters(), quantities=configuration("economy"))
+    quantities = configuration("economy", track_schedule=schedules.linear(track_interval))
+    cockpit = Cockpit(model.parameters(), quantities=quantities)
     global_step = [0]
 
     def step() -> None:
@@ -169,6 +184,55 @@ def cockpit_economy(w: Workload) -> Step:
             loss.backward(create_graph=cockpit.create_graph(global_step[0]))
         opt.step()
         global_step[0] += 1
+
+    return step
+
+
+def hf_debug_underflow_overflow(w: Workload) -> Step:
+    # transformers' DebugUnderflowOverflow(model) as its docs show it: forward hooks on every module that
+    # record the abs min/max of its weights, inputs and outputs and test them for inf/nan (`.item()` per
+    # tensor), keeping the last 21 frames to print before it raises.
+    from transformers.debug_utils import DebugUnderflowOverflow
+
+    opt = torch.optim.Adam(w.model.parameters(), lr=LR)
+    DebugUnderflowOverflow(w.model)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss = F.mse_loss(w.model(w.x), w.y)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def wandb_watch_default(w: Workload) -> Step:
+    # wandb.watch(model, log="gradients") at its default log_freq=1000, in an offline run (see _wandb_run:
+    # mode="offline", a temporary folder, nothing sent), the loss logged every 10th step as in wandb's
+    # example (`if batch_idx % log_interval == 0: wandb.log({"loss": loss})`).
+    return _wandb(w, log_freq=1000)
+
+
+def wandb_watch_every_10(w: Workload) -> Step:
+    # The same with log_freq=10: a 64-bin histogram of every parameter's gradient every 10th backward.
+    return _wandb(w, log_freq=10)
+
+
+def _wandb(w: Workload, log_freq: int) -> Step:
+    run = _wandb_run()
+    opt = torch.optim.Adam(w.model.parameters(), lr=LR)
+    run.watch(w.model, log="gradients", log_freq=log_freq)
+    _WANDB.setdefault("hooked", {})[log_freq] = w.model._wandb_hook_names  # checked against the run file
+    count = [0]
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss = F.mse_loss(w.model(w.x), w.y)
+        loss.backward()
+        if count[0] % 10 == 0:
+            run.log({"loss": loss})
+        count[0] += 1
+        opt.step()
 
     return step
 
@@ -203,7 +267,84 @@ def _pkg_resources_shim() -> Iterator[None]:
             del sys.modules["pkg_resources"]
 
 
+_WANDB: dict[str, Any] = {}
+
+
+def _wandb_run() -> Any:
+    """One offline wandb run shared by the wandb configurations of this process, in a temporary folder.
+
+    ``mode="offline"`` writes the run to that folder and sends nothing (``mode="disabled"`` would make
+    ``watch`` a no-op and time nothing); console capture is off so that the benchmark's own output is not
+    copied into the run. :func:`close_peers` finishes it and removes the folder.
+    """
+    if "run" not in _WANDB:
+        import wandb
+
+        folder = tempfile.TemporaryDirectory(prefix="gradguard-bench-wandb-")
+        run = wandb.init(mode="offline", dir=folder.name, project="gradguard-bench",
+                         settings=wandb.Settings(console="off", silent=True))
+        _WANDB.update(run=run, folder=folder)
+    return _WANDB["run"]
+
+
+def _wandb_logged() -> set[bytes] | None:
+    """The ``gradients/<parameter>`` names found in the run file wandb has written so far (the evidence that
+    its hooks ran and logged: the file is wandb's own record of the run), None without a run."""
+    folder = _WANDB.get("folder")
+    if folder is None:
+        return None
+    return {m for f in Path(folder.name).rglob("*.wandb") for m in re.findall(rb"gradients/[\w.]+", f.read_bytes())}
+
+
+def close_peers() -> None:
+    """Finish what a peer left open in this process (the offline wandb run) and remove its files."""
+    run = _WANDB.pop("run", None)
+    folder = _WANDB.pop("folder", None)
+    _WANDB.clear()
+    if run is not None:
+        run.finish()
+    if folder is not None:
+        folder.cleanup()
+
+
+def _children_cpu_s() -> float | None:
+    """CPU seconds used so far by this process's children (wandb's service process), None without psutil."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    total = 0.0
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            t = child.cpu_times()
+            total += t.user + t.system
+    return total
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
 # --------------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class Amortized:
+    """A configuration whose expensive work runs every ``period``-th step only, none of which falls in the
+    timed steps; the same work every ``every``-th step is timed by configuration ``like``. With c the
+    ratio of the cheap steps and r that of ``like``, the extra cost of one expensive step is every·(r − c)
+    and the ratio amortized over ``period`` steps is c + (every / period)·(r − c)."""
+
+    like: str
+    every: int
+    period: int
+
+    def ratio(self, cheap: float, like: float) -> float:
+        """The amortized ratio from the cheap steps' ratio and the ratio of configuration ``like``."""
+        return cheap + self.every / self.period * (like - cheap)
+
+
 @dataclass(frozen=True)
 class Config:
     """One row of the overhead table."""
@@ -215,9 +356,14 @@ class Config:
     target: dict[str, float] | None = None  # workload key → limit on the ratio to bare
     max_steps: int | None = None  # timed steps when it is far slower than the bare loop
     reports: str = ""  # what the user gets for the cost
+    amortized: Amortized | None = None
 
 
 MONITOR_TARGETS = {"mlp": 1.05, "lstm": 1.02}
+COCKPIT = f"Cockpit {_version('cockpit-for-pytorch')} economy"
+WANDB = f"wandb {_version('wandb')} `watch(model, log=\"gradients\")`"
+COCKPIT_REPORTS = ("loss, gradient norm, 1-d gradient histogram, distance from init, update size, step-size α of "
+                   "the local parabola, norm / inner-product / orthogonality tests (from per-sample gradients)")
 CONFIGS: tuple[Config, ...] = (
     Config("bare", "bare loop", bare, reports="nothing"),
     Config("gradguard", "gradguard default `gg.watch(model)`", gradguard_default, target=MONITOR_TARGETS,
@@ -231,12 +377,24 @@ CONFIGS: tuple[Config, ...] = (
            reports="an error at the first backward function that returns NaN, with the forward traceback"),
     Config("lightning", "Lightning `grad_norm` + `clip_grad_norm_`", lightning_grad_norm_clip, ("lightning",),
            reports="per-parameter and total gradient norms (logged every 50 steps), norm clipping"),
-    Config("surgeon", "torch-surgeon 0.1.0 `Surgeon`", torch_surgeon, ("torch_surgeon",),
+    Config("surgeon", f"torch-surgeon {_version('torch-surgeon')} `Surgeon`", torch_surgeon, ("torch_surgeon",),
            reports="per leaf module: mean, std, norm of the output gradient, ratio to its EMA (vanishing, "
            "exploding, stagnant), fraction of near-zero outputs"),
-    Config("cockpit", "Cockpit 1.0.2 economy", cockpit_economy, ("cockpit", "backpack"), max_steps=2,
-           reports="loss, gradient norm, 1-d gradient histogram, distance from init, update size, step-size "
-           "α of the local parabola, norm / inner-product / orthogonality tests (from per-sample gradients)"),
+    Config("hf_debug", f"transformers {_version('transformers')} `DebugUnderflowOverflow`",
+           hf_debug_underflow_overflow, ("transformers",),
+           reports="forward only, every module on every step: abs min/max of its weights, inputs and outputs; "
+           "on the first inf/nan among them an error, after printing the last 21 modules' values; nothing on "
+           "gradients"),
+    Config("wandb", f"{WANDB}, `log_freq=1000` (default)", wandb_watch_default, ("wandb",),
+           amortized=Amortized("wandb_10", 10, 1000),
+           reports="a 64-bin histogram of every parameter's gradient every 1000th backward, written to the run "
+           "(offline here), to look at; no detection"),
+    Config("wandb_10", f"{WANDB}, `log_freq=10`", wandb_watch_every_10, ("wandb",),
+           reports="the same histograms every 10th backward"),
+    Config("cockpit", COCKPIT + ", every step", cockpit_economy, ("cockpit", "backpack"), max_steps=10,
+           reports=COCKPIT_REPORTS + ", every step"),
+    Config("cockpit_256", COCKPIT + ", every 256th step", cockpit_economy_every_256, ("cockpit", "backpack"),
+           amortized=Amortized("cockpit", 1, 256), reports="the same, every 256th step"),
 )
 BY_KEY = {c.key: c for c in CONFIGS}
 
@@ -250,8 +408,19 @@ def why_unavailable(cfg: Config) -> str | None:
 
 
 def source(cfg: Config) -> str:
-    """The code that builds ``cfg``'s training step, exactly as run."""
-    return inspect.getsource(cfg.build).rstrip()
+    """The code that builds ``cfg``'s training step, exactly as run: its function, then the helpers of this
+    module that it calls (shared by two schedules of one peer), except the import workaround for Cockpit."""
+    shown: list[Callable[..., object]] = []
+    todo: list[Callable[..., object]] = [cfg.build]
+    while todo:
+        fn = todo.pop(0)
+        if fn in shown:
+            continue
+        shown.append(fn)
+        todo += [f for name in fn.__code__.co_names
+                 if name.startswith("_") and name != "_pkg_resources_shim"
+                 and inspect.isfunction(f := globals().get(name)) and f.__module__ == __name__]
+    return "\n\n\n".join(inspect.getsource(fn).rstrip() for fn in shown)
 
 
 def prepare(cfg: Config, base: Workload) -> tuple[Step | None, str | None]:
@@ -282,11 +451,14 @@ def _quiet(step: Step) -> Step:
 
 
 # --------------------------------------------------------------------------- the benchmark
-KNOWN_FAILURES = {
-    ("cockpit", "lstm"): "BackPACK 1.7.1's `nn.LSTM` derivatives support one layer only (a 2-layer LSTM raises "
-    "`NotImplementedError: only num_layers = 1 is supported` under BatchGrad)",
-    ("cockpit", "transformer"): "BackPACK 1.7.1 has no per-sample-gradient extension for `MultiheadAttention` "
-    "(in_proj, out_proj) or `LayerNorm`: those parameters get no `grad_batch`, which Cockpit's quantities need",
+_LSTM_LAYERS = ("BackPACK 1.7.1's `nn.LSTM` derivatives support one layer only (a 2-layer LSTM raises "
+                "`NotImplementedError: only num_layers = 1 is supported` under BatchGrad)")
+_NO_ATTENTION = ("BackPACK 1.7.1 has no per-sample-gradient extension for `MultiheadAttention` (in_proj, "
+                 "out_proj) or `LayerNorm`: those parameters get no `grad_batch`, which Cockpit's quantities need")
+KNOWN_FAILURES = {  # both Cockpit schedules track step 0, so both fail at their first step
+    (cockpit, workload): why
+    for cockpit in ("cockpit", "cockpit_256")
+    for workload, why in (("lstm", _LSTM_LAYERS), ("transformer", _NO_ATTENTION))
 }
 
 
@@ -307,68 +479,105 @@ def run(opts: harness.Options) -> harness.Section:
         f"({CHILD_STEPS} steps), its `VmHWM` (see Method), and in brackets what the configuration's set-up "
         "and steps added to the peak reached with the model built (so a tool's own imports count against it).",
         "`benchmarks/overhead.py` is the standalone two-way version (bare against gradguard only).",
+        "A configuration whose expensive steps come every N-th step only and so fall outside the timed steps "
+        "(Cockpit every 256th step, wandb at `log_freq=1000`) is timed on its cheap steps, and its ratio "
+        "amortized over N steps is given beside, with the cost of one expensive step taken from the row that "
+        "does the same work more often (see `Amortized` in `benchmarks/peers.py`).",
         "",
     ]
     targets: list[harness.Target] = []
-    for key, (rounds, warmup) in plan.items():
-        base = models.build(key, smoke=opts.smoke, device=opts.device)
-        steps: dict[str, Step] = {}
-        failed: dict[str, str] = {}
-        for cfg in CONFIGS:
-            step, why = prepare(cfg, base)
-            if step is None:
-                known = KNOWN_FAILURES.get((cfg.key, key))
-                failed[cfg.key] = f"{known}: {why}" if known else str(why)
-            else:
-                steps[cfg.key] = step
-        limits = {c.key: c.max_steps for c in CONFIGS if c.max_steps is not None and not opts.smoke}
-        times = harness.interleave_steps(steps, rounds=rounds, warmup=warmup, device=opts.device, limits=limits)
-        syncs = {k: harness.count_syncs(s, 3, opts.device) for k, s in steps.items()}
-        # A smoke run checks the child path once (gradguard on the first workload) instead of 21 processes.
-        rss_keys = [k for k in steps if not opts.smoke or (k == "gradguard" and key == "mlp")]
-        rss: dict[str, dict[str, object]] = {}
-        if opts.rss:  # memory, not time: two children at a time (nothing is being timed meanwhile)
-            with ThreadPoolExecutor(max_workers=2) as pool:
-                n = len(rss_keys)
-                rss = dict(zip(rss_keys, pool.map(_child_rss, [key] * n, rss_keys, [opts] * n), strict=True))
-        rows = []
-        for cfg in CONFIGS:
-            if cfg.key in failed:
-                rows.append([cfg.label, "—", "could not run: " + failed[cfg.key], "—", "—", "—"])
-                continue
-            t = times[cfg.key]
-            ms = 1e3 * harness.quartiles(t)[1]
-            ratios = harness.period_ratios(times, cfg.key, "bare")
-            limit = (cfg.target or {}).get(key)
-            verdict = "—"
-            if limit is not None and opts.smoke:
-                verdict = f"≤ {limit:.2f}× (not judged in a smoke run)"
-            elif limit is not None:
-                met = harness.quartiles(ratios)[1] <= limit
-                targets.append(harness.Target(f"{cfg.label} on {base.label}", harness.quartiles(ratios)[1],
-                                              limit, met))
-                verdict = f"≤ {limit:.2f}× {harness.mark(met)}"
-                if not met and opts.profile:
-                    verdict += " (profile below)"
-            note = f" ({len(t)} timed steps)" if len(t) < rounds else ""
-            rows.append([cfg.label, f"{ms:.1f}", harness.ratio_text(ratios) + note, _rss_text(rss.get(cfg.key)),
-                         _sync_text(syncs.get(cfg.key)), verdict])
-        body += [f"### {base.label}", "", f"{rounds} timed rounds after {warmup} warm-up round(s).", ""]
-        body.append(harness.table(["configuration", "ms / step", "ratio to bare", "peak RSS MiB", "syncs / step",
-                                   "target"], rows, "lrrrrl"))
-        body.append("")
-        for tg in targets:
-            if not tg.met and base.label in tg.what and opts.profile:
-                top = harness.pyspy_top(_child_args(key, "gradguard", opts, steps=4 * harness.PERIOD),
-                                       "<locals>.step (peers.py")
-                body += [harness.profile_text(top, f"gradguard default on {base.label}"), ""]
+    summary: dict[str, dict[str, str]] = {c.key: {} for c in CONFIGS}
+    try:
+        for key, (rounds, warmup) in plan.items():
+            body += _workload(key, rounds, warmup, opts, targets, summary)
+    finally:
+        close_peers()
     body += _breakdown(opts)
-    body += ["### What each configuration reports", "",
-             harness.table(["configuration", "what the user gets"], [[c.label, c.reports] for c in CONFIGS]), ""]
+    columns = list(dict.fromkeys(col for row in summary.values() for col in row))
+    body += ["### What each configuration reports, beside what it costs", "",
+             "Ratio to the bare loop on each workload (from the tables above; amortized where so marked).", "",
+             harness.table(["configuration", "what the user gets", *columns],
+                           [[c.label, c.reports, *(summary[c.key].get(k, "—") for k in columns)] for c in CONFIGS],
+                           "ll" + "r" * len(columns)), ""]
     body += ["### Code of each configuration", ""]
     for cfg in CONFIGS:
         body += [f"**{cfg.label}**", "", "```python", source(cfg), "```", ""]
     return harness.Section("## Monitor overhead", "\n".join(body), targets)
+
+
+def _workload(key: str, rounds: int, warmup: int, opts: harness.Options, targets: list[harness.Target],
+              summary: dict[str, dict[str, str]]) -> list[str]:
+    """The table of one workload; appends its targets and its ratios (``summary[config]["(a)"]``)."""
+    base = models.build(key, smoke=opts.smoke, device=opts.device)
+    col = base.label.split(" ", 1)[0]
+    steps: dict[str, Step] = {}
+    failed: dict[str, str] = {}
+    for cfg in CONFIGS:
+        step, why = prepare(cfg, base)
+        if step is None:
+            known = KNOWN_FAILURES.get((cfg.key, key))
+            failed[cfg.key] = f"{known}: {why}" if known else str(why)
+        else:
+            steps[cfg.key] = step
+    limits = {c.key: c.max_steps for c in CONFIGS if c.max_steps is not None and not opts.smoke}
+    cpu0 = _children_cpu_s()
+    times = harness.interleave_steps(steps, rounds=rounds, warmup=warmup, device=opts.device, limits=limits)
+    logged, cpu1 = _wandb_logged(), _children_cpu_s()
+    syncs = {k: harness.count_syncs(s, 3, opts.device) for k, s in steps.items()}
+    # A smoke run checks the child path once (gradguard on the first workload) instead of 30 processes.
+    rss_keys = [k for k in steps if not opts.smoke or (k == "gradguard" and key == "mlp")]
+    rss: dict[str, dict[str, object]] = {}
+    if opts.rss:  # memory, not time: two children at a time (nothing is being timed meanwhile)
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            n = len(rss_keys)
+            rss = dict(zip(rss_keys, pool.map(_child_rss, [key] * n, rss_keys, [opts] * n), strict=True))
+    ratios = {k: harness.period_ratios(times, k, "bare") for k in steps}
+    rows = []
+    for cfg in CONFIGS:
+        if cfg.key in failed:
+            rows.append([cfg.label, "—", "could not run: " + failed[cfg.key], "—", "—", "—"])
+            summary[cfg.key][col] = "could not run"
+            continue
+        t = times[cfg.key]
+        ms = 1e3 * harness.quartiles(t)[1]
+        mid = harness.quartiles(ratios[cfg.key])[1]
+        summary[cfg.key][col] = f"{mid:.2f}×"
+        limit = (cfg.target or {}).get(key)
+        verdict = "—"
+        if limit is not None and opts.smoke:
+            verdict = f"≤ {limit:.2f}× (not judged in a smoke run)"
+        elif limit is not None:
+            met = mid <= limit
+            targets.append(harness.Target(f"{cfg.label} on {base.label}", mid, limit, met))
+            verdict = f"≤ {limit:.2f}× {harness.mark(met)}"
+            if not met and opts.profile:
+                verdict += " (profile below)"
+        note = f" ({len(t)} timed steps)" if len(t) < rounds else ""
+        am = cfg.amortized
+        if am is not None and am.like in ratios:
+            amortized = am.ratio(mid, harness.quartiles(ratios[am.like])[1])
+            note += (f"; amortized over its {am.period}-step period, the expensive step costing as in the row "
+                     f"{BY_KEY[am.like].label}: ≈ {amortized:.3f}×")
+            summary[cfg.key][col] = f"{amortized:.2f}× amortized ({mid:.2f}× timed)"
+        rows.append([cfg.label, f"{ms:.1f}", harness.ratio_text(ratios[cfg.key]) + note,
+                     _rss_text(rss.get(cfg.key)), _sync_text(syncs.get(cfg.key)), verdict])
+    body = [f"### {base.label}", "", f"{rounds} timed rounds after {warmup} warm-up round(s).", "",
+            harness.table(["configuration", "ms / step", "ratio to bare", "peak RSS MiB", "syncs / step", "target"],
+                          rows, "lrrrrl"), ""]
+    if "wandb_10" in steps and logged is not None:
+        hooked = {n.encode() for n in _WANDB["hooked"][10]}
+        service = ("; wandb's service process, outside this process's CPU clock, used "
+                   f"{1e3 * (cpu1 - cpu0) / (rounds + warmup):.1f} ms of CPU per round for the wandb rows together"
+                   if cpu0 is not None and cpu1 is not None else "")
+        body += [f"wandb: by the end of these rounds the offline run file held gradient histograms of "
+                 f"{len(hooked & logged)} of the {len(hooked)} parameters watched at `log_freq=10` (the service "
+                 f"writes it asynchronously, in blocks){service}.", ""]
+    for tg in targets:
+        if not tg.met and base.label in tg.what and opts.profile:
+            top = harness.pyspy_top(_child_args(key, "gradguard", opts, steps=4 * harness.PERIOD),
+                                    "<locals>.step (peers.py")
+            body += [harness.profile_text(top, f"gradguard default on {base.label}"), ""]
+    return body
 
 
 def _breakdown(opts: harness.Options) -> list[str]:
@@ -423,11 +632,14 @@ def child_main(workload: str, config: str, steps: int, smoke: bool, device: str)
     w = models.build(workload, smoke=smoke, device=device)
     before = harness.peak_rss_mib()
     step = BY_KEY[config].build(w)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for _ in range(steps):
-            step()
-    return {"peak_rss_mib": harness.peak_rss_mib(), "rss_before_mib": before}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(steps):
+                step()
+        return {"peak_rss_mib": harness.peak_rss_mib(), "rss_before_mib": before}
+    finally:
+        close_peers()
 
 
 def main(argv: list[str] | None = None) -> int:

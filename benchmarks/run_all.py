@@ -5,11 +5,11 @@
     python benchmarks/run_all.py --smoke           # a couple of steps of each benchmark; prints, writes nothing
     python benchmarks/run_all.py --only clipping guard --out /tmp/b.md
 
-Sections, in order: monitor overhead against the peers (``peers.py``), clipping against torch and the
-packages (``clip_peers.py``), NaN provenance (``nan_provenance.py``), Guard (``guard.py``), probe
-(``probe.py``), lab wall time, an unmodified program under ``gradguard run`` (``zero_code.py``), import time
-(``import_time.py``). The measurement method is described in ``harness.py`` and written into the file's
-"Method" paragraph.
+Sections, in order: monitor overhead against the peers (``peers.py``), the monitor on compiled models
+(``compiled.py``), clipping against torch and the packages (``clip_peers.py``), NaN provenance
+(``nan_provenance.py``), Guard (``guard.py``), probe (``probe.py``), lab wall time, an unmodified program
+under ``gradguard run`` (``zero_code.py``), import time (``import_time.py``). The measurement method is
+described in ``harness.py`` and written into the file's "Method" paragraph.
 """
 
 from __future__ import annotations
@@ -39,6 +39,12 @@ def monitor(opts: harness.Options) -> harness.Section:
     import peers
 
     return peers.run(opts)
+
+
+def compiled_models(opts: harness.Options) -> harness.Section:
+    import compiled
+
+    return compiled.run(opts)
 
 
 def clipping(opts: harness.Options) -> harness.Section:
@@ -183,6 +189,7 @@ def import_time(opts: harness.Options) -> harness.Section:
 
 SECTIONS: dict[str, Runner] = {
     "monitor": monitor,
+    "compiled": compiled_models,
     "clipping": clipping,
     "nan": nan,
     "guard": guard,

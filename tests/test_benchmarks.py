@@ -9,15 +9,19 @@ name what the text says they name.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
+import compiled  # noqa: E402
 import harness  # noqa: E402
 import import_time  # noqa: E402
 import nan_provenance  # noqa: E402
@@ -66,7 +70,7 @@ def test_run_all_smoke_writes_every_section(tmp_path: Path) -> None:
     out = tmp_path / "BENCHMARKS.md"
     assert run_all.main(["--smoke", "--out", str(out)]) == 0
     text = out.read_text(encoding="utf-8")
-    for heading in ("## Machine", "## Method", "## Targets", "## Monitor overhead", "## Clipping",
+    for heading in ("## Machine", "## Method", "## Targets", "## Monitor overhead", compiled.HEADING, "## Clipping",
                     "## NaN provenance", "## Guard", "## Probe", "## Lab", zero_code.HEADING,
                     import_time.HEADING):
         assert f"\n{heading}\n" in text, heading
@@ -78,12 +82,18 @@ def test_run_all_smoke_writes_every_section(tmp_path: Path) -> None:
         assert len(rows) == 3, cfg.label
         for row in rows:
             assert re.search(r"\d\.\d{3}× \[", row) or "could not run: " in row, row
-    assert text.count("```python") == len(peers.CONFIGS)  # the code of every configuration is shown
+    assert overhead.count("```python") == len(peers.CONFIGS)  # the code of every configuration is shown
     assert overhead.count("| Monitor.step total |") == 1  # overhead.py's per-part breakdown
     rss = r"\| gradguard default `gg.watch\(model\)` \| [\d.]+ \| [\d.]+× \[[^|]*\| (\d+) \(\+(\d+)\) \|"
     found = re.search(rss, text)
     assert found, "the smoke run measures gradguard's peak RSS in a child process"
     assert 50 < int(found.group(1)) < 4000, "a child's own peak (torch alone is ~200 MiB), not this process's"
+    comp = text.split(compiled.HEADING, 1)[1].split("\n## ", 1)[0]
+    for cfg in compiled.CONFIGS:
+        (row,) = [ln for ln in comp.splitlines() if ln.startswith(f"| {cfg.label} |")]
+        assert re.search(r"\d\.\d{3}× \[", row), row
+        if cfg.compiled:  # gradguard adds no graph and no break, on any step of the smoke run
+            assert "| 1 (+0 vs bare) | 0 | 0 / 0" in row, row
     lab = text.split("## Lab", 1)[1].split("\n## ", 1)[0]
     assert "| ok |" in lab
     # Zero code: every part of the run timed for both, the ratio of the run, the report time apart.
@@ -142,3 +152,101 @@ def test_importtime_lists_the_modules_the_child_really_imported() -> None:
     assert set(names) - reference <= {"sitecustomize", "usercustomize"}
     assert not any(import_time.is_torch(m) for m in names)
     assert import_time.is_torch("torch.nn") and not import_time.is_torch("torchvision")
+
+
+def test_amortized_ratio_equals_the_mean_cost_of_a_simulated_schedule() -> None:
+    """Cheap steps at 1.1 (bare = 1), expensive ones at 5.0: the mean over a whole period, computed naively."""
+    cheap, costly = 1.1, 5.0
+
+    def mean_ratio(period: int) -> float:  # one expensive step in every `period`
+        return sum(costly if i % period == 0 else cheap for i in range(period)) / period
+
+    for every, period in ((1, 256), (10, 1000)):
+        am = peers.Amortized("like", every, period)
+        assert am.ratio(cheap, mean_ratio(every)) == pytest.approx(mean_ratio(period), rel=1e-12)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb (bench extra) not installed")
+def test_wandb_peer_runs_offline_and_its_hooks_log_every_parameter() -> None:
+    """The wandb rows must time real hooks: the 10th backward at log_freq=10 logs a gradient histogram of every
+    parameter, which the loss logged on the 11th step commits to the offline run file; nothing is left behind."""
+    w = peers.models.build("mlp", smoke=True)
+    step = peers.wandb_watch_every_10(w)
+    try:
+        run = peers._wandb_run()
+        assert run.offline
+        assert peers._wandb_logged() == set()
+        for _ in range(11):
+            step()
+        folder = Path(peers._WANDB["folder"].name)
+        # wandb names a later watched model's histograms with a prefix (`gradients/graph_<k><parameter>`).
+        hooked = {n.encode() for n in w.model._wandb_hook_names}
+        assert len(hooked) == len(list(w.model.parameters()))
+        run.finish()  # its service writes the run file asynchronously, even after finish() returns
+        deadline = time.monotonic() + 60
+        while not hooked <= (peers._wandb_logged() or set()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert hooked <= (peers._wandb_logged() or set())
+    finally:
+        peers.close_peers()
+    assert not folder.exists() and not peers._WANDB
+
+
+def test_graph_count_charges_a_recompile_and_a_break_to_the_step_that_caused_them() -> None:
+    """A step that flips a Python flag read by the compiled forward on step 3: a guard fails, dynamo
+    recompiles, and the new code has a graph break; both must be charged to an ordinary step."""
+
+    class Flagged(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+            self.broken = False
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.fc(x)
+            if self.broken:
+                torch._dynamo.graph_break()
+            return x.relu()
+
+    def build(w: peers.Workload, backend: compiled.Backend) -> tuple[compiled.Step, None]:
+        call = torch.compile(w.model, backend=backend)
+        count = [0]
+
+        def step() -> None:
+            w.model.broken = count[0] == 3
+            call(w.x).sum().backward()
+            count[0] += 1
+
+        return step, None
+
+    torch.manual_seed(0)
+    base = peers.Workload("flag", "flag", Flagged(), torch.randn(2, 4), torch.randn(2, 4))
+    cfg = compiled.Config("flag", "flag", build, "flag", True)
+    g = compiled.count_graphs(cfg, base, "aot_eager", steps=5)
+    assert g.frames["first"] == 1 and g.breaks["first"] == 0
+    assert g.frames["other"] >= 1 and g.breaks["other"] >= 1 and g.frames["sampled"] == 0
+    assert g.reasons
+
+
+def test_code_shown_for_a_configuration_includes_the_helpers_it_calls() -> None:
+    """Two schedules of one peer share a helper: the code printed for each must contain the whole loop."""
+    text = peers.source(peers.BY_KEY["cockpit_256"])
+    assert text.startswith("def cockpit_economy_every_256(") and "\ndef _cockpit(" in text
+    assert "loss.backward(create_graph=" in text and "def _pkg_resources_shim" not in text
+    wandb = peers.source(peers.BY_KEY["wandb_10"])
+    assert "run.watch(w.model" in wandb and "\ndef _wandb_run(" in wandb and wandb.count("\ndef _wandb(") == 1
+
+
+def test_compiled_split_by_kind_of_step_pairs_the_monitors_own_schedule() -> None:
+    """Timed round r is the monitor's step warmup + r: with warm-up 2 and sampling every 10th step, rounds 8
+    and 18 are the sampled ones; sampled rounds cost 3.0, the others 1.2, the bare loop 1.0 (and 2.0)."""
+    from types import SimpleNamespace
+
+    from gradguard.monitor.schedule import every
+
+    mon = SimpleNamespace(sample_every=every(10))
+    sampled = {8, 18}
+    bare = [2.0 if r % 2 else 1.0 for r in range(20)]
+    t = [(3.0 if r in sampled else 1.2) * b for r, b in enumerate(bare)]
+    other, on_sampled = compiled.by_kind_of_step(t, bare, mon, warmup=2)  # type: ignore[arg-type]
+    assert other == pytest.approx(1.2, rel=1e-12) and on_sampled == pytest.approx(3.0, rel=1e-12)
