@@ -95,19 +95,28 @@ class ClipResult(NamedTuple):
         return torch.stack([self.norm_limit, self.tensor_norm_limit, self.value_limit, self.ratio_limit]).amin()
 
 
-def _result(before: Tensor, after: Tensor, clipped: Tensor, **limits: Tensor | float) -> ClipResult:
+def _result(
+    before: Tensor,
+    after: Tensor,
+    clipped: Tensor,
+    *,
+    norm_limit: Tensor | float | None = None,
+    tensor_norm_limit: Tensor | float | None = None,
+    value_limit: Tensor | float | None = None,
+    ratio_limit: Tensor | float | None = None,
+) -> ClipResult:
     """A :class:`ClipResult` with the given limits and ``inf`` for the others (one shared 0-d tensor)."""
     device = before.device
     inf = torch.full((), math.inf, device=device)
 
-    def limit(name: str) -> Tensor:
-        value = limits.get(name, inf)
+    def limit(value: Tensor | float | None) -> Tensor:
+        if value is None:
+            return inf
         return value if isinstance(value, Tensor) else torch.full((), value, device=device)
 
     return ClipResult(
-        before, after, clipped, limit("norm_limit"), limit("tensor_norm_limit"), limit("value_limit"),
-        limit("ratio_limit"),
-    )  # fmt: skip
+        before, after, clipped, limit(norm_limit), limit(tensor_norm_limit), limit(value_limit), limit(ratio_limit)
+    )
 
 
 def _collect(parameters: Iterable[Tensor] | Tensor) -> list[Tensor]:
@@ -141,7 +150,7 @@ def _plain(t: Tensor) -> Tensor:
     return t.full_tensor() if is_dtensor(t) else t  # type: ignore[attr-defined]
 
 
-def _empty_result(**limits: float) -> ClipResult:
+def _empty_result(**limits: float | None) -> ClipResult:
     zero = torch.zeros(())
     return _result(zero, zero.clone(), torch.tensor(False), **limits)
 
