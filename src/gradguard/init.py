@@ -219,7 +219,7 @@ _WEIGHT_RULES: Mapping[str, Callable[[Tensor, Mapping[str, Any], torch.Generator
 
 
 def scheme_names() -> tuple[str, ...]:
-    """Names of every scheme, for listings and error messages."""
+    """Names of every scheme, in the order of the module's table (formula and paper: ``SCHEMES[name]``)."""
     return tuple(SCHEMES)
 
 
