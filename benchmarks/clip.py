@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     rows += [
         "",
         "Why some policies cost more than `clip_grad_norm_` on this CPU: `AutoClip` adds small kernels (history "
-        "write, `torch.kthvalue` for the two order statistics, interpolation, coefficient) on top of the norm and "
+        "write, `topk` selection of the two order statistics, interpolation, coefficient) on top of the norm and "
         "the scaling torch also does; with `per=\"tensor\"` (`QuantileClip`) the selection runs over one "
         "1000-norm history per tensor, so its ratio falls as tensors grow; `AGC` must also read every weight and "
         "reduce per output unit, so its memory traffic alone is about 1.5× torch's; `ClipValue` measures the norm "

@@ -312,19 +312,27 @@ class _History:
         """Per-column q-quantile with linear interpolation, as ``numpy.quantile`` / ``torch.quantile``.
 
         With the n recorded values sorted as x_(0) ≤ … ≤ x_(n−1) and ``h = q·(n−1)``:
-        ``x_(⌊h⌋) + (h − ⌊h⌋)·(x_(⌊h⌋+1) − x_(⌊h⌋))``, with the two order statistics selected by
-        ``torch.kthvalue`` (no sort). An infinite upper neighbour makes the quantile infinite.
+        ``x_(⌊h⌋) + (h − ⌊h⌋)·(x_(⌊h⌋+1) − x_(⌊h⌋))``. The two order statistics are selected, not sorted:
+        ``topk`` keeps the smaller tail that holds both (the n − ⌊h⌋ largest or the ⌊h⌋ + 2 smallest values,
+        unsorted) and a second ``topk`` of 2 reads them from it. An infinite upper neighbour makes the
+        quantile infinite.
         """
         assert self.values is not None and self.pushes > 0
         n = min(self.pushes, self.values.shape[1])
         window = self.values[:, :n]
         pos = q * (n - 1)
         lo = math.floor(pos)
-        below = window.kthvalue(lo + 1, dim=1).values
+        if n - lo < lo + 2:
+            tail = window.topk(n - lo, dim=1, sorted=False).values  # sorted positions lo … n−1
+            two = tail.topk(min(2, n - lo), dim=1, largest=False).values  # ascending: lo, lo + 1
+            below, above = two[:, 0], two[:, -1]
+        else:
+            tail = window.topk(lo + 2, dim=1, largest=False, sorted=False).values  # positions 0 … lo + 1
+            two = tail.topk(2, dim=1).values  # descending: lo + 1, lo
+            below, above = two[:, -1], two[:, 0]
         weight = pos - lo
         if weight == 0.0:  # a host float: no interpolation, and no 0 · inf
             return below
-        above = window.kthvalue(lo + 2, dim=1).values
         return torch.where(above == math.inf, math.inf, torch.lerp(below, above, weight))
 
     def state_dict(self) -> dict[str, Any]:
