@@ -246,7 +246,7 @@ class ClipNorm(ClipPolicy):
 
     ``per="global"``: one norm over all gradients, as ``torch.nn.utils.clip_grad_norm_`` and Keras
     ``global_clipnorm`` (identical results for every ``norm_type``, ``inf`` and non-finite gradients
-    included, outside the 1e-6-wide band of :func:`_coef`); the result's ``norm_limit`` is c.
+    included, outside the 1e-6-wide band docs/remedies.md describes); the result's ``norm_limit`` is c.
     ``per="tensor"``: each tensor is clipped by its own norm, as Keras ``clipnorm``; the result's
     ``tensor_norm_limit`` is c.
 
