@@ -53,7 +53,7 @@ def test_weight_variance_matches_formula(scheme: str, options: dict, var: float,
 
 
 @pytest.mark.parametrize(("std", "bias"), [(1.0, 0.1), (0.1, 0.01)])
-def test_seed_s0_normal_with_constant_bias(std: float, bias: float) -> None:
+def test_normal_with_constant_bias_on_a_relu_lstm(std: float, bias: float) -> None:
     lstm = gg.nn.LSTM(1, 64, num_layers=2, activation="relu")
     init.apply(lstm, "normal", std=std, bias=bias)
     for k in range(2):
@@ -149,7 +149,7 @@ def test_registry_lists_every_scheme_and_each_runs() -> None:
     }  # fmt: skip
     for name, info in init.SCHEMES.items():
         model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
-        extra = {"batch": torch.randn(16, 4)} if info.needs_batch else {}
+        extra = {"inputs": torch.randn(16, 4)} if info.needs_inputs else {}
         report = init.apply(model, name, **extra)
         assert report.scheme == name
         assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -205,15 +205,68 @@ def test_bad_input_is_refused_clearly() -> None:
     model = nn.Linear(3, 3)
     with pytest.raises(ConfigError, match="xavier_uniform"):
         init.apply(model, "glorot")
-    with pytest.raises(ConfigError, match="needs a batch"):
-        init.lsuv(model)
-    with pytest.raises(ConfigError, match="needs a batch"):
+    with pytest.raises(TypeError, match="inputs"):
+        init.lsuv(model)  # type: ignore[call-arg]
+    with pytest.raises(ConfigError, match="needs inputs"):
         init.apply(model, "lsuv")
     with pytest.raises(ConfigError, match="does not take"):
         init.apply(model, "xavier_uniform", std=1.0)
     with pytest.raises(ConfigError, match="mode"):
         init.apply(model, "he_normal", mode="fan_sum")
-    with pytest.raises(ConfigError, match="std"):
+    with pytest.raises(ConfigError, match=r"std=-1.0 is out of range; allowed: \[0.0, inf\)"):
         init.apply(model, "normal", std=-1.0)
+    with pytest.raises(ConfigError, match=r"tol=0.0 is out of range; allowed: \(0.0, inf\)"):
+        init.lsuv(model, torch.randn(4, 3), tol=0.0)
     with pytest.raises(ConfigError, match="activation"):
         init.apply(model, "he_normal", activation="swish")
+
+
+def test_keywords_are_explicit_and_keyword_only() -> None:
+    model = nn.Linear(3, 3)
+    with pytest.raises(TypeError, match="stdd"):
+        init.apply(model, "normal", stdd=1.0)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        init.apply(model, "normal", 1.0)  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        init.lsuv(model, torch.randn(4, 3), 1.0)  # type: ignore[misc]
+    # the registry's defaults are apply's signature, not a second table
+    assert init.SCHEMES["he_normal"].defaults["mode"] == "fan_in"
+    assert init.SCHEMES["lsuv"].defaults == {"inputs": None, "target_std": 1.0, "tol": 0.1, "max_iter": 10,
+                                             "orthonormal": True}  # fmt: skip
+
+
+def test_deprecated_batch_is_inputs() -> None:
+    x = torch.randn(32, 20)
+    a, b, c = _deep_net(4), _deep_net(4), _deep_net(4)
+    b.load_state_dict(a.state_dict())
+    c.load_state_dict(a.state_dict())
+    torch.manual_seed(0)
+    want = init.lsuv(a, x)
+    torch.manual_seed(0)
+    with pytest.warns(DeprecationWarning, match="inputs="):
+        got = init.lsuv(b, batch=x)
+    torch.manual_seed(0)
+    with pytest.warns(DeprecationWarning, match="inputs="):
+        init.apply(c, "lsuv", batch=x)
+    assert got.details == want.details
+    for p, q, r in zip(a.parameters(), b.parameters(), c.parameters(), strict=True):
+        assert torch.equal(p, q) and torch.equal(p, r)
+    with pytest.warns(DeprecationWarning, match="needs_inputs"):
+        assert init.SCHEMES["lsuv"].needs_batch
+
+
+def test_lsuv_takes_keyword_and_tuple_inputs() -> None:
+    class TwoArgs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.relu(self.a(x + shift)))
+
+    x, shift = torch.randn(64, 4), torch.randn(1, 4)
+    for inputs in ((x, shift), {"x": x, "shift": shift}):
+        model = TwoArgs()
+        report = init.lsuv(model, inputs)
+        assert set(report.details["std"]) == {"a", "b"}
+        assert all(abs(s - 1.0) <= 0.1 for s in report.details["std"].values())

@@ -33,3 +33,21 @@ def test_relu_lstm_is_unbounded() -> None:
 def test_bad_activation_names_allowed_values() -> None:
     with pytest.raises(gg.ConfigError, match="'relu'"):
         gg.nn.LSTM(1, 4, activation="gelu")
+
+
+def test_non_sequence_input_is_an_input_error() -> None:
+    with pytest.raises(gg.InputError, match=r"3-d input .* shape \(4, 3\)"):
+        gg.nn.LSTM(3, 4)(torch.randn(4, 3))
+
+
+def test_options_after_num_layers_are_keyword_only() -> None:
+    with pytest.raises(TypeError):
+        gg.nn.LSTM(1, 4, 1, "relu")  # type: ignore[misc]
+
+
+def test_norm_layers_are_skipped_by_init_and_penalty_alike() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3), torch.nn.RMSNorm(3))
+    assert all(isinstance(m, gg.nn.NORM_LAYERS) for m in model[1:])
+    assert [n for n, _ in gg.penalty.penalised_parameters(model)] == ["0.weight"]
+    report = gg.init.apply(model, "he_normal")
+    assert report.changed == ("0.weight", "0.bias")

@@ -1,30 +1,16 @@
 """Initialisation schemes applied module by module, with a report of what changed and what was skipped.
 
-``apply(model, scheme, **options)`` walks ``model.named_modules()`` and applies the scheme's rule to each
-module's *own* parameters, by module type:
-
-* ``Linear``, ``Conv*``/``ConvTranspose*``, ``Embedding``: the weight by the scheme, the bias to the
-  constant ``bias`` (0 by default; ``bias=None`` leaves biases alone). Fans are PyTorch's
-  (``nn.init._calculate_fan_in_and_fan_out``: for convolutions, channels × receptive field). An
-  ``Embedding``'s ``padding_idx`` row is zeroed again afterwards.
-* recurrent layers (``nn.RNN``/``LSTM``/``GRU``, their ``*Cell`` versions, and :class:`gradguard.nn.LSTM`):
-  input-to-hidden (``weight_ih*``, ``weight_hr*``) and hidden-to-hidden (``weight_hh*``) weights are
-  initialised **one gate block at a time** (PyTorch stacks the gates along dim 0: i, f, g, o for LSTM;
-  r, z, n for GRU), so each gate is a ``hidden × in`` matrix with its own fans and, for ``orthogonal`` /
-  ``identity``, is itself orthogonal / the identity. PyTorch adds two bias vectors (``bias_ih + bias_hh``)
-  where the papers have one, so a bias value b is split as ``bias_ih = b``, ``bias_hh = 0``: the effective
-  bias is exactly b.
-* normalisation layers keep γ = 1, β = 0 untouched, and parameters of modules without a rule are skipped;
-  both are listed in the report with the reason.
-
-Schemes (see :data:`SCHEMES`; the variances are the papers' and SEEDS S0, S2.2, S1.4):
+``apply(model, scheme, **options)`` walks ``model.named_modules()`` and applies the scheme to each
+module's own parameters: ``Linear``/``Conv*``/``Embedding`` weights by the scheme and biases to the
+constant ``bias``; recurrent weights one gate block at a time; normalisation layers and modules without a
+rule are left alone and listed in the report. docs/remedies.md describes the layouts and the choices.
 
 ====================  ===========================================================================
-``normal``            W ~ N(0, std²), constant bias (seed S0: std 1 with bias 0.1, std 0.1 with 0.01)
+``normal``            W ~ N(0, std²), constant bias (a fixed-std baseline)
 ``xavier_uniform``    W ~ U(±gain·√(6/(fan_in+fan_out)))   (Glorot & Bengio 2010)
-``xavier_normal``     W ~ N(0, gain²·2/(fan_in+fan_out))
+``xavier_normal``     W ~ N(0, gain²·2/(fan_in+fan_out))   (Glorot & Bengio 2010)
 ``he_uniform``        W ~ U(±gain·√(3/fan)), fan = fan_in | fan_out | fan_avg   (He et al. 2015)
-``he_normal``         W ~ N(0, gain²/fan); with the ReLU gain √2 this is Var = 2/fan_in
+``he_normal``         W ~ N(0, gain²/fan); with the ReLU gain √2 this is Var = 2/fan_in   (He et al. 2015)
 ``lecun``             W ~ N(0, gain²/fan_in)   (LeCun et al. 1998; SELU's init)
 ``orthogonal``        W = gain · Q, Q orthogonal (Saxe et al. 2014)
 ``identity``          W_hh = scale · I in plain ReLU/tanh RNNs, biases 0 (IRNN, Le, Jaitly & Hinton 2015)
@@ -37,7 +23,9 @@ Gains come from ``torch.nn.init.calculate_gain(activation, param)``; ``gain=`` o
 
 from __future__ import annotations
 
+import inspect
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -46,12 +34,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gradguard.adapt import call_model, model_arguments
 from gradguard.errors import ConfigError, InputError, check_choice, check_number
 from gradguard.nn import LSTM as GGLSTM
+from gradguard.nn import NORM_LAYERS
 
 __all__ = ["SCHEMES", "InitReport", "SchemeInfo", "apply", "lsuv", "scheme_names"]
 
-_NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 _ACTIVATIONS = (
     "linear", "conv1d", "conv2d", "conv3d", "sigmoid", "tanh", "relu", "leaky_relu", "selu",
@@ -158,53 +147,60 @@ class SchemeInfo:
     Attributes:
         name: registry key.
         summary: one line with the formula.
-        defaults: every option the scheme accepts, with its default.
-        reference: the paper or seed item.
-        needs_batch: True for data-dependent schemes (LSUV).
+        options: the keyword arguments of :func:`apply` the scheme uses.
+        reference: the paper.
+        needs_inputs: True for data-dependent schemes (LSUV), which need ``inputs=``.
     """
 
     name: str
     summary: str
-    defaults: Mapping[str, Any]
+    options: tuple[str, ...]
     reference: str
-    needs_batch: bool = False
+    needs_inputs: bool = False
+
+    @property
+    def defaults(self) -> Mapping[str, Any]:
+        """The scheme's options with their defaults (those of :func:`apply`'s signature)."""
+        return {name: _APPLY_DEFAULTS[name] for name in self.options}
+
+    @property
+    def needs_batch(self) -> bool:
+        """Deprecated: :attr:`needs_inputs`."""
+        warnings.warn("SchemeInfo.needs_batch is deprecated; use needs_inputs", DeprecationWarning, stacklevel=2)
+        return self.needs_inputs
 
 
-_COMMON = {"bias": 0.0, "generator": None}
-_GAINED = {"activation": None, "param": None, "gain": None}
+_COMMON = ("bias", "generator")
+_GAINED = ("activation", "param", "gain")
 
 #: Every initialisation scheme by name (read-only), in the order the docs list them.
 SCHEMES: Mapping[str, SchemeInfo] = MappingProxyType(
     {
-        "normal": SchemeInfo("normal", "W ~ N(0, std²), bias constant", {"std": 0.1, **_COMMON}, "SEEDS S0"),
+        "normal": SchemeInfo("normal", "W ~ N(0, std²), bias constant", ("std", *_COMMON), "fixed-std baseline"),
         "xavier_uniform": SchemeInfo(
-            "xavier_uniform", "W ~ U(±gain·√(6/(fan_in+fan_out)))", {**_GAINED, **_COMMON}, "Glorot & Bengio 2010"
+            "xavier_uniform", "W ~ U(±gain·√(6/(fan_in+fan_out)))", (*_GAINED, *_COMMON), "Glorot & Bengio 2010"
         ),
         "xavier_normal": SchemeInfo(
-            "xavier_normal", "W ~ N(0, gain²·2/(fan_in+fan_out))", {**_GAINED, **_COMMON}, "Glorot & Bengio 2010"
+            "xavier_normal", "W ~ N(0, gain²·2/(fan_in+fan_out))", (*_GAINED, *_COMMON), "Glorot & Bengio 2010"
         ),
-        "he_uniform": SchemeInfo(
-            "he_uniform", "W ~ U(±gain·√(3/fan))", {"mode": "fan_in", **_GAINED, **_COMMON}, "He et al. 2015"
-        ),
-        "he_normal": SchemeInfo(
-            "he_normal", "W ~ N(0, gain²/fan)", {"mode": "fan_in", **_GAINED, **_COMMON}, "He et al. 2015"
-        ),
+        "he_uniform": SchemeInfo("he_uniform", "W ~ U(±gain·√(3/fan))", ("mode", *_GAINED, *_COMMON), "He et al. 2015"),
+        "he_normal": SchemeInfo("he_normal", "W ~ N(0, gain²/fan)", ("mode", *_GAINED, *_COMMON), "He et al. 2015"),
         "lecun": SchemeInfo(
-            "lecun", "W ~ N(0, gain²/fan_in)", {"distribution": "normal", **_GAINED, **_COMMON}, "LeCun et al. 1998"
+            "lecun", "W ~ N(0, gain²/fan_in)", ("distribution", *_GAINED, *_COMMON), "LeCun et al. 1998"
         ),
-        "orthogonal": SchemeInfo("orthogonal", "W = gain·Q, QᵀQ = I", {**_GAINED, **_COMMON}, "Saxe et al. 2014"),
+        "orthogonal": SchemeInfo("orthogonal", "W = gain·Q, QᵀQ = I", (*_GAINED, *_COMMON), "Saxe et al. 2014"),
         "identity": SchemeInfo(
-            "identity", "RNN W_hh = scale·I, biases 0", {"scale": 1.0}, "Le, Jaitly & Hinton 2015 (IRNN)"
+            "identity", "RNN W_hh = scale·I, biases 0", ("scale",), "Le, Jaitly & Hinton 2015 (IRNN)"
         ),
         "lstm_forget_bias": SchemeInfo(
-            "lstm_forget_bias", "LSTM forget-gate bias = value", {"value": 1.0}, "Gers et al. 2000"
+            "lstm_forget_bias", "LSTM forget-gate bias = value", ("value",), "Gers et al. 2000"
         ),
         "lsuv": SchemeInfo(
             "lsuv",
             "orthonormal, then rescale each layer to output std target_std",
-            {"batch": None, "target_std": 1.0, "tol": 0.1, "max_iter": 10, "orthonormal": True},
+            ("inputs", "target_std", "tol", "max_iter", "orthonormal"),
             "Mishkin & Matas 2016",
-            needs_batch=True,
+            needs_inputs=True,
         ),
     }
 )
@@ -223,38 +219,48 @@ _WEIGHT_RULES: Mapping[str, Callable[[Tensor, Mapping[str, Any], torch.Generator
 
 
 def scheme_names() -> tuple[str, ...]:
-    """Names of every scheme, for listings and error messages."""
+    """Names of every scheme, in the order of the module's table (formula and paper: ``SCHEMES[name]``)."""
     return tuple(SCHEMES)
 
 
-def _resolve(scheme: str, options: Mapping[str, Any]) -> dict[str, Any]:
+def _check_options(scheme: str, given: Mapping[str, Any]) -> dict[str, Any]:
+    """The options ``scheme`` uses, validated; an option it does not use must be left at its default."""
     if not isinstance(scheme, str):
         raise InputError(f"scheme must be a string, got {type(scheme).__name__}")
     check_choice("scheme", scheme, SCHEMES)
-    defaults = SCHEMES[scheme].defaults
-    unknown = sorted(set(options) - set(defaults))
-    if unknown:
-        allowed = ", ".join(sorted(defaults)) or "none"
-        raise ConfigError(f"init scheme {scheme!r} does not take {', '.join(unknown)}; its options are: {allowed}")
-    resolved = {**defaults, **options}
-    if "std" in resolved:
-        check_number("std", resolved["std"], low=0.0)
-    if "scale" in resolved:
-        check_number("scale", resolved["scale"])
-    if "value" in resolved:
-        check_number("value", resolved["value"])
-    if resolved.get("bias") is not None:
-        check_number("bias", resolved["bias"])
-    if "mode" in resolved:
-        check_choice("mode", resolved["mode"], ("fan_in", "fan_out", "fan_avg"))
-    if "distribution" in resolved:
-        check_choice("distribution", resolved["distribution"], ("normal", "uniform"))
-    if "activation" in resolved:
-        _gain(resolved, "linear")  # validates activation / gain now rather than mid-walk
-    gen = resolved.get("generator")
+    used = SCHEMES[scheme].options
+    unused = [n for n in given if n not in used and not _is_default(given[n], _APPLY_DEFAULTS[n])]
+    if unused:
+        raise ConfigError(
+            f"init scheme {scheme!r} does not take {', '.join(unused)}; its options are: {', '.join(used)}"
+        )
+    options = {n: given[n] for n in used}
+    if "std" in options:
+        check_number("std", options["std"], low=0.0)
+    if "scale" in options:
+        check_number("scale", options["scale"])
+    if "value" in options:
+        check_number("value", options["value"])
+    if options.get("bias") is not None:
+        check_number("bias", options["bias"])
+    if "mode" in options:
+        check_choice("mode", options["mode"], ("fan_in", "fan_out", "fan_avg"))
+    if "distribution" in options:
+        check_choice("distribution", options["distribution"], ("normal", "uniform"))
+    if "activation" in options:
+        _gain(options, "linear")  # validates activation / gain now rather than mid-walk
+    gen = options.get("generator")
     if gen is not None and not isinstance(gen, torch.Generator):
         raise InputError(f"generator must be a torch.Generator, got {type(gen).__name__}")
-    return resolved
+    return options
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    if value is default:
+        return True
+    if isinstance(default, str):
+        return isinstance(value, str) and value == default
+    return isinstance(default, int | float) and isinstance(value, int | float) and value == default
 
 
 def _recurrent_gates(module: nn.Module) -> int | None:
@@ -290,7 +296,7 @@ class _Walk:
         self.skipped: list[tuple[str, str]] = []
 
     def report(self, scheme: str, options: Mapping[str, Any], details: Mapping[str, Any] | None = None) -> InitReport:
-        shown = {k: v for k, v in options.items() if k not in ("generator", "batch")}
+        shown = {k: v for k, v in options.items() if k not in ("generator", "inputs")}
         return InitReport(scheme, shown, tuple(self.changed), tuple(self.skipped), dict(details or {}))
 
 
@@ -303,18 +309,52 @@ def _set_bias(t: Tensor, value: float) -> None:
         t.fill_(value)
 
 
-def apply(model: nn.Module, scheme: str, **options: Any) -> InitReport:
+def apply(
+    model: nn.Module,
+    scheme: str,
+    *,
+    std: float = 0.1,
+    bias: float | None = 0.0,
+    activation: str | None = None,
+    param: float | None = None,
+    gain: float | None = None,
+    mode: str = "fan_in",
+    distribution: str = "normal",
+    scale: float = 1.0,
+    value: float = 1.0,
+    generator: torch.Generator | None = None,
+    inputs: Any = None,
+    target_std: float = 1.0,
+    tol: float = 0.1,
+    max_iter: int = 10,
+    orthonormal: bool = True,
+    batch: Any = None,
+) -> InitReport:
     """Initialise every supported module of ``model`` with ``scheme``; returns an :class:`InitReport`.
+
+    The formulas and papers are in the module's table (``SCHEMES[scheme].summary`` / ``.reference``).
 
     Args:
         model: any ``nn.Module``.
         scheme: a name from :data:`SCHEMES` (``gradguard.init.scheme_names()``).
-        **options: the scheme's options (``SCHEMES[scheme].defaults`` lists them): ``std``, ``bias``
-            (``None`` leaves biases alone), ``activation``/``param``/``gain``, ``mode``, ``scale``,
-            ``value``, ``generator`` (a ``torch.Generator`` for reproducible draws), LSUV's ``batch`` ...
+        std: ``normal``'s standard deviation (≥ 0).
+        bias: the constant every bias is set to; ``None`` leaves biases alone.
+        activation, param: the nonlinearity after the layer, for ``torch.nn.init.calculate_gain``.
+        gain: overrides the activation's gain (> 0).
+        mode: the He fan, ``"fan_in"``, ``"fan_out"`` or ``"fan_avg"``.
+        distribution: ``lecun``'s ``"normal"`` or ``"uniform"``.
+        scale: ``identity``'s diagonal value.
+        value: ``lstm_forget_bias``'s forget-gate bias.
+        generator: a ``torch.Generator`` for reproducible draws.
+        inputs, target_std, tol, max_iter, orthonormal: ``lsuv``'s arguments (see :func:`lsuv`).
+        batch: deprecated name of ``inputs``.
+
+    A scheme uses only its own options (``SCHEMES[scheme].options``); another option set away from its
+    default is refused. Unknown keywords are a ``TypeError``, as for any Python function.
 
     Raises:
-        ConfigError: unknown scheme (the message lists the allowed ones) or option.
+        ConfigError: unknown scheme (the message lists the allowed ones), an option the scheme does not
+            take, or a value out of range (the message names it and the allowed range).
 
     >>> net = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
     >>> apply(net, "he_normal").changed
@@ -322,27 +362,47 @@ def apply(model: nn.Module, scheme: str, **options: Any) -> InitReport:
     """
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    resolved = _resolve(scheme, options)
+    if batch is not None:
+        warnings.warn("init.apply(batch=) is deprecated; use inputs=", DeprecationWarning, stacklevel=2)
+        if inputs is not None:
+            raise TypeError("apply() got both inputs and its deprecated alias batch")
+        inputs = batch
+    given = {
+        "std": std, "bias": bias, "activation": activation, "param": param, "gain": gain, "mode": mode,
+        "distribution": distribution, "scale": scale, "value": value, "generator": generator, "inputs": inputs,
+        "target_std": target_std, "tol": tol, "max_iter": max_iter, "orthonormal": orthonormal,
+    }  # fmt: skip
+    options = _check_options(scheme, given)
     if scheme == "lsuv":
-        batch = resolved.pop("batch")
-        return lsuv(model, batch, **resolved)
+        if inputs is None:
+            raise ConfigError("init scheme 'lsuv' needs inputs=... (a batch): it measures each layer's output")
+        return lsuv(model, inputs, target_std=target_std, tol=tol, max_iter=max_iter, orthonormal=orthonormal)
     walk = _Walk()
-    gen = resolved.get("generator")
     for prefix, module in model.named_modules():
         own = list(module.named_parameters(recurse=False))
         if not own:
             continue
-        if isinstance(module, _NORM_LAYERS):
+        if isinstance(module, NORM_LAYERS):
             walk.skipped += [(_qual(prefix, n), "normalisation layer (kept at γ=1, β=0)") for n, _ in own]
             continue
         gates = _recurrent_gates(module)
         if gates is not None:
-            _apply_recurrent(module, prefix, own, gates, scheme, resolved, gen, walk)
+            _apply_recurrent(module, prefix, own, gates, scheme, options, generator, walk)
         elif isinstance(module, nn.Linear | nn.modules.conv._ConvNd | nn.Embedding | nn.Bilinear):
-            _apply_feedforward(module, prefix, own, scheme, resolved, gen, walk)
+            _apply_feedforward(module, prefix, own, scheme, options, generator, walk)
         else:
             walk.skipped += [(_qual(prefix, n), f"no rule for {type(module).__name__}") for n, _ in own]
-    return walk.report(scheme, resolved)
+    return walk.report(scheme, options)
+
+
+#: The keyword-only options of :func:`apply` with their defaults: the one place they are written is its signature.
+_APPLY_DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    {
+        name: p.default
+        for name, p in inspect.signature(apply).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "batch"
+    }
+)
 
 
 def _apply_feedforward(
@@ -431,60 +491,51 @@ def _weight(module: nn.Module) -> Tensor:
     return w
 
 
-def _check_batch(batch: Any) -> None:
-    """Refuse, before any weight is touched, a batch that cannot carry data: LSUV measures real outputs."""
-    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, tuple | list) else [batch]
-    if not any(isinstance(v, Tensor) for v in values):
-        shown = " ".join(repr(batch).split())
-        shown = shown if len(shown) <= 60 else shown[:57] + "..."
-        raise InputError(
-            f"lsuv batch must be a tensor, a tuple/list of the model's arguments or a mapping of its keyword "
-            f"arguments holding at least one tensor; got {type(batch).__name__} {shown}"
-        )
-
-
-def _forward(model: nn.Module, batch: Any) -> None:
-    if isinstance(batch, Mapping):
-        model(**batch)
-    elif isinstance(batch, tuple | list):
-        model(*batch)
-    else:
-        model(batch)
+#: Marks ``inputs`` as not given, so that the deprecated ``batch=`` keyword can stand in for it.
+_MISSING: Any = object()
 
 
 def lsuv(
     model: nn.Module,
-    batch: Any = None,
+    inputs: Any = _MISSING,
+    *,
     target_std: float = 1.0,
     tol: float = 0.1,
     max_iter: int = 10,
     orthonormal: bool = True,
+    batch: Any = _MISSING,
 ) -> InitReport:
     """Layer-sequential unit-variance init (Mishkin & Matas 2016, "All you need is a good init").
 
     1. If ``orthonormal``: every ``Linear``/``Conv*`` weight ← orthogonal (Saxe et al. 2014), bias ← 0.
-    2. For each such layer in the order the forward pass calls them: run ``batch`` through the model,
+    2. For each such layer in the order the forward pass calls them: run ``inputs`` through the model,
        measure the std s of the layer's output, and rescale ``W ← W · target_std / (s + 1e-8)`` until
        ``|s − target_std| ≤ tol`` or ``max_iter`` rescalings were made.
 
-    The model runs in eval mode under ``no_grad`` and its train/eval mode is restored. Recurrent and other
-    layers are left as they are (listed as skipped). ``details["std"]`` holds each layer's final output
-    std and ``details["iterations"]`` the rescalings it took.
+    The model runs in eval mode under ``no_grad`` and its train/eval mode is restored. Other layers are left
+    as they are (listed as skipped). ``details["std"]`` holds each layer's final output std and
+    ``details["iterations"]`` the rescalings it took.
 
     Args:
         model: the network.
-        batch: inputs: a tensor (``model(batch)``), a tuple/list (``model(*batch)``) or a mapping
-            (``model(**batch)``). Required.
-        target_std: wanted output std of each layer.
-        tol: allowed deviation from ``target_std``.
-        max_iter: most rescalings per layer.
+        inputs: a batch: a tensor (``model(inputs)``), a tuple/list (``model(*inputs)``) or a mapping
+            (``model(**inputs)``), as :func:`gradguard.adapt.call_model` reads it. Required.
+        target_std: wanted output std of each layer (> 0).
+        tol: allowed deviation from ``target_std`` (> 0).
+        max_iter: most rescalings per layer (≥ 1).
         orthonormal: start from orthonormal weights (step 1).
+        batch: deprecated name of ``inputs``.
     """
+    if batch is not _MISSING:
+        warnings.warn("lsuv(batch=) is deprecated; use inputs=", DeprecationWarning, stacklevel=2)
+        if inputs is not _MISSING:
+            raise TypeError("lsuv() got both inputs and its deprecated alias batch")
+        inputs = batch
+    if inputs is _MISSING:
+        raise TypeError("lsuv() missing 1 required argument: 'inputs'")
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if batch is None:
-        raise ConfigError("lsuv needs a batch of inputs (batch=...): it measures each layer's output on real data")
-    _check_batch(batch)
+    model_arguments(inputs, name="lsuv inputs")  # refuse a batch without data before any weight is touched
     check_number("target_std", target_std, low=0.0, low_inclusive=False)
     check_number("tol", tol, low=0.0, low_inclusive=False)
     check_number("max_iter", max_iter, low=1, integer=True)
@@ -513,7 +564,7 @@ def lsuv(
                     if isinstance(m.bias, Tensor):
                         m.bias.zero_()
                         walk.changed.append(_qual(name, "bias"))
-            _forward(model, batch)
+            call_model(model, inputs)
             for h in handles:
                 h.remove()
             handles = []
@@ -525,12 +576,12 @@ def lsuv(
 
                 handle = layer.register_forward_hook(grab)
                 handles.append(handle)
-                _forward(model, batch)
+                call_model(model, inputs)
                 std = captured["out"].float().std()
                 n = 0
                 while abs(float(std) - target_std) > tol and n < max_iter:
                     _weight(layer).mul_(float(target_std / (std + 1e-8)))
-                    _forward(model, batch)
+                    call_model(model, inputs)
                     std = captured["out"].float().std()
                     n += 1
                 handle.remove()

@@ -1,4 +1,4 @@
-"""Weight penalties added to the loss (SEEDS S0.6)."""
+"""Weight penalties added to the loss: L2 (Krogh & Hertz 1992; weight decay for SGD)."""
 
 from __future__ import annotations
 
@@ -6,18 +6,15 @@ import torch
 from torch import Tensor, nn
 
 from gradguard.errors import InputError, check_number
+from gradguard.nn import NORM_LAYERS
 
 __all__ = ["l2_penalty", "penalised_parameters"]
 
-#: Modules whose parameters are scales and shifts of normalised activations: decaying them towards 0
-#: would fight the normalisation, so they are excluded by default (as in common weight-decay practice).
-NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
-
 
 def penalised_parameters(
-    model: nn.Module, exclude_bias: bool = True, exclude_norm: bool = True
+    model: nn.Module, *, exclude_bias: bool = True, exclude_norm: bool = True
 ) -> list[tuple[str, nn.Parameter]]:
-    """The ``(name, parameter)`` pairs :func:`l2_penalty` sums over.
+    """The ``(name, parameter)`` pairs the sum ``Σ w²`` of :func:`l2_penalty` runs over.
 
     A bias is any parameter whose own name starts with ``bias`` (``bias``, ``bias_ih_l0`` ...).
     Frozen parameters (``requires_grad=False``) are never penalised.
@@ -35,7 +32,7 @@ def penalised_parameters(
     return chosen
 
 
-def l2_penalty(model: nn.Module, lam: float, exclude_bias: bool = True, exclude_norm: bool = True) -> Tensor:
+def l2_penalty(model: nn.Module, lam: float, *, exclude_bias: bool = True, exclude_norm: bool = True) -> Tensor:
     """L2 weight penalty ``(λ/2)·Σ w²`` over the model's weights, to add to the loss: ``L = L0 + penalty``.
 
     Its gradient is ``λ·w``, i.e. plain weight decay for SGD (for Adam, ``AdamW``'s decoupled decay is not
@@ -46,7 +43,7 @@ def l2_penalty(model: nn.Module, lam: float, exclude_bias: bool = True, exclude_
         model: the network.
         lam: λ ≥ 0.
         exclude_bias: skip parameters named ``bias*``.
-        exclude_norm: skip parameters of BatchNorm/LayerNorm/GroupNorm layers.
+        exclude_norm: skip parameters of normalisation layers (:data:`gradguard.nn.NORM_LAYERS`).
 
     Returns:
         A 0-d tensor on the parameters' device, differentiable.
@@ -56,7 +53,7 @@ def l2_penalty(model: nn.Module, lam: float, exclude_bias: bool = True, exclude_
     tensor(0.9000, grad_fn=<MulBackward0>)
     """
     check_number("lam", lam, low=0.0)
-    params = penalised_parameters(model, exclude_bias, exclude_norm)
+    params = penalised_parameters(model, exclude_bias=exclude_bias, exclude_norm=exclude_norm)
     unique = list({id(p): p for _, p in params}.values())
     if not unique:
         return torch.zeros(())

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from gradguard.errors import check_choice, check_number
+from gradguard.errors import InputError, check_choice, check_number
 
 #: Cell activations: the one applied to the candidate g_t and to the cell state on output.
 ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu}
@@ -25,8 +25,8 @@ class LSTM(nn.Module):
     Parameters are named and laid out exactly as in ``torch.nn.LSTM`` (``weight_ih_l{k}`` of shape
     ``(4·hidden, in)``, ``weight_hh_l{k}``, ``bias_ih_l{k}``, ``bias_hh_l{k}``), so initialisation schemes
     and the monitor treat both alike; with ``activation="tanh"`` the outputs equal ``nn.LSTM``'s given the
-    same weights. With ``activation="relu"`` nothing bounds h or c, which is why the seed's ReLU LSTM
-    explodes (SEEDS S0.2, S0.8).
+    same weights. With ``activation="relu"`` nothing bounds h or c, so a ReLU LSTM can explode (the lab's
+    ``relu_lstm`` experiment, docs/remedies.md).
 
     Args:
         input_size: features per time step.
@@ -34,6 +34,7 @@ class LSTM(nn.Module):
         num_layers: stacked layers.
         activation: ``"tanh"`` (default) or ``"relu"``.
         batch_first: inputs and outputs are ``(batch, time, features)`` when True.
+        bias: add the biases ``b`` and ``c``.
     """
 
     def __init__(
@@ -41,6 +42,7 @@ class LSTM(nn.Module):
         input_size: int,
         hidden_size: int,
         num_layers: int = 1,
+        *,
         activation: str = "tanh",
         batch_first: bool = True,
         bias: bool = True,
@@ -82,7 +84,7 @@ class LSTM(nn.Module):
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """Run the sequence; returns ``(output, (h_n, c_n))`` shaped as ``nn.LSTM`` returns them."""
         if x.dim() != 3:
-            raise ValueError(f"LSTM expects a 3-d input (batch, time, features), got shape {tuple(x.shape)}")
+            raise InputError(f"LSTM expects a 3-d input (batch, time, features), got shape {tuple(x.shape)}")
         if not self.batch_first:
             x = x.transpose(0, 1)
         batch = x.shape[0]

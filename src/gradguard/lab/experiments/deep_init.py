@@ -43,9 +43,9 @@ SAT = SUMMARY_FIELDS.index("frac_saturated")
 
 def _init(model: DeepMLP, label: str, act: str, probe: torch.Tensor, gen: torch.Generator) -> None:
     scheme, options = INITS[label]
-    opts = {k: (v.format(act=act) if isinstance(v, str) else v) for k, v in options.items()}
+    opts: dict[str, Any] = {k: (v.format(act=act) if isinstance(v, str) else v) for k, v in options.items()}
     if scheme == "lsuv":
-        gg.init.apply(model, scheme, batch=probe)
+        gg.init.apply(model, scheme, inputs=probe)
     else:
         gg.init.apply(model, scheme, generator=gen, **opts)
 
