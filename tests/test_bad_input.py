@@ -228,7 +228,7 @@ API_CASES: list[tuple[str, Callable[[Path], Any], type[GradGuardError], str]] = 
     ("clip-norm-negative", lambda t: gg.clip.ClipNorm(-1.0), ConfigError, "-1.0"),
     ("clip-value-text", lambda t: gg.clip.ClipValue("big"), InputError, "big"),
     ("clip-zclip-alpha-out-of-range", lambda t: gg.clip.ZClip(alpha=2.0), ConfigError, "alpha=2.0"),
-    ("clip-autoclip-percentile", lambda t: gg.clip.AutoClip(percentile=150), ConfigError, "150"),
+    ("clip-autoclip-quantile", lambda t: gg.clip.AutoClip(quantile=1.5), ConfigError, "1.5"),
     ("init-unknown-scheme", lambda t: gg.init.apply(_mlp(), "glorious"), ConfigError, "glorious"),
     ("init-not-a-module", lambda t: gg.init.apply([1, 2], "he_normal"), InputError, "list"),
     ("init-lsuv-batch-not-a-tensor", lambda t: gg.init.lsuv(_mlp(), "x"), InputError, "str 'x'"),

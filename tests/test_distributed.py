@@ -122,7 +122,9 @@ def _clip_record(name: str, model: nn.Module) -> list[Any]:
         "autoclip": lambda: clip.AutoClip(),
     }[name]()
     result = policy(model.parameters())
-    fields = [float(result.norm_before), float(result.norm_after), float(result.threshold), bool(result.clipped)]
+    # the one limit the policy imposed (the other three fields are inf)
+    limit = min(float(t) for t in (result.norm_limit, result.tensor_norm_limit, result.value_limit, result.ratio_limit))
+    fields = [float(result.norm_before), float(result.norm_after), limit, bool(result.clipped)]
     kinds = sorted({type(t).__name__ for t in result})
     return [fields, tensor_norms([p.grad for p in model.parameters()]).tolist(), kinds]
 

@@ -55,7 +55,10 @@ def measure(
     parts = [loss]
     if policies:
         results = [policy(params) for policy in policies]
-        parts += [results[0].norm_before, results[-1].threshold, results[-1].norm_after]
+        last = results[-1]
+        # the limit the last policy imposed, in its own unit (the others are inf): min over the four fields
+        parts += [results[0].norm_before, last.norm_after, last.norm_limit, last.tensor_norm_limit,
+                  last.value_limit, last.ratio_limit]
         parts += [r.clipped for r in results]
     else:
         grads = [p.grad for p in params if p.grad is not None]
@@ -70,8 +73,9 @@ def measure(
     values = torch.stack(parts).tolist()
     found = bool(values.pop()) if found_inf is not None else False
     if policies:
-        loss_v, norm, threshold, after = values[:4]
-        clipped = any(values[4:]) and math.isfinite(norm)
+        loss_v, norm, after = values[:3]
+        threshold = min(values[3:7])
+        clipped = any(values[7:]) and math.isfinite(norm)
     else:
         loss_v = values[0]
         norm = math.hypot(*values[1:])
