@@ -312,7 +312,10 @@ def build(quick: bool, log: Callable[[str], None]) -> str:
         "A cell: ✓ +delay (steps after the degradation began) · what · whether the module named is the right one "
         "(the faulty layer; for learning-rate faults one of the layers whose updates grew most; for data and "
         "init faults any) · the module (detect_anomaly names an autograd op). \"from s\": the first degraded "
-        "step; a fault that did not degrade its program is reported, and an alarm on it is not counted.",
+        "step (the loss stays above twice its best for 3 steps where the healthy run of the same seed has not "
+        "by then, or turns non-finite; or the held-out metric is worse than the healthy seeds by more than "
+        "their spread); a fault that did not degrade its program is reported, and an alarm on it is not "
+        "counted.",
         "",
         "| program | fault | injected at | degraded | gradguard | detect_anomaly | Lightning grad_norm | "
         "DebugUnderflowOverflow | torch-surgeon |",
