@@ -196,6 +196,18 @@ def test_diagnosis_benchmark_reads_the_peers_right() -> None:
     assert not diagnosis.anomaly("word_lm", None, True).alarms
 
 
+def test_diagnosis_benchmark_reads_torch_surgeon_right() -> None:
+    """torch-surgeon's alerts are stamped with the training step: the NaN carried into the LM's hidden state
+    at step 20 makes its first alerts at step 20, and the healthy LM raises none."""
+    pytest.importorskip("torch_surgeon")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import diagnosis
+
+    alarms = diagnosis.surgeon("word_lm", "nan_hidden", True).alarms
+    assert alarms and alarms[0].step == 20, [(a.step, a.what, a.module) for a in alarms[:5]]
+    assert not diagnosis.surgeon("word_lm", None, True).alarms
+
+
 def _tables() -> tuple[str, str]:
     """The two tables of the module docstring, measured."""
     def fmt(x: float) -> str:
