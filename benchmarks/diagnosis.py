@@ -18,7 +18,10 @@ their program), each tool watches its own run of the same seed:
 * **HF DebugUnderflowOverflow** (``transformers.debug_utils``) on the model: an alarm is the error it
   raises when a module's inputs, weights or outputs hold inf/NaN, naming that module; it looks for
   inf/NaN only, so it applies to the non-finite faults;
-* **torch-surgeon**: run when importable, otherwise reported as not installed.
+* **torch-surgeon** (when importable, otherwise reported as not installed): ``Surgeon(model)`` with its
+  default rules (an alert when a leaf module's output-gradient norm leaves its moving average by ×100 or
+  ×0.01, or stays below 1e-7 for 50 steps), console off; an alarm is each run of consecutive alerts of one
+  layer and status, stamped with the training step of the backward that raised it;
 
 Delays count, as in the tests, from the first degraded step (step 0 for faults present from the start),
 judged by ``tests/programs/judge.py``. False alarms: alarms per 1000 steps of the healthy programs.
@@ -60,7 +63,6 @@ TOOLS = {"gradguard": "gradguard", "anomaly": "detect_anomaly", "grad_norm": "Li
          "duo": "HF DebugUnderflowOverflow"}
 #: Faults run for the table that do not degrade their program (measured, see the "degraded" column).
 EXTRA = (Case("word_lm", "init_x10", ("exploding", "loss_spike"), ""),
-         Case("char_gpt", "init_x10", ("exploding", "loss_spike"), ""),
          Case("seq_classifier", "unnormalised_batch", ("exploding", "loss_spike"), ""))
 
 
@@ -176,6 +178,34 @@ def surgeon_available() -> str:
     return ""
 
 
+def surgeon(name: str, fault: str | None, quick: bool) -> Outcome:
+    from torch_surgeon import Surgeon
+
+    alarms: list[Alarm] = []
+    last: dict[tuple[str, str], int] = {}
+
+    def attach(model: nn.Module, sink: Any) -> None:
+        tool = Surgeon(model, rules={"verbose": False})
+
+        def alert(layer: str, status: str, norm: float, step: int) -> None:
+            # Its own counter counts forwards; the recorder's clock is the training step of this backward.
+            now, key = sink.clock(), (layer, status)
+            if last.get(key) != now - 1 and last.get(key) != now:
+                module = f"{sink.prefix}.{layer}" if sink.prefix else layer
+                alarms.append(Alarm(now, f"{status} (norm {norm:.3g})", module))
+            last[key] = now
+
+        tool.reporter.alert = alert
+        with contextlib.redirect_stdout(io.StringIO()):
+            tool.attach()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its full backward hooks warn where no input requires a gradient
+        r = PROGRAMS[name](fault, seed=0, quick=quick, monitor_factory=attach, stop_on_error=True)
+    alarms.sort(key=lambda a: a.step)
+    return Outcome(alarms, "" if r.stopped is None else f"stopped: {r.stopped[1][:60]}")
+
+
 # ------------------------------------------------------------------------------------------ tables
 def _cell(a: Alarm | None, start: int | None, wanted: list[str], note: str = "") -> str:
     if start is None:
@@ -198,7 +228,8 @@ def build(quick: bool, log: Callable[[str], None]) -> str:
                             check=False).stdout.strip() or "unknown"
     dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=ROOT, capture_output=True,
                            text=True, check=False).stdout.strip()
-    surgeon = surgeon_available()
+    surgeon_note = surgeon_available()
+    tools = dict(TOOLS) if surgeon_note else {**TOOLS, "surgeon": "torch-surgeon"}
     metrics: dict[str, list[float]] = {}
     healthy_runs: dict[str, RunResult] = {}
     healthy_out: dict[str, dict[str, Outcome]] = {}
@@ -208,19 +239,23 @@ def build(quick: bool, log: Callable[[str], None]) -> str:
         metrics[name] = [r.metric] + [PROGRAMS[name](None, seed=s, quick=quick).metric for s in SEEDS[1:]]
         healthy_out[name] = {"gradguard": gg_out, "anomaly": anomaly(name, None, quick), "grad_norm": gn_out,
                              "duo": underflow_overflow(name, None, quick)}
+        if "surgeon" in tools:
+            healthy_out[name]["surgeon"] = surgeon(name, None, quick)
         log(f"healthy {name}: {r.describe()}")
 
     fault_rows = []
-    delays: dict[str, list[int]] = {k: [] for k in TOOLS}
-    detected = dict.fromkeys(TOOLS, 0)
-    placed = dict.fromkeys(TOOLS, 0)
+    delays: dict[str, list[int]] = {k: [] for k in tools}
+    detected = dict.fromkeys(tools, 0)
+    placed = dict.fromkeys(tools, 0)
     degraded_cases = 0
     for case in (*CASES, *EXTRA):
         r, gg_out, gn_out = gradguard_and_grad_norm(case.program, case.fault, quick)
-        start = degradation_start(r, metrics[case.program])
+        start = degradation_start(r, metrics[case.program], healthy_runs[case.program])
         wanted, _ = culprits(case, r, healthy_runs[case.program])
         outs = {"gradguard": gg_out, "anomaly": anomaly(case.program, case.fault, quick), "grad_norm": gn_out,
                 "duo": underflow_overflow(case.program, case.fault, quick)}
+        if "surgeon" in tools:
+            outs["surgeon"] = surgeon(case.program, case.fault, quick)
         since = r.fault_step or 0
         cells = []
         degraded_cases += start is not None
@@ -234,11 +269,11 @@ def build(quick: bool, log: Callable[[str], None]) -> str:
                 delays[tool].append(max(0, a.step - start))
         deg = "no" if start is None else f"from {start}"
         fault_rows.append(f"| {case.program} | {case.fault} | {r.fault_step} | {deg} | " + " | ".join(cells)
-                          + f" | {surgeon and 'not installed'} |")
+                          + (f" | {surgeon_note} |" if surgeon_note else " |"))
         log(f"{case.id}: {r.describe()}")
 
     alarm_rows = []
-    totals = dict.fromkeys(TOOLS, 0)
+    totals = dict.fromkeys(tools, 0)
     steps_total = 0
     for name in HEALTHY:
         n_steps = len(healthy_runs[name].losses)
@@ -292,8 +327,8 @@ def build(quick: bool, log: Callable[[str], None]) -> str:
         "",
         "Programs, faults and the measurement of degradation: `tests/programs/` (see `tests/test_realistic_zoo.py`).",
         "Each tool runs with its documented defaults; Lightning's `grad_norm` alarm threshold was fixed before the "
-        f"runs at a total 2-norm of {GRAD_NORM_ALARM:g} (or non-finite). torch-surgeon: "
-        f"{surgeon or 'importable but not run (no adapter written)'}.",
+        f"runs at a total 2-norm of {GRAD_NORM_ALARM:g} (or non-finite)"
+        + (f"; torch-surgeon: {surgeon_note}." if surgeon_note else "."),
         "",
         "## Summary",
         "",
@@ -301,7 +336,7 @@ def build(quick: bool, log: Callable[[str], None]) -> str:
         "false alarms / 1000 healthy steps |",
         "|---|---|---|---|---|",
     ]
-    for key, label in TOOLS.items():
+    for key, label in tools.items():
         lines.append(f"| {label} | {detected[key]} / {degraded_cases} | {placed[key]} | {median(delays[key])} | "
                      f"{per_k(totals[key])} |")
     lines += [
@@ -313,7 +348,10 @@ def build(quick: bool, log: Callable[[str], None]) -> str:
         "A cell: ✓ +delay (steps after the degradation began) · what · whether the module named is the right one "
         "(the faulty layer; for learning-rate faults one of the layers whose updates grew most; for data and "
         "init faults any) · the module (detect_anomaly names an autograd op). \"from s\": the first degraded "
-        "step; a fault that did not degrade its program is reported, and an alarm on it is not counted.",
+        "step (the loss stays above twice its best for 3 steps where the healthy run of the same seed has not "
+        "by then, or turns non-finite; or the held-out metric is worse than the healthy seeds by more than "
+        "their spread); a fault that did not degrade its program is reported, and an alarm on it is not "
+        "counted.",
         "",
         "| program | fault | injected at | degraded | gradguard | detect_anomaly | Lightning grad_norm | "
         "DebugUnderflowOverflow | torch-surgeon |",
@@ -324,12 +362,15 @@ def build(quick: bool, log: Callable[[str], None]) -> str:
         "",
         "Alarms on runs that train normally (the first three shown as step: what `module`). gradguard: each "
         "finding of severity ≥ warning once per kind, module and severity (as its console prints them); "
-        "grad_norm: each run of consecutive steps above the threshold once.",
+        "grad_norm: each run of consecutive steps above the threshold once"
+        + ("; torch-surgeon: each run of consecutive alerts of one layer and status once." if "surgeon" in tools
+           else "."),
         "",
-        "| program | steps | gradguard | detect_anomaly | Lightning grad_norm | DebugUnderflowOverflow |",
-        "|---|---|---|---|---|---|",
+        "| program | steps | " + " | ".join(t if t != "HF DebugUnderflowOverflow" else "DebugUnderflowOverflow"
+                                          for t in tools.values()) + " |",
+        "|---|---|" + "---|" * len(tools),
         *alarm_rows,
-        f"| **total** | {steps_total} | " + " | ".join(str(totals[k]) for k in TOOLS) + " |",
+        f"| **total** | {steps_total} | " + " | ".join(str(totals[k]) for k in tools) + " |",
         "",
         "## Default Guard",
         "",

@@ -168,3 +168,27 @@ def test_vanishing_is_judged_at_the_input_end_not_at_one_projection_off_the_path
     (f,) = vanishing.detect(observe(starved))
     assert (f.kind, f.module) == ("vanishing", "q0")
     assert f.evidence["ratio"] == pytest.approx(3e-7 / 5e-2, rel=1e-6)  # largest of the input end / output
+
+
+def test_gradient_growth_while_the_loss_keeps_falling_is_info() -> None:
+    # A one-cycle schedule at its peak: the gradient norm grows x20 while the loss goes on falling.
+    rs = rows(60)
+    for i, r in enumerate(rs):
+        r["loss"] = 2.0 * math.exp(-i / 30)
+    for r in rs[-5:]:
+        for p in PARAMS:
+            r[f"grad_norm/{p.name}"] *= 20.0
+        r["grad_norm"] = math.sqrt(sum(r[f"grad_norm/{p.name}"] ** 2 for p in PARAMS))
+    (f,) = exploding.detect(obs(rs))
+    assert (f.kind, f.severity) == ("exploding", "info") and f.evidence["loss_rose"] is False
+    # The same growth with the loss above its median over the reference steps (or non-finite): a warning.
+    for bad in (3.0, math.nan):
+        for r in rs[-3:]:
+            r["loss"] = bad
+        (f,) = exploding.detect(obs(rs))
+        assert (f.kind, f.severity) == ("exploding", "warning") and f.evidence["loss_rose"] is True
+    # Without a loss there is nothing to weigh the growth against: a warning, as before losses were known.
+    for r in rs:
+        del r["loss"]
+    (f,) = exploding.detect(obs(rs))
+    assert f.severity == "warning" and f.evidence["loss_rose"] is None

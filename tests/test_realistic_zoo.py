@@ -2,9 +2,11 @@
 
 Programs and faults live in ``tests/programs`` (``registry.CASES``, ``registry.HEALTHY``). Each fault test
 first measures that the fault really degraded the run — its loss stays above twice its best so far for 3
-steps or turns non-finite, or its held-out metric is worse than the worst of three healthy seeds by more
-than their spread — then asserts, on the findings of severity ≥ warning as the user sees them (the step
-each was *printed*, recorded by a sink; see ``programs/common.py``):
+steps (where the healthy run of the same seed does not by then) or turns non-finite, or its held-out
+metric is worse than the worst of three healthy seeds by more than their spread; a case whose degradation
+shows only at full length (``Case.quick_degrades``) has it measured by the full-length test — then
+asserts, on the findings of severity ≥ warning as the user sees them (the step each was *printed*,
+recorded by a sink; see ``programs/common.py``):
 
 * the kind (``registry.Case.kinds``);
 * the module: a layer-local fault names its layer; a learning-rate fault names one of the layers whose
@@ -30,6 +32,7 @@ What the faults look like (quick mode, seed 0, measured with ``python tests/test
 | word_lm-no_clip_lr100 | 0 | 1 | 4.15 → 4.15 → 1.35e+03 | 4.74 / 11 | val loss 1.12e+03 |
 | word_lm-lr_x100 | 20 | 21 | 4.15 → 3.44 → 1.17e+03 | 3.97 / 27.3 | val loss 1.04e+03 |
 | word_lm-nan_hidden | 20 | 20 | 4.15 → 3.44 → nan (non-finite from 20) | 0.461 / 1.07 | val loss inf |
+| char_gpt-init_x10 | 0 | None | 5.47 → 1.74 → 1.96 | 0.92 / 4.27 | val loss 1.83 |
 | char_gpt-lr_x100 | 30 | 31 | 4.57 → 2.43 → 3.67 | 2.15 / 29.4 | val loss 3.5 |
 | digits_cnn-init_x10 | 0 | None | 509 → 29.3 → 29.3 | 166 / 607 | test accuracy 0.521 |
 | digits_cnn-lr_x100 | 20 | 21 | 2.35 → 2.2 → 2.35 | 0.269 / 137 | test accuracy 0.101 |
@@ -90,7 +93,9 @@ def _seen(r: RunResult) -> str:
 def _check_case(case: Case, quick: bool) -> None:
     r = _run(case.program, case.fault, 0, quick)
     healthy = _healthy_metrics(case.program, quick)
-    start = degradation_start(r, healthy)
+    start = degradation_start(r, healthy, _run(case.program, None, 0, quick))
+    if quick and not case.quick_degrades:
+        start = r.fault_step  # the diagnosis is checked here, the degradation by the full-length test
     assert start is not None, (
         f"{case.id}: the fault did not degrade the run, so it cannot test a diagnosis: {r.describe()}; "
         f"healthy {r.metric_name} over seeds {healthy}"
@@ -189,6 +194,18 @@ def test_diagnosis_benchmark_reads_the_peers_right() -> None:
     assert norms.first(0) is not None and norms.first(0).step == 20
     assert not diagnosis.underflow_overflow("word_lm", None, True).alarms
     assert not diagnosis.anomaly("word_lm", None, True).alarms
+
+
+def test_diagnosis_benchmark_reads_torch_surgeon_right() -> None:
+    """torch-surgeon's alerts are stamped with the training step: the NaN carried into the LM's hidden state
+    at step 20 makes its first alerts at step 20, and the healthy LM raises none."""
+    pytest.importorskip("torch_surgeon")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import diagnosis
+
+    alarms = diagnosis.surgeon("word_lm", "nan_hidden", True).alarms
+    assert alarms and alarms[0].step == 20, [(a.step, a.what, a.module) for a in alarms[:5]]
+    assert not diagnosis.surgeon("word_lm", None, True).alarms
 
 
 def _tables() -> tuple[str, str]:

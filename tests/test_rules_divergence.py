@@ -130,3 +130,53 @@ def test_a_classifier_far_below_chance_must_give_back_a_quarter_of_what_it_learn
     for bump, expected in ((0.3, False), (1.5, True)):
         step, finding = judge_each_step([*noisy, bump, bump, bump], chance=chance)
         assert (step is not None and step >= len(noisy)) is expected, (bump, step, finding)
+
+
+def test_start_less_likely_than_a_uniform_guess_is_too_large_an_initialisation() -> None:
+    chance = math.log(96)  # a character model over 96 symbols
+    # The first losses of the char GPT with weights x10 (seeds 0, 1, 2, measured): visible at the third step.
+    for start in ([5.466, 5.391, 5.072], [5.785, 5.662, 5.186], [5.655, 5.580, 5.233]):
+        step, f = judge_each_step([*start, 4.5, 4.1], chance=chance)
+        assert step == 2 and f.severity == "warning" and f.module == ""
+        level = sorted(start)[1]
+        assert math.isclose(f.evidence["level"], level, rel_tol=1e-12)
+        assert level - chance >= math.log(2)  # the true class got under half of a uniform guess's probability
+    # Healthy starts (measured): a default-init head at ln 96 + 0.03; a fresh head on a pretrained body
+    # (5 classes) whose first batches reach ln 5 + 0.57 with a median of ln 5 + 0.36.
+    for start, c in (([4.59, 4.498, 4.383], chance), ([1.813, 2.182, 1.971], math.log(5)),
+                     ([2.069, 1.831, 1.591], math.log(5))):
+        assert judge_each_step([*start, start[-1] * 0.9, start[-1] * 0.8], chance=c)[0] is None
+    # Against a chance_loss that is not ln C (skewed labels: a uniform guess starts above it) the bar stays
+    # at level_ratio x chance.
+    # (ln 2 above 0.8 is 1.49, 2 x 0.8 is 1.6.)
+    assert judge_each_step([1.55, 1.58, 1.5, 1.3], chance=0.8)[0] is None
+    step, f = judge_each_step([1.65, 1.62, 1.7, 1.3], chance=0.8)
+    assert step == 2 and f.severity == "warning"
+
+
+def test_the_uniform_guess_is_recognised_from_the_chance_level() -> None:
+    assert RunMemory(math.log(10)).uniform and RunMemory(math.log(2)).uniform
+    assert not RunMemory(0.7).uniform and not RunMemory(None).uniform and not RunMemory(math.log(1.5)).uniform
+
+
+def test_noise_is_measured_on_recent_losses_not_on_a_quiet_start() -> None:
+    # A tiny-batch classifier: batches of 4 near the chance level agree at first (log noise 0.02), then the
+    # loss falls and single hard examples spread the batches by a factor of e (log noise 0.6). Three hard
+    # batches in a row at 2.6x the recent median give back over a quarter of what it learned (ln 10 = 2.3,
+    # best level ~0.3), so only the noise test can tell them from a divergence (measured from the whole
+    # window, the noise makes them one).
+    chance = math.log(10)
+    rng = random.Random(3)
+    quiet = [chance * math.exp(rng.gauss(0, 0.02)) for _ in range(60)]
+    learned = [(0.7 + 1.6 * math.exp(-i / 10)) * math.exp(rng.gauss(0, 0.6)) for i in range(116)]
+    losses = [*quiet, *learned]
+    median = sorted(learned[-16:])[8]
+    hard = [2.6 * median] * 3
+    # The scenario discriminates: the noise of the window back to the start is a fraction of the current one.
+    assert divergence.step_noise(losses) < 0.5 * divergence.step_noise(losses[-64:])
+    step, f = judge_each_step([*losses, *hard], chance=chance)
+    assert step is None, f and f.message
+    # The same rise at the quiet start's noise level is a divergence.
+    step, _ = judge_each_step([*quiet, *[0.4 * math.exp(rng.gauss(0, 0.02)) for _ in range(40)], 1.5, 1.5, 1.5],
+                              chance=chance)
+    assert step == 102

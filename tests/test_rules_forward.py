@@ -25,6 +25,19 @@ def test_amplifying_run_against_a_hand_computed_product() -> None:
     assert amplifying_run(stream, 1.0, 2.0, 100.0) is None
 
 
+def test_one_layer_that_explodes_by_itself_is_named_not_where_the_run_starts() -> None:
+    from gradguard.detect.forward import forward_finding
+
+    # The digits CNN whose fc1 overflows float16 (measured at step 80): conv2 x2.48 over conv1, fc1 x3.06e4.
+    stds = [("conv1", 0.452), ("conv2", 1.12), ("fc1", 3.43e4), ("fc2", 3.0e4)]
+    f = forward_finding(stds, None, 2.0, 100.0, 80, True)
+    assert f is not None and f.module == "fc1" and f.evidence["growth"] == pytest.approx(3.43e4 / 0.452)
+    assert f.evidence["gains"]["fc1"] == pytest.approx(3.43e4 / 1.12) and "`fc1` alone" in f.message
+    # Weights x10 at init: x5-7 at every layer, none x100 by itself: the run's start is named.
+    f = forward_finding([("c1", 1.0), ("c2", 6.0), ("c3", 36.0), ("c4", 200.0)], None, 2.0, 100.0, 0, True)
+    assert f is not None and f.module == "c2" and "alone" not in f.message
+
+
 class Cnn(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -24,11 +24,21 @@ from gradguard.sinks import Sink
         ("update_stall", 1.5, r"\(0.0, 1.0\)"),
         ("forward_gain", 0.5, r"\(1.0, inf\)"),
         ("spike_warning", 5.0, r"\[10.0, inf\)"),
+        ("spike_factor", 0.5, r"\[1.0, inf\)"),
+        ("growth", 1.0, r"\(1.0, inf\)"),
+        ("update_target", 0.5, r"\(0.0, 0.1\)"),
+        ("update_samples", 0, r"\[1, inf\)"),
+        ("forward_growth", 1.0, r"\(1.0, inf\)"),
     ],
 )
 def test_rule_option_out_of_range_is_a_config_error(option: str, value: float, allowed: str) -> None:
     with pytest.raises(gg.ConfigError, match=rf"{option}={value!r} is out of range; allowed: {allowed}"):
         RuleOptions(**{option: value})
+
+
+def test_a_non_finite_rule_option_is_a_config_error() -> None:
+    with pytest.raises(gg.ConfigError, match=r"growth=nan must be finite"):
+        RuleOptions(growth=math.nan)
 
 
 def test_watch_chance_options_are_validated() -> None:

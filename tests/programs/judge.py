@@ -2,7 +2,9 @@
 
 * :func:`degradation_start`: did the fault degrade the run, and from which step does a detection delay
   count: the loss stays above twice its best so far for 3 steps or turns non-finite
-  (:meth:`RunResult.onset`), or the held-out metric is worse than the worst healthy seed by more than the
+  (:meth:`RunResult.onset`) where the healthy run of the same seed has not done so by then (a criterion
+  the run without the fault meets by itself, as the noisy losses of a classifier near zero loss do, says
+  nothing about the fault), or the held-out metric is worse than the worst healthy seed by more than the
   healthy seeds' spread; a fault present from step 0 counts from step 0.
 * :func:`update_growth` / :func:`culprits`: for a learning-rate fault, the layers whose update ratio
   ‖Δw‖/‖w‖ grew most: the mean over the 4 steps from the fault, over the mean of the 5 steps before it
@@ -21,9 +23,13 @@ from .registry import Case
 TOP_LAYERS = 3
 
 
-def degradation_start(r: RunResult, healthy_metrics: list[float]) -> int | None:
-    """The step a detection delay counts from, or None when the fault did not degrade the run."""
+def degradation_start(r: RunResult, healthy_metrics: list[float], healthy: RunResult) -> int | None:
+    """The step a detection delay counts from, or None when the fault did not degrade the run; ``healthy``
+    is the run of the same program and seed without the fault."""
     onset = r.onset()
+    own = healthy.onset()
+    if onset is not None and own is not None and own <= onset:
+        onset = None
     if onset is None and not r.worse_than(healthy_metrics):
         return None
     if r.fault_step == 0:

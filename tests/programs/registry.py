@@ -3,8 +3,10 @@
 A :class:`Case` names a program, a fault, the finding kinds that describe it and where the fault is:
 ``"lr"`` (a learning-rate fault: the finding must name one of the layers whose updates grew most, measured
 by the test), a module name (a layer-local fault: that layer), or ``""`` (a fault of the whole model or of
-the data: any module). Faults that do not degrade a program (weights × 10 helps the tied-embedding LM
-and the GPT, whose LayerNorms absorb the scale) are not cases; ``benchmarks/diagnosis.py`` still runs them.
+the data: any module). Faults that do not degrade a program (weights × 10 helps the tied-embedding LM; a
+GRU classifier with gradient clipping recovers from one batch × 1000 within a few steps) are not cases;
+``benchmarks/diagnosis.py`` still runs them. A case whose degradation shows only at full length
+(``quick_degrades=False``) is diagnosed in quick mode too, its degradation measured by the full-length test.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class Case:
     kinds: tuple[str, ...]
     where: str
     hint: str = ""
+    quick_degrades: bool = True
 
     @property
     def id(self) -> str:
@@ -81,6 +84,11 @@ CASES: tuple[Case, ...] = (
     Case("word_lm", "nan_hidden", ("nonfinite",), "rnn",
          "one NaN written into the carried hidden state h0 that `rnn` receives with the batch at step 20; "
          "the tokens are clean, so the module to name is the LSTM whose (state) input held it"),
+    Case("char_gpt", "init_x10", _GROWTH, "",
+         "weights x10 (the tied token embedding with the head): losses 5.47, 5.39, 5.07 from step 0, chance "
+         "ln 96 = 4.56, so logits of std ~1.3; ahead of the healthy run for ~180 steps (larger logits), then "
+         "behind: val loss 0.99, 0.99, 1.01 over seeds 0-2 at 300 steps against 0.955-0.96 (better at 60)",
+         quick_degrades=False),
     Case("char_gpt", "lr_x100", _GROWTH, "lr",
          "AdamW LR x100 at step 30 (clipping at 1.0 kept): loss 2.43 at step 30, 9.1 at 31, 14-18 by 33-35, "
          "above the chance level ln 96 = 4.56; grad norm 1.6 -> 29"),

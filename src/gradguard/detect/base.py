@@ -119,6 +119,15 @@ class RunMemory:
         #: per ReLU-like module, the largest dead-unit count judged so far (revival check)
         self.dead_counts: dict[str, int] = {}
 
+    @property
+    def uniform(self) -> bool:
+        """True when the chance level is ``ln C`` for a whole number ``C ≥ 2`` of classes: the loss of a
+        uniform guess (``num_classes`` or the inferred output width), rather than some other ``chance_loss``."""
+        if self.chance is None or not self.chance > 0:
+            return False
+        c = math.exp(self.chance)
+        return c >= 2 - 1e-9 and abs(c - round(c)) <= 1e-9 * c
+
     def update(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Fold new history rows (oldest first) into the memory."""
         for r in rows:

@@ -1,9 +1,10 @@
 """Dead units: ReLU outputs that were never positive over a window of sampled steps.
 
 A unit whose output stays ≤ 0 (its peak is 0) for every input of :data:`MIN_SAMPLES` sampled batches
-gets no gradient through the ReLU and cannot recover by itself (SEEDS S2.3). Reported as ``error`` when a
-whole layer is dead (the signal is cut), ``warning`` from :data:`WARN_FRACTION`, ``info`` from
-:data:`INFO_FRACTION` (He-initialised ReLU nets routinely carry a few dead units).
+gets no gradient through the ReLU and cannot recover by itself (Lu et al. 2019, "Dying ReLU and
+Initialization"). Reported as ``error`` when a whole layer is dead (the signal is cut), ``warning`` from
+:data:`WARN_FRACTION`, ``info`` from :data:`INFO_FRACTION` (He-initialised ReLU nets routinely carry a
+few dead units).
 
 Above ``info`` only when the units stayed off over :data:`WARN_SAMPLES` sampled batches and their number
 is at its highest so far (none has revived): units come back when the layers before them learn (a deep

@@ -7,22 +7,32 @@ median of 3 consecutive losses so far), the run has diverged when
 
 1. ``L ≥ level_ratio · B`` (2×: the degradation a user notices), and
 2. the rise is out of the run's noise: with at least ``min_history`` (16) earlier losses,
-   ``log(L / M) / σ`` exceeds the spike test's small-sample limit for ``z₃`` σ, where ``σ`` is the
-   batch-to-batch noise of ``log loss`` (:func:`step_noise`: robust, and blind to the trend of a falling
-   loss), ``M`` the median of the 16 losses before the rise (the best level ``B`` is an extreme of the
-   run, so noise is not measured from it) and ``Φ̄(z₃)³ = Φ̄(spike_z)``: three consecutive values each
-   that rare are together as rare as one ``spike_z`` spike (``z₃ ≈ 3.1`` for 6 σ). With fewer, there
-   is no noise scale yet: the rise must be twice as large in log units, ``L ≥ level_ratio² · B`` (4×),
-   and above every earlier loss.
+   ``log(L / M) / σ`` exceeds the spike test's small-sample limit for ``z₃`` σ, where ``M`` is the
+   median of the 16 losses before the rise, ``σ`` the batch-to-batch noise of ``log loss`` over the
+   :data:`NOISE_STEPS` (64) losses before it (:func:`step_noise`: robust, and blind to the trend of a
+   falling loss), and ``Φ̄(z₃)³ = Φ̄(spike_z)``: three consecutive values each that rare are together as
+   rare as one ``spike_z`` spike (``z₃ ≈ 3.1`` for 6 σ). Both are recent: the best level ``B`` is an
+   extreme of the run, and noise measured over a whole window mixes regimes (the batches of a tiny-batch
+   run all sit near the chance level at first and spread over an order of magnitude once it has learned,
+   so the noise of a window that reaches back to its start is a fraction of the current one). With
+   fewer, there is no noise scale yet: the rise must be twice as large in log units,
+   ``L ≥ level_ratio² · B`` (4×), and above every earlier loss.
 
 With a known chance level ``χ`` (``ln C`` for ``C`` classes; label smoothing, ``ignore_index`` and skewed
 labels put the real one lower, so ``ln C`` errs towards silence), a rise must also give back
 :data:`GIVEN_BACK` (a quarter) of what the run had learned, ``L − B ≥ ¼ (χ − B)``; a run whose recent
 level ``M`` was below
-``0.8 χ`` and whose loss stays at ``≥ χ`` (and passes test 2) has lost what it learned, even below 2×; and
-first ``level_steps`` losses all ``≥ level_ratio · χ`` mean a run worse than guessing from its start, by
-the factor that defines a degradation later: logits far too large (a healthy initialisation puts the loss
-near ``χ``; small-logit heads on pretrained bodies start below or near it). Error from ``10 χ``.
+``0.8 χ`` and whose loss stays at ``≥ χ`` (and passes test 2) has lost what it learned, even below 2×.
+
+*The start* (Karpathy, "A Recipe for Training Neural Networks": verify the loss at initialisation). Logits
+near zero give exactly ``ln C`` whatever the labels (label smoothing, ``ignore_index`` and skewed labels
+included), and logits of std ``s`` independent of the label give about ``ln C + s²/2``. The start level
+``S`` (median of the first ``level_steps`` losses, so one batch is not a level) is a warning when it is
+``≥ ln C + ln 2`` (:data:`START_LIKELIHOOD`): on average the true class gets less than half the
+probability a uniform guess gives it, so the initial logits are too large (``s ≳ 1.2``: beyond the
+``s² ≈ 1/3`` of PyTorch's default head and the ``s ≈ 1`` of a He-initialised one on unit-variance
+features). This needs ``χ = ln C`` (``num_classes``, or inferred); against a ``chance_loss`` given
+directly, whose uniform guess may lie above it, ``S ≥ level_ratio · χ`` is the test. Error from ``10 χ``.
 Kind ``exploding``: the loss has left its basin; the layers whose gradients (and, when measured, updates)
 grew most are named.
 """
@@ -54,6 +64,13 @@ GIVEN_BACK = 0.25
 RECENT_LEVEL = 16
 #: Finite earlier losses before the rise is judged against their spread (as ``SpikeRule.min_history``).
 MIN_HISTORY = 16
+#: Losses before the rise whose step-to-step spread is the noise: enough for the MAD to be worth about 40
+#: degrees of freedom (the small-sample limit is then within 15 % of its large-sample value), few enough to
+#: be the run's current noise regime.
+NOISE_STEPS = 64
+#: A start level this many times less likely than a uniform guess (``S ≥ ln C + ln START_LIKELIHOOD``) is
+#: too confident to be an initialisation.
+START_LIKELIHOOD = 2.0
 
 
 def joint_z(z: float, k: int) -> float:
@@ -142,10 +159,11 @@ def detect(obs: Observation) -> list[Finding]:
     losses = [(i, float(r["loss"])) for i, r in enumerate(obs.rows) if finite(r.get("loss"))]
     if len(losses) < k or not math.isfinite(run.best) or run.best <= 0:
         return []
-    if chance is not None and run.first_step is not None:
+    if chance is not None and run.first_step is not None and obs.step < run.first_step + 2 * k:
         start = [v for i, v in losses if int(obs.rows[i]["step"]) < run.first_step + k]
-        if len(start) == k and min(start) >= opts.level_ratio * chance and obs.step < run.first_step + 2 * k:
-            return [_above_chance_from_start(obs, chance, run.chance_source, min(start))]
+        bar = chance + math.log(START_LIKELIHOOD) if run.uniform else opts.level_ratio * chance
+        if len(start) == k and statistics.median(start) >= bar:
+            return [_above_chance_from_start(obs, chance, run.chance_source, statistics.median(start))]
     tail = losses[-k:]
     if tail[0][0] < len(obs.rows) - obs.new - (k - 1):
         return []  # nothing new in the last k losses
@@ -161,16 +179,17 @@ def detect(obs: Observation) -> list[Finding]:
     if chance is not None and run.best < chance and level - run.best < GIVEN_BACK * (chance - run.best):
         return []
     if len(past) >= MIN_HISTORY:
-        sigma = step_noise(past)
+        near = past[-NOISE_STEPS:]
+        sigma = step_noise(near)
         if sigma is None:
             return []
         recent = statistics.median(past[-RECENT_LEVEL:])
-        limit = spike_threshold(joint_z(opts.spike_z, k), len(past))
+        limit = spike_threshold(joint_z(opts.spike_z, k), len(near))
         z = math.log(level / recent) / sigma if sigma > 0 else math.inf
         if not z > limit:
             return []
-        noise = (f"{fmt(z)} σ of the batch-to-batch noise above the median {fmt(recent)} of the "
-                 f"{min(len(past), RECENT_LEVEL)} losses before, limit {fmt(limit)}")
+        noise = (f"{fmt(z)} σ of the batch-to-batch noise of the last {len(near)} losses above the median "
+                 f"{fmt(recent)} of the {min(len(past), RECENT_LEVEL)} before, limit {fmt(limit)}")
     else:
         early = opts.level_ratio**2
         if ratio < early or (past and level <= max(past)):
@@ -215,18 +234,22 @@ def _above_chance_from_start(obs: Observation, chance: float, source: str, level
     assert run is not None and run.first is not None
     factor = level / chance
     k = obs.options.level_steps
+    excess = level - chance
+    # ln C + s²/2 for logits of std s: the scale the start implies (only meaningful against ln C).
+    scale = f" (logits of std ≈ {fmt(math.sqrt(2 * excess))} where ≈ 0 gives ln C)" if run.uniform else ""
     return Finding(
         kind="exploding",
         module="",
         step=obs.step,
         severity="error" if factor >= CHANCE_FACTOR else "warning",
         message=(
-            f"The loss starts at ≥ {fmt(level)} for its first {k} steps, ×{fmt(factor)} "
-            f"{_chance_text(chance, source)}: worse than guessing, so the initial outputs (logits) are far too "
-            "large and training starts far from any useful solution."
+            f"The loss starts at {fmt(level)} (median of its first {k} steps), {fmt(excess)} nats above "
+            f"{_chance_text(chance, source)}{scale}: the true class gets ×{fmt(math.exp(-excess))} the "
+            "probability of a uniform guess, so the initial outputs (logits) are too large and training starts "
+            "by undoing its initialisation."
         ),
         advice=(
-            "Check the initialisation: gg.probe(model, batch) names the layer where activations start to grow; "
+            "Check the initialisation: gg.probe(model, inputs) names the layer where activations start to grow; "
             "re-initialise with gg.init.apply(model, 'he_normal') (ReLU) or 'xavier_uniform' (tanh/sigmoid), and "
             "normalise the inputs."
         ),

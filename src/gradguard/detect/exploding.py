@@ -8,13 +8,19 @@ Three relative tests, none against an absolute norm:
    small-sample robust z, and a jump over the recent maximum, so the slow ×10–20 climb of a deep net
    leaving its plateau is not an explosion). The tensors that grew most are named. Without a window (or
    before any spike): a gradient norm multiplied by ≥ :data:`GEOMETRIC` at each of the last 3 steps.
+   Either is a warning only when the loss rose with it (:func:`loss_rose`: the median of the last
+   :data:`RECENT` losses above the median over the same reference steps, or a non-finite loss); a larger
+   gradient while the loss keeps falling is ``info``. Large learning rates drive training to the edge of
+   stability, where the sharpness settles at 2/η and the gradient norm rises while the loss goes on
+   decreasing (Cohen et al. 2021, "Gradient Descent on Neural Networks Typically Occurs at the Edge of
+   Stability"): a one-cycle schedule at its peak does this, and it is not a fault.
 2. *Growth along depth.* Per-element gradient RMS ‖g‖/√n of the weight tensors, input layer against output
    layer: ≥ :data:`DEPTH_RATIO` means each layer's Jacobian multiplies the backward signal by more than 1
-   (SEEDS S1.1, S1.3).
+   (Pascanu et al. 2013, "On the difficulty of training recurrent neural networks"; Glorot & Bengio 2010).
 3. *Growth through time* (recurrent modules). RMS of the output h_t at each time step: last against first
    ≥ :data:`DEPTH_RATIO` while exceeding 1 — a bounded (tanh/sigmoid) cell cannot do this, an unbounded
-   ReLU recurrence whose Jacobian has spectral radius > 1 does (SEEDS S0.8, S3.1); its BPTT gradients
-   grow by the same factor.
+   ReLU recurrence whose Jacobian has spectral radius > 1 does (Pascanu et al. 2013; Le et al. 2015,
+   IRNN); its BPTT gradients grow by the same factor.
 """
 
 from __future__ import annotations
@@ -85,7 +91,7 @@ def _growth_in_time(obs: Observation) -> Finding | None:
         return None
     grown = grown_tensors(obs, before, tail, obs.options.growth)
     return _growth_finding(
-        obs, grown[:3], ratio,
+        obs, grown[:3], ratio, loss_rose(before, tail),
         f"The global gradient norm grew ×{fmt(ratio)} over its median of the previous {len(window)} steps "
         f"({fmt(base)} → {fmt(latest)}, median of the last {RECENT}; robust z = {fmt(z)}, limit "
         f"{fmt(rule.threshold(len(window)))})",
@@ -93,18 +99,34 @@ def _growth_in_time(obs: Observation) -> Finding | None:
     )
 
 
-def _growth_finding(obs: Observation, top: list[tuple[ParamInfo, float]], ratio: float, text: str,
-                    evidence: dict[str, Any]) -> Finding:
-    """An ``exploding`` finding for a global-norm growth of ``ratio``, at the tensor that grew most."""
+def loss_rose(before: Sequence[Mapping[str, Any]], tail: Sequence[Mapping[str, Any]]) -> bool | None:
+    """Whether the median loss over ``tail`` is above its median over ``before`` (a non-finite loss in
+    ``tail`` counts as above); None when either holds no loss (the monitor was not given one)."""
+    new = [v for r in tail if (v := r.get("loss")) is not None]
+    if not all(finite(v) for v in new):
+        return True
+    old = finite_values(before, "loss")
+    if not new or not old:
+        return None
+    return statistics.median(float(v) for v in new) > statistics.median(old)
+
+
+def _growth_finding(obs: Observation, top: list[tuple[ParamInfo, float]], ratio: float, rose: bool | None,
+                    text: str, evidence: dict[str, Any]) -> Finding:
+    """An ``exploding`` finding for a global-norm growth of ``ratio``, at the tensor that grew most; ``info``
+    when the loss did not rise with it (``rose`` False, see :func:`loss_rose`)."""
     names = ", ".join(f"{p.name} ×{fmt(r)}" for p, r in top) if top else "every tensor"
+    severity = "info" if rose is False else "error" if ratio >= 1e3 else "warning"
+    held = ("; the loss has not risen over the same steps (a large learning rate at the edge of stability "
+            "does this; a warning follows if it rises)") if rose is False else ""
     return Finding(
         kind="exploding",
         module=top[0][0].module if top else "",
         step=obs.step,
-        severity="error" if ratio >= 1e3 else "warning",
-        message=f"{text}; largest growth: {names}.",
+        severity=severity,
+        message=f"{text}; largest growth: {names}{held}.",
         advice=ADVICE + ".",
-        evidence={**evidence, "grown": {p.name: r for p, r in top}},
+        evidence={**evidence, "grown": {p.name: r for p, r in top}, "loss_rose": rose},
     )
 
 
@@ -123,7 +145,7 @@ def _geometric_growth(obs: Observation) -> Finding | None:
     total = values[-1] / values[0]
     grown = grown_tensors(obs, rows[-RECENT - 1 : -RECENT], rows[-1:])[:3]
     return _growth_finding(
-        obs, grown, total,
+        obs, grown, total, loss_rose(rows[-RECENT - 1 : -RECENT], rows[-RECENT:]),
         f"The global gradient norm has multiplied by ×{', ×'.join(fmt(g) for g in gains)} over the last "
         f"{RECENT} steps ({fmt(values[0])} → {fmt(values[-1])}): the optimizer's steps amplify instead of descend",
         {"gains": gains, "grad_norm": values[-1]},

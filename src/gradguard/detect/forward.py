@@ -8,7 +8,8 @@ grow with depth without anything being wrong. A layer amplifies when ``g_k ≥ f
 ``√2``); an explosion is a run of consecutive amplifying layers whose product reaches ``forward_growth``
 (100: two orders of magnitude). Weights scaled by ``a`` multiply each layer's gain by ``a``, so a
 network initialised ×10 shows gains of 5–7 at every layer. The finding names the layer where the run
-starts and the initialisation that fixes it.
+starts and the initialisation that fixes it; where one layer's gain reaches ``forward_growth`` by itself,
+the explosion is that layer's (weights grown past their range, an overflow), and it is the one named.
 """
 
 from __future__ import annotations
@@ -79,20 +80,28 @@ def forward_finding(stds: Sequence[tuple[str, float]], input_std: float | None, 
     per_layer = product ** (1.0 / layers)
     # A run can start at index 0 only against a known input std (the first gain needs a predecessor).
     ref_name, ref_std = ("the input", input_std) if start == 0 else (f"`{stds[start - 1][0]}`", stds[start - 1][1])
+    ref = float(ref_std) if ref_std else math.nan
+    gains = [(stds[i][0], stds[i][1] / (stds[i - 1][1] if i > start else ref)) for i in range(start, end + 1)]
+    worst, worst_gain = max(gains, key=lambda t: t[1] if math.isfinite(t[1]) else -math.inf)
+    alone = worst_gain >= growth  # one layer is the explosion by itself
     return Finding(
         kind="exploding",
-        module=first[0],
+        module=worst if alone else first[0],
         step=step,
         severity="error" if product >= growth**2 else "warning",
         message=(
             f"The activations grow ×{fmt(product)} over {layers} layers, from `{first[0]}` (std {fmt(first[1])}, "
             f"×{fmt(first[1] / ref_std) if ref_std else '?'} over {ref_name}) to `{last[0]}` "
             f"(std {fmt(last[1])}): about ×{fmt(per_layer)} per layer where a "
-            "variance-preserving initialisation keeps ≈ 1."
+            "variance-preserving initialisation keeps ≈ 1"
+            + (f"; `{worst}` alone multiplies it ×{fmt(worst_gain)}." if alone and layers > 1 else ".")
         ),
-        advice=f"The weights are too large from `{first[0]}` on: {init_advice(relu)}, or add normalisation layers.",
+        advice=(f"`{worst}` is too large by itself: if it was initialised so, {init_advice(relu)}; if its weights "
+                "grew, lower the learning rate and clip (gg.clip.ClipNorm(1.0)) or guard the optimizer "
+                "(gg.Guard(model, opt)); a normalisation layer after it bounds its output." if alone else
+                f"The weights are too large from `{first[0]}` on: {init_advice(relu)}, or add normalisation layers."),
         evidence={"growth": product, "per_layer": per_layer, "layers": {n: s for n, s in stds[start : end + 1]},
-                  "input_std": input_std},
+                  "input_std": input_std, "gains": dict(gains)},
     )
 
 

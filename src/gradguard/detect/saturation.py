@@ -2,7 +2,7 @@
 
 ``frac_saturated`` (see :data:`gradguard.stats.activations.SATURATION_MARGIN`) counts outputs whose
 derivative is below ~4% of its peak. When at least :data:`WARN_FRACTION` of a layer's outputs are there,
-most of its backward signal is multiplied by ≈ 0 (Glorot & Bengio 2010; SEEDS S2.1). ``info`` from
+most of its backward signal is multiplied by ≈ 0 (Glorot & Bengio 2010). ``info`` from
 :data:`INFO_FRACTION`.
 """
 

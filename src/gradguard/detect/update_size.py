@@ -92,7 +92,7 @@ def detect(obs: Observation) -> list[Finding]:
                     advice=(
                         "Check that the tensor is in the optimizer (optimizer = torch.optim.X(model.parameters())) "
                         "with a non-zero learning rate, and that its gradient is not far below the other layers' "
-                        "(gg.probe(model, batch))."
+                        "(gg.probe(model, inputs))."
                     ),
                     evidence={"ratio": max(vals), "others_median": typical},
                 ))

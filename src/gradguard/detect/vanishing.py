@@ -9,9 +9,9 @@ near uniform), is not what the layers before it receive, and a healthy transform
 vanishing at step 0. A signal that collapsed through the depth leaves every layer of the input end small.
 When the ratio is
 ≤ 1/:data:`~gradguard.detect.exploding.DEPTH_RATIO` (three orders of magnitude), the first layers learn
-a thousand times slower than the last under SGD (SEEDS S1.1, S2.1). The update ratio ‖Δw‖/‖w‖ is reported
-beside it: Karpathy's rule of thumb is ≈ 1e-3 per step for a layer that learns at a healthy pace; a
-layer far below it has stopped changing (SEEDS S4.5). Adaptive optimisers (Adam) rescale the step, so a
+a thousand times slower than the last under SGD (Hochreiter 1991; Glorot & Bengio 2010). The update
+ratio ‖Δw‖/‖w‖ is reported beside it: Karpathy's rule of thumb is ≈ 1e-3 per step for a layer that
+learns at a healthy pace; a layer far below it has stopped changing. Adaptive optimisers (Adam) rescale the step, so a
 layer with a tiny gradient can still learn at the output layer's pace: the finding is a *warning* only
 once the update ratios confirm it (the weakest layer moves ≤ :data:`SLOWER` × the output layer's ratio),
 and *info* while they are unmeasured or show the layer learning anyway (a deep default-init net under
