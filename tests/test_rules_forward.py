@@ -74,10 +74,10 @@ def test_cnn_with_weights_x10_is_exploding_at_the_first_conv_in_probe_and_monito
         loss_sick = float(F.cross_entropy(sick(x), y))
         loss_healthy = float(F.cross_entropy(healthy(x), y))
     assert loss_sick > 10 * math.log(10) and loss_healthy < 1.5 * math.log(10)  # the fault is real
-    found = [f for f in gg.probe(sick, x, y).findings if f.kind == "exploding"]
+    found = [f for f in gg.probe(sick, x, targets=y).findings if f.kind == "exploding"]
     assert found and found[0].module == "conv1" and found[0].rank >= 1
     assert 'gg.init.apply(model, "he_normal")' in found[0].advice
-    assert not [f for f in gg.probe(healthy, x, y).findings if f.rank >= 1]
+    assert not [f for f in gg.probe(healthy, x, targets=y).findings if f.rank >= 1]
     mon = gg.watch(sick, console=False)
     opt = torch.optim.Adam(sick.parameters(), 1e-3)
     for _ in range(3):  # the chance-level test needs level_steps (3) losses

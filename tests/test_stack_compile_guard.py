@@ -46,8 +46,8 @@ def test_probe_of_a_compiled_model_measures_the_module_it_wraps() -> None:
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=0.05)
     x, y = torch.randn(64, 32), torch.randint(0, 4, (64,))
-    eager = gg.probe(model, x, y, loss_fn=nn.functional.cross_entropy)
-    compiled = gg.probe(torch.compile(model, backend="eager"), x, y, loss_fn=nn.functional.cross_entropy)
+    eager = gg.probe(model, x, targets=y, loss_fn=nn.functional.cross_entropy)
+    compiled = gg.probe(torch.compile(model, backend="eager"), x, targets=y, loss_fn=nn.functional.cross_entropy)
     assert compiled.options["compiled"] and not eager.options["compiled"]
     assert [r.label for r in compiled.layers] == [r.label for r in eager.layers]
     assert {(f.kind, f.severity) for f in compiled.findings} == {(f.kind, f.severity) for f in eager.findings}
