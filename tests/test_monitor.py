@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 import gradguard as gg
 from gradguard.monitor.activations import SUMMARY_SAMPLE
+from gradguard.sinks import Sink
 
 RTOL = 1e-5
 
@@ -618,4 +619,69 @@ def test_dead_units_after_a_convolution_are_its_channels(conv: type[nn.Module]) 
         mon.step()
     dead = [f for f in mon.findings if f.kind == "dead_units"]
     assert [f.module for f in dead] == ["1"] and "1 of 4 units" in dead[0].message
+    mon.close()
+
+
+def test_sampling_schedule_dense_start_sparse_steady_state_and_alerts() -> None:
+    from gradguard.monitor import Sampling
+
+    def fired(s: Sampling, steps: int, alert_at: tuple[int, ...] = ()) -> list[int]:
+        out = []
+        for step in range(steps):
+            if s(step):
+                out.append(step)
+                s.taken(step)
+            if step in alert_at:
+                s.alert(step + 1, "test")
+        return out
+
+    assert fired(Sampling(7), 30) == [0, 7, 14, 21, 28]  # a fixed period: as every(7)
+    assert fired(Sampling(7), 30, alert_at=(3,)) == [0, 7, 14, 21, 28]  # alerts do not move a fixed period
+    assert fired(Sampling(10, 50, start=30, hold=20), 200) == [0, 10, 20, 30, 80, 130, 180]
+    # An alert raised after step 100 for the step to come (101, whose sampling was decided already): the next
+    # sampled step is max(101 + 1, 80 + 10) = 102, then every 10 steps until 101 + 20, then sparse again.
+    assert fired(Sampling(10, 50, start=30, hold=20), 200, alert_at=(100,)) == [0, 10, 20, 30, 80, 102, 112, 122,
+                                                                                  172]
+    s = Sampling(10, 50, start=30, hold=20)
+    fired(s, 105, alert_at=(100,))
+    t = Sampling(10, 50, start=30, hold=20)
+    t.load_state_dict(s.state_dict())
+    assert [x for x in range(105, 200) if t(x) and (t.taken(x) or True)] == [112, 122, 172]
+    with pytest.raises(gg.ConfigError, match="sparse=5"):
+        Sampling(10, 5)
+
+
+def test_default_schedule_goes_sparse_and_a_layer_that_dies_later_is_found_within_the_documented_delay() -> None:
+    # docs/monitor.md: sampled-step evidence needing k = 5 samples (dead units) is visible at most
+    # 49 + 10 (k - 1) steps after it starts, plus up to log_every - 1 = 9 steps until the fetch.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1))
+    gg.init.apply(model, "he_normal")
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    seen: list[gg.Finding] = []
+
+    class Record(Sink):
+        def on_finding(self, finding: gg.Finding) -> None:
+            seen.append(finding)  # the step each finding was first reported (or changed)
+
+    mon = gg.watch(model, console=False, sinks=[Record()])
+    die, steps = 300, 420
+    sampled = []
+    for step in range(steps):
+        if step == die:
+            with torch.no_grad():
+                model[2].bias.fill_(-100.0)  # every unit of the second ReLU is off from now on
+        x = torch.randn(32, 8, generator=torch.Generator().manual_seed(step))
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), x[:, :1])
+        loss.backward()
+        if mon._tap.armed:
+            sampled.append(step)
+        mon.step(loss)
+        opt.step()
+        if step < die:
+            assert not [f for f in mon.findings if f.kind == "dead_units" and f.rank >= 1]
+    assert len([s for s in sampled if s < die]) < die // 10  # sparser than every 10th step before the fault
+    dead = [f for f in seen if (f.kind, f.module) == ("dead_units", "3") and f.rank >= 1]
+    assert dead and dead[0].step <= die + 49 + 10 * 4 + 9, (dead, sampled)
     mon.close()
