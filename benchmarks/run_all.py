@@ -8,8 +8,9 @@
 Sections, in order: monitor overhead against the peers (``peers.py``), the monitor on compiled models
 (``compiled.py``), clipping against torch and the packages (``clip_peers.py``), NaN provenance
 (``nan_provenance.py``), Guard (``guard.py``), probe (``probe.py``), lab wall time, an unmodified program
-under ``gradguard run`` (``zero_code.py``), import time (``import_time.py``). The measurement method is
-described in ``harness.py`` and written into the file's "Method" paragraph.
+under ``gradguard run`` (``zero_code.py``), memory and log size of a 20,000-step watched run
+(``long_run.py``), import time (``import_time.py``). The measurement method is described in ``harness.py``
+and written into the file's "Method" paragraph.
 """
 
 from __future__ import annotations
@@ -181,6 +182,12 @@ def zero_code(opts: harness.Options) -> harness.Section:
     return zero_code.run(opts)
 
 
+def long_run(opts: harness.Options) -> harness.Section:
+    import long_run
+
+    return long_run.run(opts)
+
+
 def import_time(opts: harness.Options) -> harness.Section:
     import import_time
 
@@ -196,6 +203,7 @@ SECTIONS: dict[str, Runner] = {
     "probe": probe,
     "lab": lab,
     "zero-code": zero_code,
+    "long-run": long_run,
     "import": import_time,
 }
 

@@ -217,7 +217,7 @@ def test_sigkill_watched_training(server: ForkServer, tmp_path: Path) -> None:
     assert len(list(out.glob("done-*"))) == done_before + 1
 
 
-def test_kill_counts_meet_the_issue() -> None:
+def test_kill_counts_reach_twenty() -> None:
     assert LAB_KILLS + TRAIN_KILLS + 1 >= 20
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +15,8 @@ keras = pytest.importorskip("keras", reason="the keras extra is not installed")
 if keras.backend.backend() != "torch":  # pragma: no cover - depends on the environment
     pytest.skip("Keras was imported with another backend before this module", allow_module_level=True)
 
+from gradguard.adapt import as_module, is_keras_model  # noqa: E402
 from gradguard.errors import InputError, StateError  # noqa: E402
-from gradguard.integrations import as_module, is_keras_model  # noqa: E402
 from gradguard.integrations.keras import GradGuardKerasCallback, KerasRecurrent, torch_view  # noqa: E402
 from gradguard.stats import tensor_norms  # noqa: E402
 
@@ -226,8 +228,23 @@ def test_callback_rejects_monitor_and_options_together() -> None:
     cb = GradGuardKerasCallback(monitor=mon)
     x, y = sine_data(n=4)
     model.fit(x, y, batch_size=2, epochs=1, verbose=0, callbacks=[cb])
-    assert cb.monitor is mon and mon.step_count == 2
+    assert cb.monitor is mon and mon.steps == 2
     mon.close()
+
+
+def test_callback_flushes_the_log_at_the_end_of_fit(tmp_path: Path) -> None:
+    # 20 batches, log_every=10: the rules run at each of the first 16 steps, then steps 16-19 wait for the
+    # schedule; on_train_end's flush writes them.
+    from gradguard.integrations.keras import GradGuardKerasCallback
+
+    model = stacked_lstm(units=4)
+    cb = GradGuardKerasCallback(console=False, log_dir=tmp_path, log_every=10)
+    x, y = sine_data(n=40)
+    model.fit(x, y, batch_size=2, epochs=1, verbose=0, callbacks=[cb])
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if r["type"] == "step"] == list(range(20))
+    assert cb.monitor is not None and not cb.monitor.closed
+    cb.monitor.close()
 
 
 def test_probe_on_the_view_names_keras_layers_and_measures_their_gradients() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from collections import OrderedDict
 
@@ -12,6 +13,7 @@ from torch import Tensor, nn
 
 import gradguard as gg
 from gradguard.monitor.activations import SUMMARY_SAMPLE
+from gradguard.sinks import Sink
 
 RTOL = 1e-5
 
@@ -295,10 +297,17 @@ def test_summary_lists_layers_and_findings() -> None:
         loss.backward()
         mon.step(loss)
     mon.report(gg.Finding("exploding", "fc1", 2, "warning", "grew ×12", "gg.clip.ClipNorm(1.0)"))
-    text = mon.summary()
+    summary = mon.summary()
+    text = str(summary)
     for name, _ in model.named_parameters():
         assert name in text
     assert "grew ×12" in text and "3 steps" in text
+    # The same numbers as a dict: the latest gradient norm is the history's, the median over 3 steps.
+    assert summary["steps"] == 3 and list(summary["parameters"]) == [n for n, _ in model.named_parameters()]
+    norms = [r["grad_norm/fc0.weight"] for r in mon.history]
+    assert summary["parameters"]["fc0.weight"]["grad_norm"] == pytest.approx(norms[-1], rel=1e-12)
+    assert summary["parameters"]["fc0.weight"]["median_grad_norm"] == pytest.approx(sorted(norms)[1], rel=1e-12)
+    assert [f.message for f in summary["findings"]] == ["grew ×12"]
     mon.close()
 
 
@@ -334,14 +343,21 @@ def test_watch_rejects_non_module_and_parameterless_model() -> None:
         ({"log_every": 0}, r"log_every=0 is out of range; allowed: \[1, inf\)"),
         ({"sample_every": 2.5}, "sample_every=2.5 must be an integer"),
         ({"window": 3}, "window=3 is out of range"),
-        ({"console": "yes"}, "console='yes' must be True or False"),
+        ({"console": "yes"}, "console='yes' must be True, False or None"),
         ({"sinks": [object()]}, "Sink"),
-        ({"colour": True}, "unknown watch.. option.*'colour'.*allowed: log_every"),
     ],
 )
 def test_invalid_options_name_value_and_allowed(options: dict, match: str) -> None:
     with pytest.raises(gg.GradGuardError, match=match):
         gg.watch(small_mlp(), **options)
+
+
+def test_unknown_option_is_a_type_error_of_the_explicit_signature() -> None:
+    with pytest.raises(TypeError, match="colour"):
+        gg.watch(small_mlp(), colour=True)  # type: ignore[call-arg]
+    params = inspect.signature(gg.watch).parameters
+    assert all(p.kind is p.KEYWORD_ONLY for n, p in params.items() if n != "model")
+    assert list(params)[1:] == [n for n in inspect.signature(gg.Monitor).parameters if n != "model"]
 
 
 def test_bad_loss_values() -> None:
@@ -350,7 +366,7 @@ def test_bad_loss_values() -> None:
     x, y = data(0)
     loss = nn.functional.mse_loss(model(x), y, reduction="none")
     loss.mean().backward()
-    with pytest.raises(gg.ConfigError, match=r"scalar.*shape \(12, 3\)"):
+    with pytest.raises(gg.InputError, match=r"scalar.*shape \(12, 3\)"):
         mon.step(loss)
     with pytest.raises(gg.InputError, match="float"):
         mon.step(1.5)  # type: ignore[arg-type]
@@ -363,7 +379,20 @@ def test_step_without_gradients_warns_and_is_no_finding() -> None:
     mon = gg.watch(model, console=False)
     with pytest.warns(RuntimeWarning, match=r"no gradient.*loss\.backward\(\)"):
         mon.step()
-    assert mon.findings == [] and mon.step_count == 1
+    assert mon.findings == [] and mon.steps == 1
+    mon.close()
+
+
+def test_step_count_is_a_deprecated_alias_of_steps() -> None:
+    model = small_mlp()
+    mon = gg.watch(model, console=False)
+    for step in range(2):
+        x, y = data(step)
+        model.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        mon.step()
+    with pytest.warns(DeprecationWarning, match="Monitor.steps"):
+        assert mon.step_count == mon.steps == 2
     mon.close()
 
 
@@ -562,7 +591,97 @@ def test_history_is_bounded_recent_in_full_older_evenly_downsampled_nan_steps_ke
     assert len(old) >= limit // 2
     assert bad in got  # the non-finite step survives downsampling
     row = hist[1]
-    assert row["step"] == stride and row["grad_norm"] > 0 and "grad_norm/fc0.weight" in row  # whole rows
+    # Older rows keep the global scalars only; the non-finite step and the recent ones keep every column.
+    assert row["step"] == stride and row["grad_norm"] > 0 and set(row) == {"step", "loss", "grad_norm"}
+    assert "grad_norm/fc0.weight" in hist[got.index(bad)] and "grad_norm/fc0.weight" in hist[-limit]
     with pytest.raises(gg.ConfigError, match="history_limit"):
         gg.watch(model, console=False, history_limit=0)
+    mon.close()
+
+
+@pytest.mark.parametrize("conv", [nn.Conv1d, nn.Conv2d])
+def test_dead_units_after_a_convolution_are_its_channels(conv: type[nn.Module]) -> None:
+    # One of 4 output channels can never fire (weights 0, bias -1): the ReLU after the convolution has 4
+    # units (channels), whatever the spatial size, so the dead share is 1 of 4 (a 1-d conv's output
+    # (N, C, L) has its units in dim 1 too, not in its last dim).
+    torch.manual_seed(0)
+    model = nn.Sequential(conv(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(1))
+    shape = (8, 2, 12) if conv is nn.Conv1d else (8, 2, 12, 12)
+    model(torch.randn(shape))
+    with torch.no_grad():
+        model[0].weight[1].zero_()
+        model[0].bias[1] = -1.0
+    mon = gg.watch(model, console=False, sample_every=1)
+    for step in range(6):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(step))
+        model.zero_grad()
+        model(x).pow(2).mean().backward()
+        mon.step()
+    dead = [f for f in mon.findings if f.kind == "dead_units"]
+    assert [f.module for f in dead] == ["1"] and "1 of 4 units" in dead[0].message
+    mon.close()
+
+
+def test_sampling_schedule_dense_start_sparse_steady_state_and_alerts() -> None:
+    from gradguard.monitor import Sampling
+
+    def fired(s: Sampling, steps: int, alert_at: tuple[int, ...] = ()) -> list[int]:
+        out = []
+        for step in range(steps):
+            if s(step):
+                out.append(step)
+                s.taken(step)
+            if step in alert_at:
+                s.alert(step + 1, "test")
+        return out
+
+    assert fired(Sampling(7), 30) == [0, 7, 14, 21, 28]  # a fixed period: as every(7)
+    assert fired(Sampling(7), 30, alert_at=(3,)) == [0, 7, 14, 21, 28]  # alerts do not move a fixed period
+    assert fired(Sampling(10, 50, start=30, hold=20), 200) == [0, 10, 20, 30, 80, 130, 180]
+    # An alert raised after step 100 for the step to come (101, whose sampling was decided already): the next
+    # sampled step is max(101 + 1, 80 + 10) = 102, then every 10 steps until 101 + 20, then sparse again.
+    assert fired(Sampling(10, 50, start=30, hold=20), 200, alert_at=(100,)) == [0, 10, 20, 30, 80, 102, 112, 122,
+                                                                                  172]
+    s = Sampling(10, 50, start=30, hold=20)
+    fired(s, 105, alert_at=(100,))
+    t = Sampling(10, 50, start=30, hold=20)
+    t.load_state_dict(s.state_dict())
+    assert [x for x in range(105, 200) if t(x) and (t.taken(x) or True)] == [112, 122, 172]
+    with pytest.raises(gg.ConfigError, match="sparse=5"):
+        Sampling(10, 5)
+
+
+def test_default_schedule_goes_sparse_and_a_layer_that_dies_later_is_found_within_the_documented_delay() -> None:
+    # docs/monitor.md: sampled-step evidence needing k = 5 samples (dead units) is visible at most
+    # 49 + 10 (k - 1) steps after it starts, plus up to log_every - 1 = 9 steps until the fetch.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1))
+    gg.init.apply(model, "he_normal")
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    seen: list[gg.Finding] = []
+
+    class Record(Sink):
+        def on_finding(self, finding: gg.Finding) -> None:
+            seen.append(finding)  # the step each finding was first reported (or changed)
+
+    mon = gg.watch(model, console=False, sinks=[Record()])
+    die, steps = 300, 420
+    sampled = []
+    for step in range(steps):
+        if step == die:
+            with torch.no_grad():
+                model[2].bias.fill_(-100.0)  # every unit of the second ReLU is off from now on
+        x = torch.randn(32, 8, generator=torch.Generator().manual_seed(step))
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), x[:, :1])
+        loss.backward()
+        if mon._tap.armed:
+            sampled.append(step)
+        mon.step(loss)
+        opt.step()
+        if step < die:
+            assert not [f for f in mon.findings if f.kind == "dead_units" and f.rank >= 1]
+    assert len([s for s in sampled if s < die]) < die // 10  # sparser than every 10th step before the fault
+    dead = [f for f in seen if (f.kind, f.module) == ("dead_units", "3") and f.rank >= 1]
+    assert dead and dead[0].step <= die + 49 + 10 * 4 + 9, (dead, sampled)
     mon.close()

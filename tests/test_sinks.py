@@ -12,6 +12,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from torch import Tensor, nn
 from zoo import dead_layer, relu_rnn_orthogonal2
@@ -46,7 +47,13 @@ def test_jsonl_lines_are_complete_json_with_history_and_findings(tmp_path: Path)
     steps = [r for r in records if r["type"] == "step"]
     assert [r["step"] for r in steps] == list(range(27))
     assert steps[3]["grad_norm"] == mon.history[3]["grad_norm"]
-    assert all("grad_norm/0.weight" in r for r in steps)
+    # Per-tensor columns on the sampled steps (every 10th at the start of a run), global scalars on the others.
+    sampled = [r["step"] for r in mon.history if "weight_norm/0.weight" in r]
+    assert sampled == [0, 10, 20]
+    assert [r["step"] for r in steps if "grad_norm/0.weight" in r] == sampled
+    assert all(set(r) == {"type", "step", "loss", "grad_norm"} for r in steps if r["step"] not in sampled)
+    assert steps[10]["grad_norm/0.weight"] == mon.history[10]["grad_norm/0.weight"]
+    assert not any(k.startswith("nonfinite/") for r in steps for k in r)  # counts of 0 are not written
     (finding,) = [r for r in records if r["type"] == "finding"]
     assert gg.Finding.from_dict({k: v for k, v in finding.items() if k != "type"}).message == "jumped to 1e3"
 
@@ -57,6 +64,21 @@ def test_jsonl_writes_non_finite_numbers_as_strings(tmp_path: Path) -> None:
     sink.close()
     rec = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert rec == {"type": "step", "step": 0, "loss": "nan", "grad_norm": "inf"}
+
+
+def test_jsonl_writes_non_finite_rows_whole_and_all_rows_on_request(tmp_path: Path) -> None:
+    plain = {"step": 1, "loss": 0.5, "grad_norm": 1.0, "grad_norm/w": 1.0, "nonfinite/w": 0.0}
+    bad = {"step": 2, "loss": 0.5, "grad_norm": float("nan"), "grad_norm/w": float("nan"), "nonfinite/w": 3.0}
+    for tensors, expected in (("sampled", [{"step": 1, "loss": 0.5, "grad_norm": 1.0}, bad]), ("all", [plain, bad])):
+        sink = JsonlSink(tmp_path / tensors, tensors=tensors)
+        sink.on_step(plain)
+        sink.on_step(bad)
+        sink.close()
+        lines = [json.loads(ln) for ln in (tmp_path / tensors / "metrics.jsonl").read_text().splitlines()]
+        assert [{k: v for k, v in r.items() if k != "type"} for r in lines] == [
+            {k: "nan" if v != v else v for k, v in e.items()} for e in expected]
+    with pytest.raises(gg.ConfigError, match="tensors='some'"):
+        JsonlSink(tmp_path, tensors="some")
 
 
 def test_jsonl_survives_sigkill_at_any_moment(tmp_path: Path) -> None:

@@ -40,7 +40,7 @@ pytestmark = pytest.mark.xdist_group("transformers")
 VOCAB, SEQ, BATCH = 64, 8, 4
 #: The sick runs' fault: from this optimizer step on, the learning rate is multiplied by 1000 (SGD 0.1 → 100).
 JUMP = 10
-SICK_STEPS = JUMP + 4  # >= 10 healthy rows, then 3 degraded steps: the delay the rules are held to (issue 13)
+SICK_STEPS = JUMP + 4  # >= 10 healthy rows, then 3 degraded steps: the delay the rules are held to
 
 
 def gpt2() -> torch.nn.Module:
@@ -220,7 +220,7 @@ def test_sick_run_is_seen_before_trainer_clips(tmp_path: Path, kind: str, ga: in
     final = run.logs[-1]
     assert any(k.startswith("gradguard/finding/") and v >= 1 for k, v in final.items()), final
     if extra:
-        # The issue's regression: stepped after the clip, a monitor sees norm ≤ 1 and finds nothing.
+        # The regression this guards against: stepped after the clip, a monitor sees norm ≤ 1 and finds nothing.
         naive = extra[0].monitor
         assert max(r["grad_norm"] for r in naive.history) == pytest.approx(1.0, rel=1e-4)
         assert not [f for f in naive.findings if f.rank >= 1], naive.findings
@@ -330,13 +330,13 @@ def test_resume_continues_the_monitor(tmp_path: Path, capsys: pytest.CaptureFixt
     printed_full = printed_findings(capsys.readouterr().err)
     checkpoint = tmp_path / f"checkpoint-{save}"
     saved = json.loads((checkpoint / STATE_FILE).read_text())
-    assert saved["step"] == save and saved["findings"], saved.keys()
+    assert saved["steps"] == save and saved["findings"], saved.keys()
 
     resumed = train("gpt2", tmp_path, steps=steps, jump=JUMP, save_steps=save, resume=str(checkpoint))
     printed = printed_findings(capsys.readouterr().err)
     mon, ref = resumed.callback.monitor, full.callback.monitor
     # Step numbers continue at global_step and the rows before the checkpoint are back.
-    assert mon.step_count == steps
+    assert mon.steps == steps
     a, b = history_by_step(resumed), history_by_step(full)
     assert sorted(a) == list(range(steps))
     for s in range(steps):
@@ -352,7 +352,7 @@ def test_resume_continues_the_monitor(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 def test_monitor_state_round_trip() -> None:
-    # The one place that touches the Monitor's private fields: a change there must fail here, loudly.
+    # The callback saves Monitor.state_dict() next to each checkpoint and loads it into the fresh monitor.
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
@@ -372,7 +372,8 @@ def test_monitor_state_round_trip() -> None:
     state = json.loads(json.dumps(monitor_state(mon), default=lambda o: o.tolist()))
     fresh = gg.watch(net, console=False, log_every=4)
     load_monitor_state(fresh, state)
-    assert fresh.step_count == mon.step_count == 13
+    assert fresh.steps == mon.steps == 13
+    assert fresh.sample_every.state_dict() == mon.sample_every.state_dict()
     assert [r["step"] for r in fresh.history] == [r["step"] for r in mon.history]
     assert [f.to_dict()["message"] for f in fresh.findings] == [f.to_dict()["message"] for f in mon.findings]
     step(fresh, 13)

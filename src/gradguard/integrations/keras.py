@@ -68,7 +68,6 @@ class GradGuardKerasCallback(keras.callbacks.Callback):
             )
         self.monitor = monitor
         self._watch_options = watch_options
-        self._owns_monitor = monitor is None
         self._last_total: Tensor | None = None
         self._last_count: Tensor | None = None
 
@@ -108,7 +107,9 @@ class GradGuardKerasCallback(keras.callbacks.Callback):
         self.monitor.step(loss=self._batch_loss(logs))
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
-        if self._owns_monitor and self.monitor is not None and hasattr(self.monitor, "flush"):
+        # The last steps of fit may still be on the device: hand them to the rules and the sinks now, so a
+        # log_dir's metrics.jsonl is complete when fit returns (the monitor stays open and readable).
+        if self.monitor is not None:
             self.monitor.flush()
 
 

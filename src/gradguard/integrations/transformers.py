@@ -51,6 +51,7 @@ loss scale (accelerate unscales them inside the clip), so gradient norms are sca
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
@@ -62,10 +63,9 @@ import torch
 from torch import Tensor, nn
 
 from gradguard.errors import ConfigError, StateError
-from gradguard.findings import SEVERITIES, Finding
+from gradguard.findings import SEVERITIES
 from gradguard.guard import Guard
 from gradguard.monitor import Monitor, watch
-from gradguard.monitor.monitor import DEFAULTS as WATCH_DEFAULTS
 from gradguard.monitor.provenance import tensors_in
 from gradguard.sinks.console import ConsoleSink
 from gradguard.stats.distributed import allreduce_mean, is_distributed
@@ -81,8 +81,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 #: File written into each Trainer checkpoint folder by ``on_save``.
 STATE_FILE = "gradguard_monitor.json"
-#: Version of the state file's layout.
-STATE_VERSION = 1
+#: Version of the state file's layout (1: before Monitor.state_dict, still read).
+STATE_VERSION = 2
 
 
 class GradGuardCallback(TrainerCallback):
@@ -125,10 +125,11 @@ class GradGuardCallback(TrainerCallback):
         )
         self.guard: Guard | None = None
         self._wrapper: Any = None  # accelerate's optimizer wrapper whose .optimizer the guard replaced
-        unknown = sorted(set(watch_options) - set(WATCH_DEFAULTS))
+        allowed = [k for k, p in inspect.signature(watch).parameters.items() if p.kind is p.KEYWORD_ONLY]
+        unknown = sorted(set(watch_options) - set(allowed))
         if unknown:
             raise ConfigError(
-                f"unknown gg.watch option(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(WATCH_DEFAULTS)}"
+                f"unknown gg.watch option(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(allowed)}"
             )
         console = watch_options.pop("console", True)
         if not isinstance(console, bool):
@@ -205,11 +206,11 @@ class GradGuardCallback(TrainerCallback):
                 "continues the step numbers but starts with an empty history",
                 stacklevel=3,
             )
-            data: dict[str, Any] = {"version": STATE_VERSION, "step": state.global_step, "rows": [], "findings": []}
+            data: dict[str, Any] = {"version": STATE_VERSION, "steps": state.global_step, "rows": [], "findings": []}
         else:
             with open(saved, encoding="utf-8") as fh:
                 data = json.load(fh)
-            data["step"] = state.global_step
+            data["step" if data.get("version") == 1 else "steps"] = state.global_step
         load_monitor_state(self.monitor, data)
         for sink in consoles:
             # Findings of the run before the checkpoint were printed then: mark them seen, silently.
@@ -329,39 +330,20 @@ def _at_end_of_backward(fn: Any) -> None:
     torch.autograd.Variable._execution_engine.queue_callback(fn)
 
 
-# Monitor has no public state_dict yet: these two functions are the only place that reads or writes its
-# private fields; tests/test_transformers.py::test_monitor_state_round_trip fails loudly when they change.
 def monitor_state(mon: Monitor) -> dict[str, Any]:
-    """What a resumed run needs: the step count, the rules' window of history rows and the findings."""
-    _ = mon.history  # fetches pending rows into the window
-    return {
-        "version": STATE_VERSION,
-        "step": mon.step_count,
-        "rows": list(mon._window),
-        "findings": [f.to_dict() for f in mon._findings.values()],
-        "run": dict(vars(mon._run)),  # the rules' memory of the whole run (best and first losses)
-    }
+    """What a resumed run needs, as saved next to a checkpoint: ``Monitor.state_dict()`` and a version."""
+    return {"version": STATE_VERSION, **mon.state_dict()}
 
 
 def load_monitor_state(mon: Monitor, state: Mapping[str, Any]) -> None:
     """Restore :func:`monitor_state` into a fresh monitor (no step taken yet); findings reach no sink."""
-    if state.get("version") != STATE_VERSION:
-        raise ConfigError(f"monitor state version {state.get('version')!r} is not supported; allowed: {STATE_VERSION}")
-    if mon.step_count != 0:
-        raise StateError(f"load_monitor_state needs a fresh monitor, this one has taken {mon.step_count} steps")
-    step = int(state["step"])
-    rows = [dict(r) for r in state["rows"]]
-    mon._step = step
-    mon._rows.extend(rows)
-    mon._window.extend(rows)
-    for d in state["findings"]:
-        f = Finding.from_dict(d)
-        mon._findings[f.key] = f
-    vars(mon._run).update(state.get("run", {}))
-    # The activation tap was armed for step 0 at construction; arm it for the step that comes next instead.
-    mon._tap.disarm()
-    if mon.sample_every(step):
-        mon._tap.arm(step)
+    version = state.get("version")
+    if version not in (1, STATE_VERSION):
+        raise ConfigError(f"monitor state version {version!r} is not supported; allowed: 1, {STATE_VERSION}")
+    loaded = {k: v for k, v in state.items() if k != "version"}
+    if version == 1:  # written before Monitor.state_dict(): the step count was "step", no schedule
+        loaded["steps"] = loaded.pop("step")
+    mon.load_state_dict(loaded)
 
 
 def _jsonable(obj: Any) -> Any:

@@ -28,36 +28,16 @@ from torch.utils.hooks import RemovableHandle
 
 from gradguard.monitor.hooks import WeakHook, in_backward
 from gradguard.stats import saturation_kind
-from gradguard.stats.activations import SUMMARY_FIELDS, activation_summaries, unit_peak
+from gradguard.stats.activations import SUMMARY_FIELDS, activation_summaries, is_recurrent, unit_dim, unit_peak
 
 #: Entries of a module output summarised per call. Larger outputs are summarised on a fixed uniform
 #: random sample of positions (mean, std and fractions are then estimates with a standard error
 #: ≈ 1/√1024 ≈ 3% of the spread); dead-unit counts and time profiles always use the whole output. The cap
-#: keeps a sampled step cheap: summaries cost per-element passes that, for a 40-layer MLP, would
-#: otherwise take ~10 ms on CPU.
+#: keeps a sampled step cheap: summaries cost several per-element passes over every output otherwise.
 SUMMARY_SAMPLE = 1024
 
 #: Modules whose outputs can "die" (exactly zero for every input); unit activity is tracked for them.
 _RELU_LIKE = (nn.ReLU, nn.ReLU6)
-#: Recurrent modules whose first output is a (batch, time, features) or (time, batch, features) sequence.
-_RECURRENT = (nn.RNN, nn.LSTM, nn.GRU)
-
-
-def is_recurrent(module: nn.Module) -> bool:
-    """True for ``nn.RNN``/``nn.LSTM``/``nn.GRU``, gradguard's ``nn.LSTM``, and modules that declare
-    ``gradguard_recurrent = True`` (e.g. the mirrors of Keras LSTM/GRU layers in
-    :mod:`gradguard.integrations.keras`)."""
-    from gradguard.nn import LSTM
-
-    # integrations (issue 6): duck-typed marker, so framework adapters need no torch RNN base class.
-    return isinstance(module, (*_RECURRENT, LSTM)) or bool(getattr(module, "gradguard_recurrent", False))
-
-
-def unit_dim_for(x: Tensor) -> int:
-    """Channel dim for 4-d/5-d (conv) outputs, the last dim otherwise (features of Linear / RNN outputs)."""
-    return 1 if x.dim() in (4, 5) else -1
-
-
 @dataclass
 class Sample:
     """Device tensors gathered during one sampled step, per module name."""
@@ -74,6 +54,8 @@ class Sample:
     order: dict[str, None] = field(default_factory=dict)  # module names in forward-completion order
     #: Modules summarised outside a backward pass (checkpoint recomputations of these are not counted).
     forward_seen: set[str] = field(default_factory=set)
+    #: The leaf module that completed last was a convolution (its channels come first in what follows).
+    after_conv: bool = False
 
 
 class ActivationTap:
@@ -97,7 +79,8 @@ class ActivationTap:
         self.frozen = False
         self._positions: dict[tuple[int, torch.device], Tensor] = {}
         self._flags = {
-            name: (is_recurrent(m), isinstance(m, _RELU_LIKE), bool(getattr(m, "batch_first", False)))
+            name: (is_recurrent(m), isinstance(m, _RELU_LIKE), bool(getattr(m, "batch_first", False)),
+                   next(m.children(), None) is None)
             for name, m in self.modules.items()
         }
         # Built once: arming a sampled step only registers them.
@@ -174,12 +157,15 @@ class ActivationTap:
         out = output[0] if isinstance(output, tuple | list) and output else output
         if not isinstance(out, Tensor) or not out.is_floating_point() or out.numel() == 0:
             return
-        recurrent, relu_like, batch_first = self._flags[name]
+        recurrent, relu_like, batch_first, leaf = self._flags[name]
         det = out.detach()  # once: nothing below may enter the autograd graph
         sample.raw.append((name, self._sample(det)))
         sample.order[name] = None
+        after_conv = sample.after_conv
+        if leaf:
+            sample.after_conv = isinstance(mod, nn.modules.conv._ConvNd)
         if relu_like:
-            peak = unit_peak(det, unit_dim_for(det))
+            peak = unit_peak(det, unit_dim(det, mod, after_conv=after_conv))
             prev = sample.activity.get(name)
             sample.activity[name] = peak if prev is None or prev.shape != peak.shape else torch.maximum(prev, peak)
         if recurrent and out.dim() == 3:
@@ -188,7 +174,7 @@ class ActivationTap:
     @staticmethod
     def _time_profiles(sample: Sample, name: str, out: Tensor, batch_first: bool) -> None:
         # RMS over batch and features at each time step t: ‖h_t‖ / √(B·H). A ReLU recurrence whose
-        # Jacobian has spectral radius > 1 makes this grow geometrically with t (SEEDS S0.8, S3.1).
+        # Jacobian has spectral radius > 1 makes this grow geometrically with t (Pascanu et al., 2013).
         reduce = (0, 2) if batch_first else (1, 2)
         sample.time_forward[name] = out.detach().float().pow(2).mean(dim=reduce).sqrt()
         if out.requires_grad:

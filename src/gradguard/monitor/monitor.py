@@ -24,7 +24,7 @@ from gradguard.adapt import as_module, unwrap_compiled
 from gradguard.detect import Observation, ParamInfo, RuleOptions, RunMemory, Sentinel, run_rules
 from gradguard.detect.base import Origin
 from gradguard.detect.forward import is_norm
-from gradguard.errors import ConfigError, InputError, StateError, check_number
+from gradguard.errors import ConfigError, InputError, StateError, check_number, check_scalar_loss
 from gradguard.findings import KINDS, Finding
 from gradguard.monitor.activations import ActivationTap, Sample, pool_summaries
 from gradguard.monitor.hooks import (
@@ -45,7 +45,8 @@ from gradguard.monitor.provenance import (
     snapshot_buffers,
     tensors_in,
 )
-from gradguard.monitor.schedule import Schedule, every
+from gradguard.monitor.schedule import Sampling
+from gradguard.report.summary import MonitorSummary
 from gradguard.sinks.base import Sink
 from gradguard.sinks.console import ConsoleSink
 from gradguard.sinks.jsonl import JsonlSink
@@ -53,26 +54,23 @@ from gradguard.stats.activations import SUMMARY_FIELDS
 from gradguard.stats.distributed import is_distributed, make_reduce_fn
 from gradguard.stats.scaler import check_scaler, grads_unscaled, init_scale, scale_tensor
 
-#: Option names accepted by :func:`watch`, with their defaults.
-DEFAULTS: dict[str, Any] = {
-    "log_every": 10,
-    "sample_every": 10,
-    "detail_every": None,
-    "window": 200,
-    "dead_window": 5,
-    "log_dir": None,
-    "console": True,
-    "sinks": (),
-    "replay": True,
-    "reduce_fn": None,
-    "max_calls": 8,
-    "scaler": None,
-    "history_limit": 1000,
-    "num_classes": None,
-    "chance_loss": None,
-    "optimizer": None,
-    "rules": None,
-}
+#: The default sampling schedule (``watch(sample_every=None)``, see gradguard.monitor.schedule.Sampling and
+#: docs/monitor.md): a sampled step every DENSE_EVERY steps for the first ``dead_window`` sampled steps and
+#: for as many after each alert, every SPARSE_EVERY steps otherwise. Dense long enough to give the
+#: dead-unit rule its ``dead_window`` sampled batches (and the update-size rule its consecutive ratios);
+#: sparse at the period that brings the sampled-step work (activation hooks and summaries, max|g|, ‖w‖,
+#: the weight copy for ‖Δw‖) to a fifth of its fixed-period cost.
+DENSE_EVERY = 10
+SPARSE_EVERY = 50
+
+#: Alerts from a sampled step (see Monitor._alert_on_sample): a module's share of zero or of saturated
+#: outputs rose by this much since its previous sampled step (a tenth of the outputs: the dead-unit rule's
+#: info level). Its output scale is not compared across steps: the forward-growth rule judges the growth
+#: along the depth within one step, and the scale of a deep layer's small outputs drifts by ×2 between
+#: sampled steps of healthy training.
+ALERT_SHIFT = 0.1
+#: ... or the largest update ratio ‖Δw‖/‖w‖ grew this many times since the previous detail step.
+ALERT_UPDATE_GROWTH = 2.0
 
 #: A loss-scaler overflow skip is routine; these say it is not. With the default backoff (× 0.5) a run of
 #: 20 skips in a row is a scale 2⁻²⁰ of where it stood and 20 steps without an update; a scale at or
@@ -109,14 +107,14 @@ class Monitor:
         model: nn.Module,
         *,
         log_every: int = 10,
-        sample_every: int = 10,
+        sample_every: int | None = None,
         detail_every: int | None = None,
         window: int = 200,
         dead_window: int = 5,
         log_dir: str | os.PathLike[str] | None = None,
-        console: bool = True,
+        console: bool | None = None,
         sinks: Iterable[Sink] = (),
-        replay: bool = True,
+        replay: bool | None = None,
         reduce_fn: ReduceFn | None = None,
         max_calls: int = 8,
         scaler: torch.amp.GradScaler | None = None,
@@ -129,7 +127,8 @@ class Monitor:
         if not isinstance(model, nn.Module):
             raise InputError(f"watch() needs a torch.nn.Module, got {type(model).__name__}: {model!r:.80}")
         check_number("log_every", log_every, low=1, integer=True)
-        check_number("sample_every", sample_every, low=1, integer=True)
+        if sample_every is not None:
+            check_number("sample_every", sample_every, low=1, integer=True)
         if detail_every is not None:
             check_number("detail_every", detail_every, low=1, integer=True)
         check_number("window", window, low=10, integer=True)
@@ -142,8 +141,13 @@ class Monitor:
         if rules is not None and not isinstance(rules, RuleOptions):
             raise InputError(f"rules={rules!r:.60} must be a gradguard.detect.RuleOptions or None")
         for name, flag in (("console", console), ("replay", replay)):
-            if not isinstance(flag, bool):
-                raise InputError(f"{name}={flag!r} must be True or False")
+            if flag is not None and not isinstance(flag, bool):
+                raise InputError(f"{name}={flag!r} must be True, False or None")
+        if is_distributed():
+            # Under torch.distributed print on rank 0 only, and do not replay by default (a replay re-runs
+            # forward/backward on one rank; with collectives inside, the others would not join).
+            console = torch.distributed.get_rank() == 0 if console is None else console
+            replay = False if replay is None else replay
         if reduce_fn is not None and not callable(reduce_fn):
             raise InputError(f"reduce_fn={reduce_fn!r} must be a callable Tensor -> Tensor or None")
         if scaler is not None:
@@ -167,9 +171,14 @@ class Monitor:
                 "parameter (there is no gradient to watch)"
             )
         self.log_every = log_every
-        self.sample_every: Schedule = every(sample_every)
-        self.detail_every: Schedule = every(sample_every if detail_every is None else detail_every)
-        self.replay_enabled = replay
+        if sample_every is None:
+            dense = DENSE_EVERY * dead_window
+            self.sample_every = Sampling(DENSE_EVERY, SPARSE_EVERY, start=dense, hold=dense)
+        else:
+            self.sample_every = Sampling(sample_every)
+        # Detail statistics follow the sampled steps (the same schedule object) unless given their own period.
+        self.detail_every = self.sample_every if detail_every is None else Sampling(detail_every)
+        self.replay_enabled = replay is not False
         self.max_calls = max_calls
         self.scaler = scaler
         self.window = window
@@ -200,7 +209,7 @@ class Monitor:
             for stat in ("grad_norm", "nonfinite", "grad_max", "weight_norm", "update_ratio")
         }
         if reduce_fn is None:
-            # integrations (issue 6): sharded (FSDP2/DTensor) parameters get the one-collective reduction of
+            # Sharded (FSDP2/DTensor) parameters get the one-collective reduction of
             # the squared-norm block automatically; None (no collective) for replicated/DDP/single process.
             reduce_fn = make_reduce_fn([p for _, p in named])
         self._stats = ParamStats([p for _, p in named], rows=log_every, reduce_fn=reduce_fn)
@@ -211,7 +220,7 @@ class Monitor:
         self.sinks: list[Sink] = []
         if log_dir is not None:
             self.sinks.append(JsonlSink(log_dir))
-        if console:
+        if console is not False:
             self.sinks.append(ConsoleSink())
         self.sinks.extend(sink_list)
 
@@ -225,6 +234,7 @@ class Monitor:
         self._findings: dict[tuple[str, str], Finding] = {}
         self._samples: list[Sample] = []
         self._dead: dict[str, deque[Tensor]] = {}
+        self._peaks: dict[str, Tensor] | None = None  # _dead_peaks() of the windows as they stand
         self._dead_window = dead_window
         self._latest_act: dict[str, dict[str, float]] = {}
         self._act_keys: dict[str, list[str]] = {}
@@ -243,6 +253,8 @@ class Monitor:
         self._bad_episode = False
         self._origin: tuple[int, Origin | None, dict[str, float]] | None = None
         self._closed = False
+        self._host_every_step = False  # the step's norms reached the host at the step itself (CPU)
+        self._top_update: float | None = None  # largest ‖Δw‖/‖w‖ of the latest detail step
         # Weak, picklable hooks (gradguard.monitor.hooks): no reference cycle through the model's hook dicts,
         # and a copy of the model gets inert hooks.
         self._root_pre_hook = RootPreHook(self, "_root_pre")
@@ -368,19 +380,12 @@ class Monitor:
 
         Raises:
             StateError: after :meth:`close`.
-            InputError: ``loss`` is not a tensor.
-            ConfigError: ``loss`` has more than one element.
+            InputError: ``loss`` is not a tensor, or has more than one element.
         """
         if self._closed:
             raise StateError("Monitor.step() called after close(); create a new monitor with gg.watch(model)")
         if loss is not None:
-            if not isinstance(loss, Tensor):
-                raise InputError(f"loss={loss!r:.60} must be a scalar torch.Tensor or None, got {type(loss).__name__}")
-            if loss.numel() != 1:
-                raise ConfigError(
-                    f"loss must be a scalar tensor (1 element), got shape {tuple(loss.shape)}; "
-                    "reduce it first (e.g. loss.mean())"
-                )
+            check_scalar_loss(loss)
         step = self._step
         if self._infer_chance and loss is not None and self._width is not None:
             self._infer_chance = False
@@ -400,9 +405,10 @@ class Monitor:
             scale = scale_tensor(self.scaler)
         # After scaler.unscale_(opt) the gradients are ∇L already; before it they are S · ∇L.
         unscale = scale is not None and not grads_unscaled(self.scaler)  # type: ignore[arg-type]
-        meta, values = self._stats.record(
-            step, loss, self.detail_every(step), present, grads, scale=scale, unscale=unscale
-        )
+        detail = self.detail_every(step)
+        meta, values = self._stats.record(step, loss, detail, present, grads, scale=scale, unscale=unscale)
+        if detail:
+            self.detail_every.taken(step)
         if self._forwards == 0 and self._module.training:
             self._adopt_in_place_compile()
             self._traced_forward(step)
@@ -412,14 +418,17 @@ class Monitor:
         if sample is not None:
             self._samples.append(sample)
             self._sample_input, self._input_std = self._input_std, None
+            if self.sample_every is not self.detail_every:
+                self.sample_every.taken(sample.step)
         force = False
-        if device.type == "cpu" and self._stats.reduce_fn is None:
-            # (issue 6) With a distributed reduce_fn the flag of a local shard may differ between ranks, and
-            # a flush made on one rank only would wait forever in the collective: flush on schedule only.
+        self._host_every_step = device.type == "cpu" and self._stats.reduce_fn is None
+        if self._host_every_step:
             # Reading a CPU tensor is a memory load, not a device synchronisation, so the non-finite flag
-            # is checked at every step and a NaN is localised on the very step it appears. On
-            # accelerators the flag waits for the logging schedule (see _flush). Summed as Python floats
-            # (float64) so that large finite norms cannot overflow into a false alarm.
+            # is checked at every step and a NaN is localised on the very step it appears. On accelerators
+            # the flag waits for the logging schedule (see _flush), and so it does with a distributed
+            # reduce_fn: the flag of a local shard may differ between ranks, and a flush made on one rank
+            # only would wait forever in the collective. Summed as Python floats (float64) so that large
+            # finite norms cannot overflow into a false alarm.
             host = values.tolist()
             flagged = not math.isfinite(sum(host))
             if flagged and meta.scaled and (loss is None or math.isfinite(host[-1])):
@@ -436,6 +445,8 @@ class Monitor:
             # Accelerators: one fetch per step at the start only, then the logging schedule. Not with a
             # distributed reduce_fn, whose collective belongs to the logging schedule.
             force = True
+        if force and step >= EARLY_STEPS:
+            self.sample_every.alert(step + 1, "a loss or gradient-norm jump, or a non-finite value")
         if self.sample_every(step + 1):
             self._arm(step + 1)
         self._step += 1
@@ -565,45 +576,91 @@ class Monitor:
 
     # ----------------------------------------------------------------- logging schedule
     def _flush(self) -> None:
+        """The logging schedule: fetch what the device holds, then rows, history, sinks, alerts and rules."""
         metas, host = self._stats.fetch()
         samples, self._samples = self._samples, []
         if not metas and not samples:
             return
+        rows = self._rows_of(metas, host, samples)
+        self._account_nonfinite(metas, rows)
+        self._remember(rows)
+        self._emit(rows, samples)
+        origin, self._origin = self._origin, None
+        if not rows:
+            return
+        self._alert_on_rows(rows)
+        self._judge(rows, samples, origin)
+
+    def _rows_of(self, metas: Sequence[RowMeta], host: Mapping[str, Tensor], samples: Sequence[Sample]
+                 ) -> list[dict[str, Any]]:
+        """History rows of the fetched steps, with the activation summaries of their sampled steps."""
         lists = {k: v.tolist() for k, v in host.items()}  # Python floats once, not per element
-        new_rows = [self._row(i, m, lists) for i, m in enumerate(metas)]
-        by_step = {r["step"]: r for r in new_rows}
+        rows = [self._row(i, m, lists) for i, m in enumerate(metas)]
+        by_step = {r["step"]: r for r in rows}
         for sample in samples:
             self._absorb_sample(sample, by_step.get(sample.step))
+        return rows
+
+    def _account_nonfinite(self, metas: Sequence[RowMeta], rows: Sequence[dict[str, Any]]) -> None:
+        """Loss-scaler skips, and (on accelerators, where the flag is read here) a new non-finite episode."""
         if self.scaler is not None:
-            self._scaler_rows(new_rows)
-        if self._origin is None and any(self._row_bad(r) for r in new_rows) and not self._bad_episode:
-            # Accelerator path: the flag is read here, on the logging schedule.
-            bad_meta = next(m for m, r in zip(metas, new_rows, strict=True) if self._row_bad(r))
-            self._bad_episode = True
-            origin = None
-            if self.replay_enabled and (self._calls or self._compiled()):
-                self._replaying = True
-                try:
-                    origin = self._localize(None)
-                finally:
-                    self._replaying = False
-            self._origin = (bad_meta.step, origin, {})
-        elif not any(self._row_bad(r) for r in new_rows):
+            self._scaler_rows(rows)
+        bad = next((m for m, r in zip(metas, rows, strict=True) if self._row_bad(r)), None)
+        if bad is None:
             self._bad_episode = False
-        self._marked.update(r["step"] for r in new_rows if not math.isfinite(r["grad_norm"]))
-        self._keep_rows(new_rows)
-        self._window.extend(new_rows)
-        for sink in self.sinks:
-            for r in new_rows:
-                sink.on_step(r)
-            for name, prof in self._time_forward.items():
-                if samples:
-                    sink.on_histogram(samples[-1].step, f"time_forward/{name}", prof)
-        nonfinite_step, origin, counts = self._origin if self._origin else (None, None, {})
-        self._origin = None
-        if not new_rows:
             return
-        self._run.update(new_rows)
+        if self._origin is not None or self._bad_episode:
+            return
+        self._bad_episode = True
+        origin = None
+        if self.replay_enabled and (self._calls or self._compiled()):
+            self._replaying = True
+            try:
+                origin = self._localize(None)
+            finally:
+                self._replaying = False
+        self._origin = (bad.step, origin, {})
+
+    def _remember(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Bounded history (see _keep_rows), the rules' window and the run memory."""
+        self._marked.update(r["step"] for r in rows if not math.isfinite(r["grad_norm"]))
+        self._keep_rows(rows)
+        self._window.extend(rows)
+        if rows:
+            self._run.update(rows)
+
+    def _emit(self, rows: Sequence[dict[str, Any]], samples: Sequence[Sample]) -> None:
+        """Hand the new rows (and the latest time profiles) to the sinks."""
+        for sink in self.sinks:
+            for r in rows:
+                sink.on_step(r)
+            if samples:
+                for name, prof in self._time_forward.items():
+                    sink.on_histogram(samples[-1].step, f"time_forward/{name}", prof)
+
+    def _alert_on_rows(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Alerts from the fetched rows: a non-finite value; on accelerators (whose steps do not reach the
+        host one by one) the tripwire of gradguard.detect.sentinel run over the fetched rows."""
+        if any(not math.isfinite(r["grad_norm"]) for r in rows):
+            self.sample_every.alert(self._step, "a non-finite gradient")
+        elif not self._host_every_step:
+            fired = [self._sentinel.check(r["step"], r["loss"], r["grad_norm"]) for r in rows]  # each row, in order
+            if any(fired) and rows[-1]["step"] >= EARLY_STEPS:
+                self.sample_every.alert(self._step, "a loss or gradient-norm jump")
+        for r in rows:
+            if self._keys["weight_norm"][0] not in r:
+                continue  # not a detail row
+            top = max((r.get(k, 0.0) for k in self._keys["update_ratio"]), default=0.0)
+            if not (math.isfinite(top) and top > 0):
+                continue
+            if self._top_update is not None and top >= ALERT_UPDATE_GROWTH * self._top_update:
+                self.sample_every.alert(self._step, "an update-ratio jump")
+            self._top_update = top
+
+    def _judge(self, rows: Sequence[dict[str, Any]], samples: Sequence[Sample],
+               origin: tuple[int, Origin | None, dict[str, float]] | None) -> None:
+        """Run the detection rules on the window and record their findings."""
+        nonfinite_step, found, counts = origin if origin else (None, None, {})
         if samples and self._sample_input is not None:
             self._latest_input_std, self._sample_input = float(self._sample_input), None
         lrs: dict[str, float] = {}
@@ -612,18 +669,18 @@ class Monitor:
                      if isinstance(g.get("lr"), int | float)}
             lrs = {n: by_id[id(p)] for n, p in self.model.named_parameters() if id(p) in by_id}
         obs = Observation(
-            step=new_rows[-1]["step"],
+            step=rows[-1]["step"],
             rows=list(self._window),
-            new=len(new_rows),
+            new=len(rows),
             params=self.params,
             depth=self._depth,
             activations=self._latest_act,
             saturation_kinds=self._saturation_kinds,
-            dead_window=self._dead_peaks(),
+            dead_window=self._peaks if self._peaks is not None else self._dead_peaks(),
             dead_samples={n: len(d) for n, d in self._dead.items()},
             time_forward=self._time_forward,
             time_grad=self._time_grad,
-            origin=origin,
+            origin=found,
             nonfinite_step=nonfinite_step,
             nonfinite_counts=counts,
             window=self.window,
@@ -642,8 +699,10 @@ class Monitor:
         A row leaving the recent part is archived if its step is a multiple of the stride (1 at first);
         whenever the archive outgrows ``history_limit`` the stride doubles and the archive is thinned to
         it, so old steps stay evenly spread over the whole run. Steps of a warning, an error or a
-        non-finite row are archived whatever the stride, until the stride exceeds the run's length.
-        The rules read their own window (``window`` steps), not this history.
+        non-finite row are archived whatever the stride, until the stride exceeds the run's length, and
+        keep their per-tensor columns; other archived rows keep the global scalars only (``step``,
+        ``loss``, ``grad_norm``, ``loss_scale``), so the archive costs a few hundred bytes a row whatever
+        the model's size. The rules read their own window (``window`` steps), not this history.
         """
         self._rows.extend(rows)
         excess = len(self._rows) - self._history_limit
@@ -651,7 +710,8 @@ class Monitor:
             return
         old = self._rows[:excess]
         del self._rows[:excess]
-        self._archive.extend(r for r in old if self._archived(r))
+        self._archive.extend(r if r["step"] in self._marked else {k: v for k, v in r.items() if "/" not in k}
+                             for r in old if self._archived(r))
         while len(self._archive) > self._history_limit:
             self._stride *= 2
             self._archive = [r for r in self._archive if self._archived(r)]
@@ -781,6 +841,7 @@ class Monitor:
                     pooled = dict(zip(SUMMARY_FIELDS, values[idx[0]], strict=True))
                 else:
                     pooled = pool_summaries(host[idx])
+                self._alert_on_sample(name, pooled)
                 self._latest_act[name] = pooled
                 if row is not None:
                     keys = self._act_keys.get(name)
@@ -791,10 +852,23 @@ class Monitor:
                 if act is not None and pooled["nonfinite"] == 0:
                     # A NaN output is "not > 0" everywhere; counting it would call live units dead.
                     self._dead.setdefault(name, deque(maxlen=self._dead_window)).append(act.cpu())
+                    self._peaks = None  # recomputed at the next judgement, once per sampled step
         for name, prof in sample.time_forward.items():
             self._time_forward[name] = prof.cpu()
         for name, prof in sample.time_grad.items():
             self._time_grad[name] = prof.cpu()
+
+    def _alert_on_sample(self, name: str, pooled: Mapping[str, float]) -> None:
+        """Alert when a module's outputs changed since its previous sampled step (see ALERT_SHIFT)."""
+        prev = self._latest_act.get(name)
+        if pooled["nonfinite"] > 0:
+            self.sample_every.alert(self._step, f"non-finite outputs of `{name}`")
+            return
+        if prev is None:
+            return
+        if (pooled["frac_zero"] - prev["frac_zero"] >= ALERT_SHIFT
+                or pooled["frac_saturated"] - prev["frac_saturated"] >= ALERT_SHIFT):
+            self.sample_every.alert(self._step, f"the outputs of `{name}` changed")
 
     def _dead_peaks(self) -> dict[str, Tensor]:
         """Per ReLU-like module, each unit's peak output over its window of sampled steps.
@@ -811,6 +885,7 @@ class Monitor:
             block = torch.stack([t for n in names for t in self._dead[n]])
             peaks = block.reshape(len(names), len(shapes), *shapes[0]).amax(1)
             out.update(zip(names, peaks.unbind(0), strict=True))
+        self._peaks = out
         return out
 
     def _update_finding(self, finding: Finding) -> None:
@@ -820,8 +895,14 @@ class Monitor:
             # localised): a less severe, less specific account must not replace the diagnosis.
             return
         self._findings[finding.key] = finding
-        if finding.rank >= 1:
-            self._marked.add(finding.step)
+        if old is None or finding.rank > old.rank:
+            # A rule newly at (or past) its threshold: watch closely until it is confirmed or gone.
+            self.sample_every.alert(self._step, f"{finding.severity} {finding.kind}")
+            if finding.rank >= 1:
+                # The step a warning or error first appeared is kept whole in the history; the rules
+                # re-report a standing finding at every fetch, and marking each of those would let the
+                # archive of whole rows grow with the run.
+                self._marked.add(finding.step)
         if old is None or (old.severity, old.message) != (finding.severity, finding.message):
             for sink in self.sinks:
                 sink.on_finding(finding)
@@ -834,9 +915,25 @@ class Monitor:
         self._update_finding(finding)
 
     @property
-    def step_count(self) -> int:
+    def steps(self) -> int:
         """Number of ``step()`` calls so far (the next step's index)."""
         return self._step
+
+    @property
+    def step_count(self) -> int:
+        """Deprecated alias of :attr:`steps` (kept for one release)."""
+        warnings.warn("Monitor.step_count is deprecated; use Monitor.steps", DeprecationWarning, stacklevel=2)
+        return self._step
+
+    def flush(self) -> None:
+        """Fetch what is pending on the device now and hand it to the rules and the sinks.
+
+        The monitor does this by itself on its logging schedule and when ``history``/``findings`` are read;
+        call it before reading a sink's output (e.g. ``metrics.jsonl``) mid-run. Idempotent; after
+        :meth:`close` nothing is pending and it does nothing.
+        """
+        if not self._closed:
+            self._flush()
 
     @property
     def findings(self) -> list[Finding]:
@@ -849,8 +946,9 @@ class Monitor:
         """One dict per recorded step (``step``, ``loss``, ``grad_norm``, ``grad_norm/<param>``, ...), oldest first.
 
         Bounded (``watch(history_limit=...)``): the newest ``history_limit`` steps in full, older ones
-        downsampled to at most as many more, evenly spread, keeping the steps of warnings, errors and
-        non-finite values (see ``Monitor._keep_rows``); ``log_dir`` keeps every step on disk.
+        downsampled to at most as many more, evenly spread, with their global scalars only, except the
+        steps of warnings, errors and non-finite values, kept whole (see ``Monitor._keep_rows`` and
+        docs/monitor.md); ``log_dir`` keeps every step's global scalars on disk.
 
         Keys: ``grad_norm/<p>`` and ``nonfinite/<p>`` every step for each parameter that had a gradient;
         on sampled steps also ``grad_max/<p>``, ``weight_norm/<p>``, ``update_ratio/<p>`` (from the second
@@ -867,28 +965,71 @@ class Monitor:
         self._flush()
         return {"forward": dict(self._time_forward), "grad": dict(self._time_grad)}
 
-    def summary(self) -> str:
-        """A per-layer table (latest and median gradient norm, weight norm, update ratio) and the findings."""
+    def summary(self) -> MonitorSummary:
+        """Per parameter the latest and median gradient norm over the rules' window, the latest weight norm
+        and update ratio, and the findings: a dict (``steps``, ``parameters``, ``findings``) whose ``str()``
+        is the table (gradguard.report.summary), so ``print(mon.summary())`` prints it."""
         findings = self.findings
         rows = list(self._window)
-        lines = [f"gradguard monitor: {self._step} steps, {len(self.params)} parameter tensors"]
-        header = f"{'parameter':40s} {'grad norm':>11s} {'median':>11s} {'weight norm':>11s} {'update ratio':>12s}"
-        lines += [header, "-" * len(header)]
+        table: dict[str, dict[str, float]] = {}
         for p in self.params:
             fin = sorted(float(r[key]) for r in rows if _isfinite(r.get(key := f"grad_norm/{p.name}")))
-            last = _last(rows, f"grad_norm/{p.name}")
-            med = fin[len(fin) // 2] if fin else float("nan")
-            w = _last(rows, f"weight_norm/{p.name}")
-            u = _last(rows, f"update_ratio/{p.name}")
-            lines.append(f"{p.name[:40]:40s} {_num(last):>11s} {_num(med):>11s} {_num(w):>11s} {_num(u):>12s}")
-        lines.append("")
-        if not findings:
-            lines.append("No findings.")
-        for f in findings:
-            where = f"`{f.module}`" if f.module else "model"
-            lines.append(f"[{f.severity}] {f.kind} at {where} (step {f.step}): {f.message}")
-            lines.append(f"    advice: {f.advice}")
-        return "\n".join(lines)
+            table[p.name] = {
+                "grad_norm": _last(rows, f"grad_norm/{p.name}"),
+                "median_grad_norm": fin[len(fin) // 2] if fin else math.nan,
+                "weight_norm": _last(rows, f"weight_norm/{p.name}"),
+                "update_ratio": _last(rows, f"update_ratio/{p.name}"),
+            }
+        return MonitorSummary(steps=self._step, parameters=table, findings=findings)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs (state only; the options are the constructor's): the step count, the
+        rules' window of history rows, the findings, the rules' memory of the run and the sampling schedule.
+        Plain JSON-able values, except tensors that a finding's evidence may hold. Fetches what is pending."""
+        self.flush()
+        state: dict[str, Any] = {
+            "steps": self._step,
+            "rows": [dict(r) for r in self._window],
+            "findings": [f.to_dict() for f in self._findings.values()],
+            "run": dict(vars(self._run)),
+            "sampling": self.sample_every.state_dict(),
+        }
+        if self.detail_every is not self.sample_every:
+            state["detail"] = self.detail_every.state_dict()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` into this monitor, which must not have taken a step; findings reach
+        no sink (they were reported in the run that found them).
+
+        Raises:
+            StateError: the monitor has taken steps.
+            InputError: ``state`` is not a mapping with the keys :meth:`state_dict` writes.
+        """
+        if self._step != 0:
+            raise StateError(f"load_state_dict needs a fresh monitor, this one has taken {self._step} steps")
+        missing = [k for k in ("steps", "rows", "findings") if not isinstance(state, Mapping) or k not in state]
+        if missing:
+            raise InputError(f"state={str(state)[:60]!r} lacks {', '.join(missing)}; allowed: a Monitor.state_dict()")
+        step = int(state["steps"])
+        rows = [dict(r) for r in state["rows"]]
+        self._step = step
+        self._keep_rows(rows)
+        self._window.extend(rows)
+        for d in state["findings"]:
+            f = Finding.from_dict(d)
+            self._findings[f.key] = f
+        vars(self._run).update(state.get("run", {}))
+        if "sampling" in state:
+            self.sample_every.load_state_dict(state["sampling"])
+        else:  # a state without a schedule: sample the step that comes next
+            self.sample_every.alert(step, "resumed")
+        if "detail" in state and self.detail_every is not self.sample_every:
+            self.detail_every.load_state_dict(state["detail"])
+        # The activation tap was armed for step 0 at construction; arm it for the step that comes next instead.
+        self._tap.disarm()
+        if self.sample_every(step):
+            self._arm(step)
 
     # ----------------------------------------------------------------- lifecycle
     def close(self) -> None:
@@ -979,11 +1120,27 @@ def _isfinite(x: Any) -> bool:
     return isinstance(x, float | int) and math.isfinite(x)
 
 
-def _num(x: float) -> str:
-    return "-" if x != x else f"{x:.3g}"
-
-
-def watch(model: nn.Module, **options: Any) -> Monitor:
+def watch(
+    model: nn.Module,
+    *,
+    log_every: int = 10,
+    sample_every: int | None = None,
+    detail_every: int | None = None,
+    window: int = 200,
+    dead_window: int = 5,
+    log_dir: str | os.PathLike[str] | None = None,
+    console: bool | None = None,
+    sinks: Iterable[Sink] = (),
+    replay: bool | None = None,
+    reduce_fn: ReduceFn | None = None,
+    max_calls: int = 8,
+    scaler: torch.amp.GradScaler | None = None,
+    history_limit: int = 1000,
+    num_classes: int | None = None,
+    chance_loss: float | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    rules: RuleOptions | None = None,
+) -> Monitor:
     """Attach a :class:`Monitor` to ``model``; usable as ``with gg.watch(model) as mon:``.
 
     Per step (fused ``torch._foreach_norm``, kept on the device): per-parameter gradient L2 norm, the
@@ -998,19 +1155,23 @@ def watch(model: nn.Module, **options: Any) -> Monitor:
         log_every (int, 10): steps between fetches (detection and sinks run then). The rules also run at
             each of the first 16 steps and, on CPU, whenever a step's loss or gradient norm trips
             gradguard.detect.Sentinel, so a finding is visible within a step or two of its evidence.
-        sample_every (int, 10): steps between sampled steps (activation hooks).
-        detail_every (int, None → sample_every): steps between max|g|, ‖w‖ and update-ratio measurements.
-            1 = every step, at the cost of one weight copy and four extra passes over gradients and weights
-            per step: measured 1.12× the bare step on the 20-layer MLP of ``benchmarks/overhead.py``, against
-            ≈ 1.05× for the default, which is why these three are sampled (see gradguard.monitor.params).
+        sample_every (int or None, None): steps between sampled steps (activation hooks, and the detail
+            statistics below). None: the adaptive schedule of docs/monitor.md, every 10 steps for the first
+            ``dead_window`` sampled steps and again after anything suspicious (a new or worse finding, a
+            loss or gradient-norm jump, a non-finite value, a module whose outputs changed, an update-ratio
+            jump), every 50 steps otherwise; an int: that fixed period (``Monitor.sample_every``).
+        detail_every (int, None → the sampled steps): steps between max|g|, ‖w‖ and update-ratio
+            measurements. 1 = every step, at the cost of one weight copy and four extra passes over
+            gradients and weights per step (see gradguard.monitor.params and BENCHMARKS.md).
         window (int ≥ 10, 200): steps of history the rules look back on (and the spike test's window).
         dead_window (int, 5): sampled steps over which a ReLU unit must never fire (peak output 0) to be
             called dead.
         log_dir (path, None): also append history and findings to ``<log_dir>/metrics.jsonl``.
-        console (bool, True): print each new finding once (rich). Under ``torch.distributed``: rank 0 only.
+        console (bool or None, None): print each new finding once (rich); None: True, except on the ranks
+            other than 0 under ``torch.distributed``.
         sinks (iterable of gradguard.sinks.Sink, ()): extra sinks.
-        replay (bool, True): keep references to the last inputs and replay a step that produced NaN/Inf
-            to name the module that produced it. Under ``torch.distributed`` (world size > 1): False.
+        replay (bool or None, None): keep references to the last inputs and replay a step that produced
+            NaN/Inf to name the module that produced it; None: True, except under ``torch.distributed``.
         reduce_fn (callable, None): the hook point for torch.distributed. Applied once per fetch to the
             stacked per-tensor *squared* norms, one block of shape (rows, 3 · n_params) (gradient, weight
             and update squared norms side by side, columns in named_parameters() order, NaN where not
@@ -1021,8 +1182,9 @@ def watch(model: nn.Module, **options: Any) -> Monitor:
             ``max_calls`` micro-batches of a step are replayed one by one, and a NaN/Inf born in a later one
             is reported as such (see :mod:`gradguard.monitor.provenance` for the memory this keeps).
         history_limit (int, 1000): steps of ``mon.history`` kept in full; older steps are downsampled to at
-            most as many more (every 2^j-th step, warnings, errors and non-finite steps kept), so memory
-            stays flat on long runs. The rules look at their own ``window`` and are unaffected.
+            most as many more (every 2^j-th step, warnings, errors and non-finite steps kept), of which only
+            the global scalars are kept unless marked, so memory stays flat on long runs (docs/monitor.md).
+            The rules look at their own ``window`` and are unaffected.
         scaler (torch.amp.GradScaler, None): the loss scaler of a mixed-precision loop. History then holds
             unscaled norms (‖∇L‖, not ‖S·∇L‖; ``loss_scale`` per row), a step the scaler skips on an fp16
             overflow is counted as an ``info`` finding instead of a non-finite error, and a collapsing scale
@@ -1046,15 +1208,12 @@ def watch(model: nn.Module, **options: Any) -> Monitor:
 
     Raises:
         InputError: ``model`` is not an ``nn.Module`` or an option has the wrong type.
-        ConfigError: unknown option name, value out of range, or a model without parameters.
+        ConfigError: a value out of range, or a model without parameters.
+        TypeError: an unknown option name (the signature is explicit).
     """
-    unknown = sorted(set(options) - set(DEFAULTS))
-    if unknown:
-        raise ConfigError(f"unknown watch() option(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(DEFAULTS)}")
-    if is_distributed():
-        # integrations (issue 6): under torch.distributed print on rank 0 only, and do not replay by default
-        # (a replay re-runs forward/backward on one rank; with collectives inside, the others would not join).
-        options.setdefault("console", torch.distributed.get_rank() == 0)
-        options.setdefault("replay", False)
-    # integrations (issue 6): a Keras 3 model (PyTorch backend) is watched through its readable torch view.
-    return Monitor(as_module(model), **options)
+    return Monitor(
+        as_module(model), log_every=log_every, sample_every=sample_every, detail_every=detail_every, window=window,
+        dead_window=dead_window, log_dir=log_dir, console=console, sinks=sinks, replay=replay, reduce_fn=reduce_fn,
+        max_calls=max_calls, scaler=scaler, history_limit=history_limit, num_classes=num_classes,
+        chance_loss=chance_loss, optimizer=optimizer, rules=rules,
+    )

@@ -11,16 +11,14 @@ very step it appears, before the optimizer changes the gradients — on CPU, whe
 memory load. On accelerators reading it would synchronise every step, so there the count of a flagged
 tensor is recorded as NaN ("some") and the flag is read on the logging schedule.
 
-Max-abs, the weight norm and the update ratio ‖Δw‖/‖w‖ are taken on *detail* steps (the activation
-schedule, every 10th step by default; ``detail_every=1`` for every step). They are not per-step by
-default because each is a full pass over memory the step does not otherwise touch at that moment, and
-the training step is memory-bound at the monitor's scale: measured on CPU (20-layer MLP, width 256,
-1 thread, in a training loop, 21 ms per bare step) the per-step L2 norms cost 0.4 ms, max-abs 0.45 ms
-(``aminmax``; ``_foreach_norm(inf)`` 3.7 ms), weight norms 0.35 ms and the update ratio 1.3 ms (a copy
-of the weights, then subtract and norm): with ``detail_every=1`` the monitor costs 1.12× the bare step
-instead of ≈ 1.05×, against a budget of 1.05× for everything it does. The update ratio needs the
-weights of the step before, so they are copied with one ``torch._foreach_copy_`` on the step preceding a
-detail step.
+Max-abs, the weight norm and the update ratio ‖Δw‖/‖w‖ are taken on *detail* steps (the sampled steps
+by default, see docs/monitor.md; ``detail_every=1`` for every step). They are not per-step by default
+because each is a full pass over memory the step does not otherwise touch at that moment, and the
+training step is memory-bound at the monitor's scale: each of them costs about as much as the per-step
+L2 norms, the update ratio several times that (a copy of the weights, then subtract and norm), and
+``_foreach_norm(inf)`` for max-abs many times more than a per-tensor ``aminmax`` (BENCHMARKS.md, "Monitor
+overhead"). The update ratio needs the weights of the step before, so they are copied with one
+``torch._foreach_copy_`` on the step preceding a detail step.
 
 Distributed training: norms of sharded parameters are partial. ``reduce_fn`` (if given) receives the
 stacked per-tensor *squared* norms as one block of shape ``(rows, 3 · n_params)`` — gradient, weight and
@@ -72,7 +70,7 @@ class ParamStats:
         self.params = list(params)
         self.rows = rows
         self.reduce_fn = reduce_fn
-        # Checked once: per-tensor DTensor tests cost ~1 µs each, i.e. noticeable for every step.
+        # Checked once: a per-tensor DTensor test on every step would add a Python call per parameter.
         self._sharded = any(is_dtensor(p) for p in self.params)
         self._all = tuple(range(len(self.params)))
         self.device: torch.device | None = None
@@ -145,7 +143,7 @@ class ParamStats:
             if unscale:
                 inv = scale.to(self.step_n.dtype).reciprocal()
         row = len(self.meta)
-        # Every torch call counts here (a few µs each, several times that right after a backward pass has
+        # Every torch call counts here (each one is slower right after a backward pass has
         # flushed the caches), so the common case takes no reshape, device move or grad-mode switch.
         lv = self._no_loss if loss is None else loss.detach()
         if lv.dim():
@@ -153,7 +151,7 @@ class ParamStats:
         if lv.device != self.step_n.device:
             lv = lv.to(self.step_n.device)
         if self._sharded:
-            # integrations (issue 6): FSDP2 gradients are DTensors; measure this rank's shard only (no
+            # FSDP2 gradients are DTensors; measure this rank's shard only (no
             # collective per step) and let reduce_fn combine the squared norms on the logging schedule.
             grads = [local_tensor(g) for g in grads]
         # Norms, not squares, are buffered: a float32 square overflows for norms > 1.8e19, which an
@@ -180,13 +178,13 @@ class ParamStats:
         return meta, values
 
     def _weights(self) -> list[Tensor]:
-        # Called under torch.no_grad(), so the parameters need no detach(); local shard under FSDP2 (issue 6).
+        # Called under torch.no_grad(), so the parameters need no detach(); local shard under FSDP2.
         return [local_tensor(p) for p in self.params] if self._sharded else list(self.params)
 
     def _record_detail(
         self, row: int, step: int, present: tuple[int, ...], grads: list[Tensor], inv: Tensor | None
     ) -> None:
-        # max|g| as max(-min, max) of a per-tensor aminmax: 15x faster on CPU than _foreach_norm(inf).
+        # max|g| as max(-min, max) of a per-tensor aminmax: far cheaper on CPU than _foreach_norm(inf).
         mx = torch.stack([m for g in grads for m in torch.aminmax(g)]).reshape(-1, 2).abs().amax(1)
         if inv is not None:
             mx = mx * inv.to(mx.dtype)

@@ -1,16 +1,56 @@
-"""Rendering of lab results and run logs: figure specifications, PNG plots and self-contained HTML reports.
+"""Rendering of lab results and run logs: figure specifications, PNG plots and self-contained HTML reports,
+and the monitor's text summary (:mod:`gradguard.report.summary`).
 
-Reads saved results and draws them; computes no statistics (STYLE.md, principle 2).
+Reads saved or measured results and draws them; computes no statistics (data flows into the reports, see
+docs/README.md). Names load on first use (PEP 562), so that the monitor's summary does not import the
+plotting stack.
 """
 
-from gradguard.report.figures import Figure, Panel, Series
-from gradguard.report.files import ExperimentResults, find_experiments, load_experiment
-from gradguard.report.render import render_folder, render_index_file
-from gradguard.report.watch import render_compare_report, render_watch_report
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gradguard.report.figures import Figure, Panel, Series
+    from gradguard.report.files import ExperimentResults, find_experiments, load_experiment
+    from gradguard.report.render import render_folder, render_index_file
+    from gradguard.report.summary import MonitorSummary, render_summary
+    from gradguard.report.watch import render_compare_report, render_watch_report
+
+_LAZY = {
+    "ExperimentResults": "files",
+    "Figure": "figures",
+    "MonitorSummary": "summary",
+    "Panel": "figures",
+    "Series": "figures",
+    "find_experiments": "files",
+    "load_experiment": "files",
+    "render_compare_report": "watch",
+    "render_folder": "render",
+    "render_index_file": "render",
+    "render_summary": "summary",
+    "render_watch_report": "watch",
+}
+
+
+def __getattr__(name: str) -> Any:
+    where = _LAZY.get(name)
+    if where is None:
+        raise AttributeError(f"module 'gradguard.report' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"gradguard.report.{where}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "ExperimentResults",
     "Figure",
+    "MonitorSummary",
     "Panel",
     "Series",
     "find_experiments",
@@ -18,5 +58,6 @@ __all__ = [
     "render_compare_report",
     "render_folder",
     "render_index_file",
+    "render_summary",
     "render_watch_report",
 ]
