@@ -201,6 +201,21 @@ def test_stats_and_adapt_import_nothing_from_the_layers_above() -> None:
     assert {m: d for m, d in upward.items() if d} == {}
 
 
+def test_the_middle_layer_imports_nothing_from_reports_integrations_or_the_cli() -> None:
+    # detect -> monitor / guard / probe -> report / integrations / attach / lab / CLI: data flows one way
+    graph = _graph(type_checking=True)
+    middle = ("gradguard.detect", "gradguard.monitor", "gradguard.guard")
+    above = ("report", "integrations", "attach", "lab", "cli")
+
+    def is_above(d: str) -> bool:
+        return any(d == f"gradguard.{a}" or d.startswith(f"gradguard.{a}.") for a in above)
+
+    mods = [m for m in graph if m.startswith(middle)]
+    assert len(mods) > 20
+    upward = {m: sorted(d for d in graph[m] if is_above(d)) for m in mods}
+    assert {m: d for m, d in upward.items() if d} == {}
+
+
 @pytest.mark.parametrize("argv", [["lab", "list"], ["report", "DIR"], ["probe", "m.py:f", "--input-shape", "2x3"]])
 def test_a_named_command_is_registered_in_full(argv: list[str]) -> None:
     # Naming a command registers its module (``report`` comes with ``lab``); the others stay placeholders.

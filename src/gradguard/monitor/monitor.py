@@ -46,7 +46,7 @@ from gradguard.monitor.provenance import (
     tensors_in,
 )
 from gradguard.monitor.schedule import Sampling
-from gradguard.report.summary import MonitorSummary
+from gradguard.monitor.summary import MonitorSummary
 from gradguard.sinks.base import Sink
 from gradguard.sinks.console import ConsoleSink
 from gradguard.sinks.jsonl import JsonlSink
@@ -968,7 +968,7 @@ class Monitor:
     def summary(self) -> MonitorSummary:
         """Per parameter the latest and median gradient norm over the rules' window, the latest weight norm
         and update ratio, and the findings: a dict (``steps``, ``parameters``, ``findings``) whose ``str()``
-        is the table (gradguard.report.summary), so ``print(mon.summary())`` prints it."""
+        is the table (gradguard.monitor.summary), so ``print(mon.summary())`` prints it."""
         findings = self.findings
         rows = list(self._window)
         table: dict[str, dict[str, float]] = {}

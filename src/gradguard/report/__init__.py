@@ -1,9 +1,8 @@
-"""Rendering of lab results and run logs: figure specifications, PNG plots and self-contained HTML reports,
-and the monitor's text summary (:mod:`gradguard.report.summary`).
+"""Rendering of lab results and run logs: figure specifications, PNG plots and self-contained HTML reports.
 
 Reads saved or measured results and draws them; computes no statistics (data flows into the reports, see
-docs/README.md). Names load on first use (PEP 562), so that the monitor's summary does not import the
-plotting stack.
+docs/README.md). Names load on first use (PEP 562), so that importing
+one renderer does not import the plotting stack.
 """
 
 from __future__ import annotations
@@ -15,13 +14,11 @@ if TYPE_CHECKING:
     from gradguard.report.figures import Figure, Panel, Series
     from gradguard.report.files import ExperimentResults, find_experiments, load_experiment
     from gradguard.report.render import render_folder, render_index_file
-    from gradguard.report.summary import MonitorSummary, render_summary
     from gradguard.report.watch import render_compare_report, render_watch_report
 
 _LAZY = {
     "ExperimentResults": "files",
     "Figure": "figures",
-    "MonitorSummary": "summary",
     "Panel": "figures",
     "Series": "figures",
     "find_experiments": "files",
@@ -29,7 +26,6 @@ _LAZY = {
     "render_compare_report": "watch",
     "render_folder": "render",
     "render_index_file": "render",
-    "render_summary": "summary",
     "render_watch_report": "watch",
 }
 
@@ -50,7 +46,6 @@ def __dir__() -> list[str]:
 __all__ = [
     "ExperimentResults",
     "Figure",
-    "MonitorSummary",
     "Panel",
     "Series",
     "find_experiments",
@@ -58,6 +53,5 @@ __all__ = [
     "render_compare_report",
     "render_folder",
     "render_index_file",
-    "render_summary",
     "render_watch_report",
 ]
