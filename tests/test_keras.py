@@ -253,7 +253,7 @@ def test_probe_on_the_view_names_keras_layers_and_measures_their_gradients() -> 
     model = stacked_lstm(units=16)
     view = torch_view(model)
     x, y = (torch.as_tensor(a) for a in sine_data(n=8))
-    report = gg.probe(view, x, y, loss_fn=torch.nn.functional.mse_loss)
+    report = gg.probe(view, x, targets=y, loss_fn=torch.nn.functional.mse_loss)
     rows = {r.name: r for r in report.layers}
     assert list(rows) == ["lstm1", "lstm2", "out"]
     # Reference: plain autograd on the same loss, per layer's own parameters.
@@ -271,7 +271,7 @@ def test_watch_and_probe_accept_the_keras_model_itself() -> None:
 
     model = stacked_lstm(units=8)
     x, y = sine_data(n=8)
-    report = gg.probe(model, torch.as_tensor(x), torch.as_tensor(y), loss_fn=torch.nn.functional.mse_loss)
+    report = gg.probe(model, torch.as_tensor(x), targets=torch.as_tensor(y), loss_fn=torch.nn.functional.mse_loss)
     assert [r.name for r in report.layers] == ["lstm1", "lstm2", "out"]
     mon = gg.watch(model, console=False, log_every=1, sample_every=1)
     assert mon.model is torch_view(model)
