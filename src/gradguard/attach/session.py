@@ -116,11 +116,16 @@ class Target:
 
 
 def _scalar(tensors: Any) -> Tensor | None:
-    """The loss a ``backward()`` call started from: a one-element tensor (``numel`` reads no device value)."""
+    """The loss a ``backward()`` call started from: a one-element tensor (``numel`` reads no device value).
+
+    Not detached: ``Monitor.step`` reads the loss's graph (its last nodes' names) to infer the chance level
+    of a cross-entropy, as it does for the ``loss`` a hand-written loop passes. It is held only until the
+    step is recorded (the program's own ``loss`` variable lives longer), then only its detached value.
+    """
     if isinstance(tensors, list | tuple) and len(tensors) == 1:
         tensors = tensors[0]
     if isinstance(tensors, Tensor) and tensors.numel() == 1:
-        return tensors.detach()
+        return tensors
     return None
 
 
@@ -336,10 +341,11 @@ class Session:
         if t in self._candidates:
             self._confirm(t)
         t.pending = False
-        t.step_loss, t.loss = t.loss, None
+        loss, t.loss, self._last_loss = t.loss, None, None
+        t.step_loss = None if loss is None else loss.detach()
         self._busy, self._recorder.paused = True, True
         try:
-            t.monitor.step(t.step_loss)
+            t.monitor.step(loss)
         finally:
             self._busy, self._recorder.paused = False, False
         t.records += 1
