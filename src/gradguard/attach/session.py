@@ -241,9 +241,9 @@ class Session:
         return clip
 
     def _before_clip(self, params: list[Tensor]) -> None:
-        ids = {id(p) for p in params}
         for t in self.targets:
-            if t.pending and not ids.isdisjoint(t.param_ids):
+            # Stops at the first of the model's parameters (usually the first one): no per-parameter set per clip.
+            if t.pending and any(id(p) in t.param_ids for p in params):
                 self._record(t)
 
     # ------------------------------------------------------------------------------------ discovery
