@@ -157,6 +157,43 @@ def test_autowatch_records_what_a_hand_wired_monitor_records() -> None:
         mon.close()
 
 
+def test_autowatch_infers_a_cross_entropys_chance_level_as_the_hand_wired_monitor_does() -> None:
+    # Logits 30x too large: the loss starts far above chance (ln 10). Telling that needs the chance level,
+    # which the monitor infers from the loss's graph (a cross-entropy) and the output width.
+    def classifier() -> nn.Module:
+        torch.manual_seed(0)
+        net = nn.Linear(8, 10)
+        with torch.no_grad():
+            net.weight.mul_(30.0)
+        return net
+
+    def train(model: nn.Module, mon: gg.Monitor | None = None) -> None:
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        gen = torch.Generator().manual_seed(3)
+        for _ in range(6):
+            x, y = torch.randn(32, 8, generator=gen), torch.randint(0, 10, (32,), generator=gen)
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            if mon is not None:
+                mon.step(loss)
+            opt.step()
+
+    by_hand = classifier()
+    mon = gg.watch(by_hand, console=False)
+    train(by_hand, mon)
+    session = gg.autowatch(console=False)
+    try:
+        train(classifier())
+        hand = [(f.kind, f.step, f.message) for f in mon.findings]
+        auto = [(f.kind, f.step, f.message) for f in session.findings]
+        assert any("ln 10, inferred from the output width" in m for _, _, m in hand), hand
+        assert sorted(auto) == sorted(hand)
+    finally:
+        session.close()
+        mon.close()
+
+
 def test_autowatch_close_undoes_every_hook_and_patch() -> None:
     from torch.nn.modules import module as module_mod
     from torch.optim import optimizer as optimizer_mod

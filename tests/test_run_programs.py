@@ -223,6 +223,36 @@ def test_interrupted_run_leaves_a_readable_partial_report(tmp_path: Path, sig: i
     assert rebuilt.returncode == 0 and (out / "report.html").is_file()
 
 
+def test_sigkill_loses_fewer_than_log_every_steps(tmp_path: Path) -> None:
+    # The log is written as the run goes: each fetch of the statistics (every --log-every steps at the latest)
+    # appends its rows at once, one unbuffered write per line. SIGKILL can lose only the steps recorded since
+    # the last fetch, fewer than --log-every, and never leaves a partial line.
+    log_every, paused = 25, 70
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gradguard", "run", "--log-every", str(log_every), "--out", str(out),
+         str(SCRIPTS / "digits_cnn.py"), "--steps", "100", "--pause-after", str(paused)],
+        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("paused after step"):
+                break
+        else:
+            raise AssertionError(f"the program exited {proc.wait()} before pausing")
+        proc.kill()
+        proc.wait(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    objs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]  # whole lines only
+    steps = [obj["step"] for obj in objs if obj["type"] == "step"]
+    assert steps == list(range(len(steps)))
+    assert 0 <= (paused + 1) - len(steps) < log_every  # steps 0..paused were recorded before the kill
+    assert not any(obj["type"] == "run" for obj in objs)  # killed: no run line, `gradguard report` marks it partial
+
+
 @pytest.mark.slow
 def test_hf_trainer_same_as_hand(tmp_path: Path) -> None:
     pytest.importorskip("transformers")

@@ -6,9 +6,12 @@ In the manner of the classic MNIST example (two convolutions, max-pooling, dropo
 Faults (``--fault``): ``lr100`` multiplies the learning rate by 100; ``nan`` puts a NaN pixel in one
 training batch (step 25), as a corrupted record in the data would.
 ``--watch DIR`` is the same program instrumented by hand with ``gg.watch`` (the reference for the tests).
+``--pause-after N`` prints ``paused after step N`` once step ``N`` (counted from 0) has made its update, then
+sleeps: a test kills the process there, at a known step.
 """
 
 import argparse
+import time
 
 import torch
 from sklearn.datasets import load_digits
@@ -24,6 +27,7 @@ parser.add_argument("--fault", choices=["none", "lr100", "nan"], default="none")
 parser.add_argument("--watch", default=None, help="instrument by hand with gg.watch, logging to this folder")
 parser.add_argument("--exit-code", type=int, default=0, help="exit with this code at the end")
 parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--pause-after", type=int, default=None, metavar="N", help="sleep after step N's update")
 args = parser.parse_args()
 torch.manual_seed(args.seed)
 torch.set_num_threads(1)
@@ -74,6 +78,9 @@ def main() -> int:
             optimizer.step()
             if step % 10 == 0:
                 print(f"step {step}: loss {loss.item():.4f}")
+            if step == args.pause_after:
+                print(f"paused after step {step}", flush=True)
+                time.sleep(3600)
             step += 1
     if mon is not None:
         mon.close()

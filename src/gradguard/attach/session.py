@@ -27,6 +27,13 @@ step is then recorded at the optimizer step, after the clip. Under ``torchrun``,
 rank's own loss, so ranks can disagree on a loss spike; non-finite gradients (all-reduced) are skipped
 on every rank alike.
 
+Per step, beyond the hand-wired ``Monitor.step(loss)``, the attached path does host bookkeeping only: the
+backward wrapper, one post-accumulate-grad call per parameter (a flag), and the optimizer pre/post hooks
+(a dictionary look-up); no device value is read and nothing is written. The module hooks of discovery are
+removed after the first whole training step. ``metrics.jsonl`` is written by the monitor's sinks on its
+logging schedule, each line with one unbuffered write: a process killed by SIGKILL loses the steps
+recorded since the last fetch (fewer than ``log_every``) and the run line, never a part of a line.
+
 The guarded step does not clip (``Guard(clip=None)``): a healthy program's updates stay exactly its own.
 The optimizer of a model is known only once it steps, so its first step is guarded from inside the step
 pre-hook: the guard makes (or skips) the update itself, and the program's own call then runs with the
@@ -42,7 +49,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -52,10 +59,12 @@ from torch.utils.hooks import RemovableHandle
 from gradguard.attach.discover import CallRecorder, owner, program_name, unwrap, with_gradients
 from gradguard.errors import GradGuardError, InputError, check_number
 from gradguard.findings import Finding
-from gradguard.guard import Guard
 from gradguard.monitor import Monitor, watch
-from gradguard.preflight import ProbeReport
 from gradguard.sinks import ConsoleSink, JsonlSink, Sink
+
+if TYPE_CHECKING:  # imported where used: only --guard and --probe need them, and every run pays its start-up
+    from gradguard.guard import Guard
+    from gradguard.preflight import ProbeReport
 
 #: Status values of the final ``{"type": "run", ...}`` line of ``metrics.jsonl``.
 RUN_STATUSES = ("complete", "error", "interrupted")
@@ -116,11 +125,16 @@ class Target:
 
 
 def _scalar(tensors: Any) -> Tensor | None:
-    """The loss a ``backward()`` call started from: a one-element tensor (``numel`` reads no device value)."""
+    """The loss a ``backward()`` call started from: a one-element tensor (``numel`` reads no device value).
+
+    Not detached: ``Monitor.step`` reads the loss's graph (its last nodes' names) to infer the chance level
+    of a cross-entropy, as it does for the ``loss`` a hand-written loop passes. It is held only until the
+    step is recorded (the program's own ``loss`` variable lives longer), then only its detached value.
+    """
     if isinstance(tensors, list | tuple) and len(tensors) == 1:
         tensors = tensors[0]
     if isinstance(tensors, Tensor) and tensors.numel() == 1:
-        return tensors.detach()
+        return tensors
     return None
 
 
@@ -227,9 +241,9 @@ class Session:
         return clip
 
     def _before_clip(self, params: list[Tensor]) -> None:
-        ids = {id(p) for p in params}
         for t in self.targets:
-            if t.pending and not ids.isdisjoint(t.param_ids):
+            # Stops at the first of the model's parameters (usually the first one): no per-parameter set per clip.
+            if t.pending and any(id(p) in t.param_ids for p in params):
                 self._record(t)
 
     # ------------------------------------------------------------------------------------ discovery
@@ -336,10 +350,11 @@ class Session:
         if t in self._candidates:
             self._confirm(t)
         t.pending = False
-        t.step_loss, t.loss = t.loss, None
+        loss, t.loss, self._last_loss = t.loss, None, None
+        t.step_loss = None if loss is None else loss.detach()
         self._busy, self._recorder.paused = True, True
         try:
-            t.monitor.step(t.step_loss)
+            t.monitor.step(loss)
         finally:
             self._busy, self._recorder.paused = False, False
         t.records += 1
@@ -392,6 +407,8 @@ class Session:
     # ------------------------------------------------------------------------------------ guard
     def _guard_first_step(self, t: Target, opt: torch.optim.Optimizer, args: tuple[Any, ...],
                           kwargs: dict[str, Any]) -> None:
+        from gradguard.guard import Guard
+
         self._busy = True
         try:
             t.guard = Guard(t.model, opt, clip=None, monitor=t.monitor)
