@@ -285,7 +285,7 @@ def test_autowatch_finds_two_models_by_their_program_names() -> None:
         # Each optimizer step is one step of its model, recorded with the loss of that model's backward.
         history = named["disc_net"].monitor.history
         assert [r["loss"] for r in history] == pytest.approx(d_losses, rel=1e-6)
-        assert named["gen_net"].monitor.step_count == 6
+        assert named["gen_net"].monitor.steps == 6
     finally:
         session.close()
 
@@ -337,7 +337,7 @@ def test_guard_without_an_optimizer_says_so_and_only_monitors(capsys: pytest.Cap
     try:
         train(model)
         (target,) = session.targets
-        assert target.guard is None and target.monitor.step_count == 5  # each backward pass is a step
+        assert target.guard is None and target.monitor.steps == 5  # each backward pass is a step
     finally:
         session.close()
     for a, b in zip(model.parameters(), reference.parameters(), strict=True):

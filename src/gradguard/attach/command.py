@@ -199,7 +199,7 @@ def _finish(session: Any, out: Path, status: str, code: int, reason: str) -> Non
         for f in t.monitor.findings:
             counts[f.severity] = counts.get(f.severity, 0) + 1
         found = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no findings"
-        line = f"gradguard: `{t.name}`: {t.monitor.step_count} steps, {found}"
+        line = f"gradguard: `{t.name}`: {t.monitor.steps} steps, {found}"
         if t.guard is not None:
             g = t.guard
             line += f"; guard: {g.applied} applied, {g.skipped} skipped, {g.rollbacks} rollbacks"

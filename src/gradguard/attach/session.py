@@ -457,7 +457,7 @@ class Session:
             self._busy = False
         if t.log is not None:
             last = guard.steps - 1
-            step = t.monitor.step_count - 1
+            step = t.monitor.steps - 1
             new = []
             for e in reversed(guard.events):
                 if e.step != last:
@@ -527,7 +527,7 @@ class Session:
         for t in self.targets:
             if t.log is not None:
                 line: dict[str, Any] = {"type": "run", "status": status, "exit_code": exit_code, "reason": reason,
-                                        "model": t.name, "steps": t.monitor.step_count,
+                                        "model": t.name, "steps": t.monitor.steps,
                                         "optimizers": [type(o).__name__ for o in t.optimizers]}
                 if t.guard is not None:
                     line["guard"] = t.guard.summary()
@@ -597,7 +597,7 @@ def autowatch(
         >>> net = torch.nn.Linear(3, 1); opt = torch.optim.SGD(net.parameters(), lr=0.1)
         >>> for _ in range(3):
         ...     opt.zero_grad(); net(torch.randn(4, 3)).pow(2).mean().backward(); opt.step()
-        >>> session.monitors[0].step_count
+        >>> session.monitors[0].steps
         3
         >>> _ = session.close()
     """
