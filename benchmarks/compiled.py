@@ -202,7 +202,9 @@ def count_graphs(cfg: Config, base: Workload, backend: str, steps: int) -> Graph
 def run(opts: harness.Options) -> harness.Section:
     """The ``## Compiled models`` section on workload (a)."""
     backend, why = pick_backend(opts.smoke)
-    rounds, warmup = (3, 2) if opts.smoke else (100, 2)
+    # 60 warm-up rounds hold the compilations and gradguard's dense start (a sampled step every 10 for 50
+    # steps, docs/monitor.md); periods of 50 then hold one steady-state sampled step each.
+    rounds, warmup, period = (3, 2, 1) if opts.smoke else (200, 60, 50)
     count_steps = 12 if opts.smoke else 2 * harness.PERIOD + 1  # sampled steps 0, 10 (and 20)
     base = models.build("mlp", smoke=opts.smoke, device=opts.device)
     graphs = {c.key: count_graphs(c, base, backend, count_steps) for c in CONFIGS if c.compiled}
@@ -228,7 +230,7 @@ def run(opts: harness.Options) -> harness.Section:
     ok = True
     bare = sum(graphs["compiled"].frames.values())
     for cfg in CONFIGS:
-        ratios = harness.period_ratios(times, cfg.key, cfg.baseline)
+        ratios = harness.period_ratios(times, cfg.key, cfg.baseline, period)
         ms = 1e3 * harness.quartiles(times[cfg.key])[1]
         cells = ["—", "—", "—"]
         if cfg.compiled:
@@ -251,8 +253,8 @@ def run(opts: harness.Options) -> harness.Section:
         f"Workload {base.label}, Adam (lr 1e-4), MSE; the model is compiled, the optimizer step is not. "
         f"Backend `{backend}` ({why}). Every configuration trains its own copy of the same model; they take "
         f"turns step by step in one process, the order reversed every round: {rounds} timed rounds after "
-        f"{warmup} warm-up rounds (which hold the compilations and gradguard's first sampled step). Ratio as in "
-        "the monitor-overhead tables, to the bare loop of the same mode.",
+        f"{warmup} warm-up rounds (which hold the compilations and gradguard's dense start), in periods of "
+        f"{period} steps. Ratio as in the monitor-overhead tables, to the bare loop of the same mode.",
         "",
         f"Graphs: each compiled configuration alone for {count_steps} steps after `torch._dynamo.reset()`; "
         "frames compiled by the backend and dynamo's graph breaks, in total and on the steps that are neither "
@@ -264,7 +266,7 @@ def run(opts: harness.Options) -> harness.Section:
                       rows, "lrrrlrrr"),
         "",
         "The compiled bare loop against the eager one (same rounds): "
-        f"{harness.ratio_text(harness.period_ratios(times, 'compiled', 'eager'))}.",
+        f"{harness.ratio_text(harness.period_ratios(times, 'compiled', 'eager', period))}.",
         "",
         "gradguard's sampled steps on a compiled model take their activation statistics from one extra eager "
         "forward without autograd (`Monitor._eager_pass`), which is inside the ratio; the column \"other / "
