@@ -131,7 +131,7 @@ def test_a_stalled_low_precision_tensor_says_precision_may_be_the_cause() -> Non
     params = [ParamInfo(p.name, p.module, 2, 256) for p in PARAMS[:3]] + [PARAMS[3]]
     (f,) = detect(rows, params, None)  # no learning rate: rounding cannot be confirmed, stall can
     assert f.module == "fc3" and "stalled" in f.message and "precision may be the cause" in f.message
-    assert f.evidence["cause"] == "precision?" and "autocast" in f.advice
+    assert f.evidence["possible_cause"] == "precision" and "cause" not in f.evidence and "autocast" in f.advice
 
 
 def deep_sigmoid(dtype: torch.dtype) -> tuple[dict[str, float], list[Finding]]:

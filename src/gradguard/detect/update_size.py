@@ -27,7 +27,7 @@ so a single peak is never enough:
   for this reason). It looks like a stalled layer, and when the whole model is cast every tensor stalls at
   once (so the stalled test, which needs the others to learn, is silent), but the cure is the precision.
   A stalled low-precision tensor the rounding test cannot confirm (no learning rate) says precision may be
-  the cause.
+  the cause (evidence ``possible_cause: "precision"``).
 
 Not judged: tensors with fewer than 2 dimensions (biases and norm-layer shifts start at or near zero, so
 their ratio is large or undefined by design), lookup tables (``ParamInfo.sparse_rows``: a batch touches a
@@ -89,11 +89,11 @@ def _rounded_away(obs: Observation, judged: list[tuple[ParamInfo, list[float]]])
         lr = obs.lrs.get(p.name)
         if lr is not None and lr <= 0:
             continue  # a learning rate of 0 is the stalled test's cause, not rounding
-        measured = [r for r in obs.rows if f"update_ratio/{p.name}" in r][-n:]
         if lr is None:
             ok = max(vals) == 0
             implied = None
         else:
+            measured = [r for r in obs.rows if f"update_ratio/{p.name}" in r][-n:]
             # The gradient behind a measured step: the window's median norm (it moves slowly between steps).
             grads = sorted(finite_values(obs.rows[-obs.window :], f"grad_norm/{p.name}"))
             g = grads[len(grads) // 2]
@@ -113,8 +113,8 @@ def _rounded_away(obs: Observation, judged: list[tuple[ParamInfo, list[float]]])
                 f"and learning rate imply lr·‖g‖/‖w‖ ≈ {fmt(implied)}")
     else:
         seen = (f"its weights have not changed in {n} measured steps (‖Δw‖/‖w‖ = 0) although it receives a "
-                "gradient (no optimizer given to gg.watch, so the learning rate is unknown: a tensor left out of "
-                "the optimizer also reads so)")
+                "gradient (its learning rate is unknown: no optimizer given to gg.watch, or the tensor is not in it, "
+                "and a tensor left out of the optimizer also reads so)")
     also = f"; {len(others)} more tensors likewise ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''})"
     return Finding(
         kind="vanishing", module=first.module, step=obs.step, severity="warning",
@@ -170,7 +170,7 @@ def detect(obs: Observation) -> list[Finding]:
                 low = p.dtype in LOW_PRECISION_BITS
                 stall: dict[str, object] = {"ratio": max(vals), "others_median": typical}
                 if low:
-                    stall.update({"cause": "precision?", "dtype": p.dtype})
+                    stall.update({"possible_cause": "precision", "dtype": p.dtype})
                 out.append(Finding(
                     kind="vanishing", module=p.module, step=obs.step, severity="warning",
                     message=(
