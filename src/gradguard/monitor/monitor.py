@@ -201,7 +201,7 @@ class Monitor:
                 if isinstance(m, nn.Embedding | nn.EmbeddingBag):
                     lookup.add(id(p))
         self.params = [
-            ParamInfo(n, owner.get(id(p), ""), p.dim(), p.numel(), sparse_rows=id(p) in lookup) for n, p in named
+            ParamInfo(n, owner.get(id(p), ""), p.dim(), p.numel(), id(p) in lookup, str(p.dtype)) for n, p in named
         ]
         self._names = [p.name for p in self.params]
         self._keys = {
