@@ -27,6 +27,7 @@ from gradguard.detect.forward import is_norm
 from gradguard.errors import ConfigError, InputError, StateError, check_number, check_scalar_loss
 from gradguard.findings import KINDS, Finding
 from gradguard.monitor.activations import ActivationTap, Sample, pool_summaries
+from gradguard.monitor.history import History
 from gradguard.monitor.hooks import (
     CompiledEntry,
     RootPreHook,
@@ -225,11 +226,7 @@ class Monitor:
         self.sinks.extend(sink_list)
 
         self._step = 0
-        self._rows: list[dict[str, Any]] = []  # the newest history_limit rows, every step
-        self._archive: list[dict[str, Any]] = []  # older rows, every stride-th step (see _keep_rows)
-        self._history_limit = history_limit
-        self._stride = 1
-        self._marked: set[int] = set()  # steps of warnings, errors and non-finite rows: archived first
+        self._history = History(history_limit)  # mon.history, bounded (gradguard.monitor.history)
         self._window: deque[dict[str, Any]] = deque(maxlen=window + log_every)
         self._findings: dict[tuple[str, str], Finding] = {}
         self._samples: list[Sample] = []
@@ -622,9 +619,9 @@ class Monitor:
         self._origin = (bad.step, origin, {})
 
     def _remember(self, rows: Sequence[dict[str, Any]]) -> None:
-        """Bounded history (see _keep_rows), the rules' window and the run memory."""
-        self._marked.update(r["step"] for r in rows if not math.isfinite(r["grad_norm"]))
-        self._keep_rows(rows)
+        """Bounded history (gradguard.monitor.history), the rules' window and the run memory."""
+        self._history.mark(r["step"] for r in rows if not math.isfinite(r["grad_norm"]))
+        self._history.keep(rows, self._step)
         self._window.extend(rows)
         if rows:
             self._run.update(rows)
@@ -692,33 +689,6 @@ class Monitor:
         )
         for f in run_rules(obs):
             self._update_finding(f)
-
-    def _keep_rows(self, rows: Sequence[dict[str, Any]]) -> None:
-        """Bounded history: the newest ``history_limit`` rows in full, at most as many older ones.
-
-        A row leaving the recent part is archived if its step is a multiple of the stride (1 at first);
-        whenever the archive outgrows ``history_limit`` the stride doubles and the archive is thinned to
-        it, so old steps stay evenly spread over the whole run. Steps of a warning, an error or a
-        non-finite row are archived whatever the stride, until the stride exceeds the run's length, and
-        keep their per-tensor columns; other archived rows keep the global scalars only (``step``,
-        ``loss``, ``grad_norm``, ``loss_scale``), so the archive costs a few hundred bytes a row whatever
-        the model's size. The rules read their own window (``window`` steps), not this history.
-        """
-        self._rows.extend(rows)
-        excess = len(self._rows) - self._history_limit
-        if excess <= 0:
-            return
-        old = self._rows[:excess]
-        del self._rows[:excess]
-        self._archive.extend(r if r["step"] in self._marked else {k: v for k, v in r.items() if "/" not in k}
-                             for r in old if self._archived(r))
-        while len(self._archive) > self._history_limit:
-            self._stride *= 2
-            self._archive = [r for r in self._archive if self._archived(r)]
-
-    def _archived(self, row: Mapping[str, Any]) -> bool:
-        step = row["step"]
-        return step % self._stride == 0 or (self._stride <= self._step and step in self._marked)
 
     def _row_bad(self, row: Mapping[str, Any]) -> bool:
         loss = row.get("loss")
@@ -902,7 +872,7 @@ class Monitor:
                 # The step a warning or error first appeared is kept whole in the history; the rules
                 # re-report a standing finding at every fetch, and marking each of those would let the
                 # archive of whole rows grow with the run.
-                self._marked.add(finding.step)
+                self._history.mark((finding.step,))
         if old is None or (old.severity, old.message) != (finding.severity, finding.message):
             for sink in self.sinks:
                 sink.on_finding(finding)
@@ -947,8 +917,8 @@ class Monitor:
 
         Bounded (``watch(history_limit=...)``): the newest ``history_limit`` steps in full, older ones
         downsampled to at most as many more, evenly spread, with their global scalars only, except the
-        steps of warnings, errors and non-finite values, kept whole (see ``Monitor._keep_rows`` and
-        docs/monitor.md); ``log_dir`` keeps every step's global scalars on disk.
+        steps of warnings, errors and non-finite values, kept whole (see gradguard.monitor.history
+        and docs/monitor.md); ``log_dir`` keeps every step's global scalars on disk.
 
         Keys: ``grad_norm/<p>`` and ``nonfinite/<p>`` every step for each parameter that had a gradient;
         on sampled steps also ``grad_max/<p>``, ``weight_norm/<p>``, ``update_ratio/<p>`` (from the second
@@ -957,7 +927,7 @@ class Monitor:
         Reading it fetches whatever is still pending on the device.
         """
         self._flush()
-        return [*self._archive, *self._rows]
+        return self._history.rows()
 
     @property
     def time_profiles(self) -> dict[str, dict[str, Tensor]]:
@@ -1014,7 +984,7 @@ class Monitor:
         step = int(state["steps"])
         rows = [dict(r) for r in state["rows"]]
         self._step = step
-        self._keep_rows(rows)
+        self._history.keep(rows, self._step)
         self._window.extend(rows)
         for d in state["findings"]:
             f = Finding.from_dict(d)
