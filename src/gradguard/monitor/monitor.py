@@ -46,6 +46,7 @@ from gradguard.monitor.provenance import (
     snapshot_buffers,
     tensors_in,
 )
+from gradguard.monitor.scaler import OverflowSkips, is_overflow
 from gradguard.monitor.schedule import Sampling
 from gradguard.monitor.summary import MonitorSummary
 from gradguard.sinks.base import Sink
@@ -72,13 +73,6 @@ SPARSE_EVERY = 50
 ALERT_SHIFT = 0.1
 #: ... or the largest update ratio ‖Δw‖/‖w‖ grew this many times since the previous detail step.
 ALERT_UPDATE_GROWTH = 2.0
-
-#: A loss-scaler overflow skip is routine; these say it is not. With the default backoff (× 0.5) a run of
-#: 20 skips in a row is a scale 2⁻²⁰ of where it stood and 20 steps without an update; a scale at or
-#: below 1 that still overflows means the fp16 values overflow without any amplification, so no loss
-#: scale can help.
-SCALER_COLLAPSE_RUN = 20
-SCALER_COLLAPSE_SCALE = 1.0
 
 
 #: Steps after watch() at which the rules run at every step: nothing is known about the run yet, and a run
@@ -243,9 +237,7 @@ class Monitor:
         self._eager_done = False
         self._compiled_seen = False
         self._warned: set[str] = set()
-        self._overflows = 0
-        self._overflow_run = 0
-        self._collapse_reported = False
+        self._skips = OverflowSkips()  # the loss scaler's overflow skips (gradguard.monitor.scaler)
         self._replaying = False
         self._bad_episode = False
         self._origin: tuple[int, Origin | None, dict[str, float]] | None = None
@@ -694,78 +686,29 @@ class Monitor:
         loss = row.get("loss")
         if loss is not None and not math.isfinite(loss):
             return True
-        return not math.isfinite(row["grad_norm"]) and not self._is_overflow(row)
-
-    def _is_overflow(self, row: Mapping[str, Any]) -> bool:
-        """A step the loss scaler skips: scaled gradients overflowed while the loss stayed finite."""
-        loss = row.get("loss")
-        return (
-            "loss_scale" in row and not math.isfinite(row["grad_norm"]) and (loss is None or math.isfinite(loss))
-        )
+        return not math.isfinite(row["grad_norm"]) and not is_overflow(row)
 
     def _scaler_rows(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Count the scaler's overflow skips (info); a collapsing loss scale is an error naming the producer."""
-        last = None
-        for r in rows:
-            if self._is_overflow(r):
-                self._overflows += 1
-                self._overflow_run += 1
-                last = r
-            elif "loss_scale" in r:
-                self._overflow_run = 0
-                self._collapse_reported = False
-        if last is None:
+        latest = self._skips.count(rows)
+        if latest is None:
             return
-        step, scale = last["step"], last["loss_scale"]
+        step, scale, collapse = latest
         start = init_scale(self.scaler)  # type: ignore[arg-type]
-        if self._overflow_run >= SCALER_COLLAPSE_RUN or scale <= SCALER_COLLAPSE_SCALE:
-            if not self._collapse_reported:  # once per run of skips: the first diagnosis stands
-                self._collapse_reported = True
-                self._scaler_collapse(step, scale, start)
+        if collapse:
+            origin = None
+            if self.replay_enabled and self._calls and step == self._step - 1:
+                self._replaying = True
+                try:
+                    origin = self._localize(None)
+                finally:
+                    self._replaying = False
+            self._update_finding(self._skips.collapse(step, scale, start, origin))
             return
         old = self._findings.get(("nonfinite", ""))
         if old is not None and old.rank > 0:
             return  # a real non-finite diagnosis stands; the routine count must not replace it
-        self._update_finding(
-            Finding(
-                kind="nonfinite", module="", step=step, severity="info",
-                message=f"the loss scaler skipped {self._overflows} step(s) on fp16 gradient overflow (latest at step "
-                f"{step}, loss scale {scale:g}, started at {start:g}); routine: the skipped step is not applied and "
-                "the scale backs off.",
-                advice="Nothing to do while skips stay rare; many in a row mean the loss scale is collapsing.",
-                evidence={"overflow_skips": self._overflows, "loss_scale": scale, "init_scale": start},
-            )
-        )
-
-    def _scaler_collapse(self, step: int, scale: float, start: float) -> None:
-        origin = None
-        if self.replay_enabled and self._calls and step == self._step - 1:
-            self._replaying = True
-            try:
-                origin = self._localize(None)
-            finally:
-                self._replaying = False
-        module = origin.module if origin is not None and "replay_error" not in origin.evidence else ""
-        where = f"`{module}` ({origin.phase} pass: {origin.what})" if origin is not None and module else (
-            "a tensor the replay could not name")
-        keep = (f" Keep `{module}` in float32 (run it under torch.autocast(device_type, enabled=False))."
-                if module else "")
-        evidence: dict[str, Any] = {"overflow_run": self._overflow_run, "overflow_skips": self._overflows,
-                                    "loss_scale": scale, "init_scale": start}
-        if origin is not None:
-            evidence.update({"phase": origin.phase, **dict(origin.evidence)})
-        self._update_finding(
-            Finding(
-                kind="nonfinite", module=module, step=step, severity="error",
-                message=f"the loss scale is collapsing: {self._overflow_run} overflow skips in a row up to step "
-                f"{step}, "
-                f"scale {scale:g} from {start:g}, so no update is applied; the fp16 values overflow in {where}.",
-                advice="Train in bfloat16 (torch.autocast(device_type, dtype=torch.bfloat16): the float32 exponent "
-                "range, no loss scaling), lower the learning rate, or let the scale grow less often "
-                f"(GradScaler(growth_interval=...) larger, growth_factor smaller).{keep}",
-                evidence=evidence,
-            )
-        )
+        self._update_finding(self._skips.routine(step, scale, start))
 
     def _row(self, i: int, meta: RowMeta, host: Mapping[str, Any]) -> dict[str, Any]:
         gsq = host["grad_sq"][i]
