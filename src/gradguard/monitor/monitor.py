@@ -26,7 +26,7 @@ from gradguard.detect.base import Origin
 from gradguard.detect.forward import is_norm
 from gradguard.errors import ConfigError, InputError, StateError, check_number, check_scalar_loss
 from gradguard.findings import KINDS, Finding
-from gradguard.monitor.activations import ActivationTap, Sample, pool_summaries
+from gradguard.monitor.activations import ActivationTap, Sample
 from gradguard.monitor.chance import chance_from_options, is_cross_entropy
 from gradguard.monitor.history import History
 from gradguard.monitor.hooks import (
@@ -47,13 +47,13 @@ from gradguard.monitor.provenance import (
     snapshot_buffers,
     tensors_in,
 )
+from gradguard.monitor.samples import SampledActivations
 from gradguard.monitor.scaler import OverflowSkips, is_overflow
 from gradguard.monitor.schedule import Sampling
 from gradguard.monitor.summary import MonitorSummary
 from gradguard.sinks.base import Sink
 from gradguard.sinks.console import ConsoleSink
 from gradguard.sinks.jsonl import JsonlSink
-from gradguard.stats.activations import SUMMARY_FIELDS
 from gradguard.stats.distributed import is_distributed, make_reduce_fn
 from gradguard.stats.scaler import check_scaler, grads_unscaled, init_scale, scale_tensor
 
@@ -66,13 +66,8 @@ from gradguard.stats.scaler import check_scaler, grads_unscaled, init_scale, sca
 DENSE_EVERY = 10
 SPARSE_EVERY = 50
 
-#: Alerts from a sampled step (see Monitor._alert_on_sample): a module's share of zero or of saturated
-#: outputs rose by this much since its previous sampled step (a tenth of the outputs: the dead-unit rule's
-#: info level). Its output scale is not compared across steps: the forward-growth rule judges the growth
-#: along the depth within one step, and the scale of a deep layer's small outputs drifts by ×2 between
-#: sampled steps of healthy training.
-ALERT_SHIFT = 0.1
-#: ... or the largest update ratio ‖Δw‖/‖w‖ grew this many times since the previous detail step.
+#: Alerts from a detail row: the largest update ratio ‖Δw‖/‖w‖ grew this many times since the previous
+#: detail step (a sampled step's own alerts: gradguard.monitor.samples.ALERT_SHIFT).
 ALERT_UPDATE_GROWTH = 2.0
 
 
@@ -225,14 +220,7 @@ class Monitor:
         self._window: deque[dict[str, Any]] = deque(maxlen=window + log_every)
         self._findings: dict[tuple[str, str], Finding] = {}
         self._samples: list[Sample] = []
-        self._dead: dict[str, deque[Tensor]] = {}
-        self._peaks: dict[str, Tensor] | None = None  # _dead_peaks() of the windows as they stand
-        self._dead_window = dead_window
-        self._latest_act: dict[str, dict[str, float]] = {}
-        self._act_keys: dict[str, list[str]] = {}
-        self._time_forward: dict[str, Tensor] = {}
-        self._time_grad: dict[str, Tensor] = {}
-        self._depth: list[str] = []
+        self._acts = SampledActivations(dead_window)  # what the sampled steps measured (monitor.samples)
         self._calls: list[Call] = []
         self._forwards = 0  # training forwards seen since the last step (kept: the first max_calls)
         self._eager_done = False
@@ -588,7 +576,7 @@ class Monitor:
         rows = [self._row(i, m, lists) for i, m in enumerate(metas)]
         by_step = {r["step"]: r for r in rows}
         for sample in samples:
-            self._absorb_sample(sample, by_step.get(sample.step))
+            self._acts.absorb(sample, by_step.get(sample.step), self._alert_now)
         return rows
 
     def _account_nonfinite(self, metas: Sequence[RowMeta], rows: Sequence[dict[str, Any]]) -> None:
@@ -625,7 +613,7 @@ class Monitor:
             for r in rows:
                 sink.on_step(r)
             if samples:
-                for name, prof in self._time_forward.items():
+                for name, prof in self._acts.time_forward.items():
                     sink.on_histogram(samples[-1].step, f"time_forward/{name}", prof)
 
     def _alert_on_rows(self, rows: Sequence[dict[str, Any]]) -> None:
@@ -663,13 +651,13 @@ class Monitor:
             rows=list(self._window),
             new=len(rows),
             params=self.params,
-            depth=self._depth,
-            activations=self._latest_act,
+            depth=self._acts.depth,
+            activations=self._acts.latest,
             saturation_kinds=self._saturation_kinds,
-            dead_window=self._peaks if self._peaks is not None else self._dead_peaks(),
-            dead_samples={n: len(d) for n, d in self._dead.items()},
-            time_forward=self._time_forward,
-            time_grad=self._time_grad,
+            dead_window=self._acts.peaks if self._acts.peaks is not None else self._acts.dead_peaks(),
+            dead_samples={n: len(d) for n, d in self._acts.dead.items()},
+            time_forward=self._acts.time_forward,
+            time_grad=self._acts.time_grad,
             origin=found,
             nonfinite_step=nonfinite_step,
             nonfinite_counts=counts,
@@ -744,63 +732,9 @@ class Monitor:
                     row[keys["update_ratio"][j]] = math.sqrt(dsq[j]) / w if w > 0 else math.inf
         return row
 
-    def _absorb_sample(self, sample: Sample, row: dict[str, Any] | None) -> None:
-        if sample.order:
-            self._depth = list(sample.order)
-        if sample.matrix is not None:
-            host = sample.matrix.cpu()  # one host transfer for every module's summaries
-            values = host.tolist()
-            for name, idx in sample.rows.items():
-                if len(idx) == 1:
-                    pooled = dict(zip(SUMMARY_FIELDS, values[idx[0]], strict=True))
-                else:
-                    pooled = pool_summaries(host[idx])
-                self._alert_on_sample(name, pooled)
-                self._latest_act[name] = pooled
-                if row is not None:
-                    keys = self._act_keys.get(name)
-                    if keys is None:
-                        keys = self._act_keys[name] = [f"act/{name}/{field}" for field in SUMMARY_FIELDS]
-                    row.update(zip(keys, pooled.values(), strict=True))
-                act = sample.activity.get(name)
-                if act is not None and pooled["nonfinite"] == 0:
-                    # A NaN output is "not > 0" everywhere; counting it would call live units dead.
-                    self._dead.setdefault(name, deque(maxlen=self._dead_window)).append(act.cpu())
-                    self._peaks = None  # recomputed at the next judgement, once per sampled step
-        for name, prof in sample.time_forward.items():
-            self._time_forward[name] = prof.cpu()
-        for name, prof in sample.time_grad.items():
-            self._time_grad[name] = prof.cpu()
-
-    def _alert_on_sample(self, name: str, pooled: Mapping[str, float]) -> None:
-        """Alert when a module's outputs changed since its previous sampled step (see ALERT_SHIFT)."""
-        prev = self._latest_act.get(name)
-        if pooled["nonfinite"] > 0:
-            self.sample_every.alert(self._step, f"non-finite outputs of `{name}`")
-            return
-        if prev is None:
-            return
-        if (pooled["frac_zero"] - prev["frac_zero"] >= ALERT_SHIFT
-                or pooled["frac_saturated"] - prev["frac_saturated"] >= ALERT_SHIFT):
-            self.sample_every.alert(self._step, f"the outputs of `{name}` changed")
-
-    def _dead_peaks(self) -> dict[str, Tensor]:
-        """Per ReLU-like module, each unit's peak output over its window of sampled steps.
-
-        Modules whose windows hold tensors of the same shapes are reduced together: one stack and one
-        ``amax`` for all of them instead of two kernels per module.
-        """
-        groups: dict[tuple[torch.Size, ...], list[str]] = {}
-        for name, d in self._dead.items():
-            if d:
-                groups.setdefault(tuple(t.shape for t in d), []).append(name)
-        out: dict[str, Tensor] = {}
-        for shapes, names in groups.items():
-            block = torch.stack([t for n in names for t in self._dead[n]])
-            peaks = block.reshape(len(names), len(shapes), *shapes[0]).amax(1)
-            out.update(zip(names, peaks.unbind(0), strict=True))
-        self._peaks = out
-        return out
+    def _alert_now(self, reason: str) -> None:
+        """Bring the next sampled step forward (gradguard.monitor.schedule.Sampling.alert)."""
+        self.sample_every.alert(self._step, reason)
 
     def _update_finding(self, finding: Finding) -> None:
         old = self._findings.get(finding.key)
@@ -877,7 +811,7 @@ class Monitor:
     def time_profiles(self) -> dict[str, dict[str, Tensor]]:
         """Latest per-time-step profiles of recurrent modules: ``{"forward"|"grad": {module: vector}}``."""
         self._flush()
-        return {"forward": dict(self._time_forward), "grad": dict(self._time_grad)}
+        return {"forward": dict(self._acts.time_forward), "grad": dict(self._acts.time_grad)}
 
     def summary(self) -> MonitorSummary:
         """Per parameter the latest and median gradient norm over the rules' window, the latest weight norm
