@@ -47,10 +47,11 @@ from gradguard.monitor.provenance import (
     snapshot_buffers,
     tensors_in,
 )
+from gradguard.monitor.rows import history_row
 from gradguard.monitor.samples import SampledActivations
 from gradguard.monitor.scaler import OverflowSkips, is_overflow
 from gradguard.monitor.schedule import Sampling
-from gradguard.monitor.summary import MonitorSummary
+from gradguard.monitor.summary import MonitorSummary, parameter_table
 from gradguard.sinks.base import Sink
 from gradguard.sinks.console import ConsoleSink
 from gradguard.sinks.jsonl import JsonlSink
@@ -573,7 +574,7 @@ class Monitor:
                  ) -> list[dict[str, Any]]:
         """History rows of the fetched steps, with the activation summaries of their sampled steps."""
         lists = {k: v.tolist() for k, v in host.items()}  # Python floats once, not per element
-        rows = [self._row(i, m, lists) for i, m in enumerate(metas)]
+        rows = [history_row(i, m, lists, self._keys) for i, m in enumerate(metas)]
         by_step = {r["step"]: r for r in rows}
         for sample in samples:
             self._acts.absorb(sample, by_step.get(sample.step), self._alert_now)
@@ -699,39 +700,6 @@ class Monitor:
             return  # a real non-finite diagnosis stands; the routine count must not replace it
         self._update_finding(self._skips.routine(step, scale, start))
 
-    def _row(self, i: int, meta: RowMeta, host: Mapping[str, Any]) -> dict[str, Any]:
-        gsq = host["grad_sq"][i]
-        present = meta.present
-        row: dict[str, Any] = {
-            "step": meta.step,
-            "loss": host["loss"][i] if meta.has_loss else None,
-            "grad_norm": math.sqrt(sum(gsq[j] for j in present)),
-        }
-        if meta.scaled:
-            row["loss_scale"] = host["scale"][i]
-        counts = meta.nonfinite_counts.tolist() if meta.nonfinite_counts is not None else None
-        keys = self._keys
-        for k, j in enumerate(present):
-            g = gsq[j]
-            row[keys["grad_norm"][j]] = math.sqrt(g)
-            if counts is not None:
-                row[keys["nonfinite"][j]] = float(counts[k])
-            else:
-                # Exact counts cost two passes, so they are taken only on flagged steps; a finite norm
-                # proves the count is 0, a non-finite one (seen only on accelerators) means "some".
-                row[keys["nonfinite"][j]] = 0.0 if math.isfinite(g) else math.nan
-        if meta.detail:
-            wsq, dsq, gmax = host["weight_sq"][i], host["delta_sq"][i], host["grad_max"][i]
-            for j in present:
-                row[keys["grad_max"][j]] = gmax[j]
-            for j in range(len(keys["weight_norm"])):
-                w = math.sqrt(wsq[j])
-                row[keys["weight_norm"][j]] = w
-                if math.isfinite(dsq[j]):
-                    # ‖Δw‖/‖w‖ of the optimizer step just taken (Karpathy's ≈1e-3 rule of thumb).
-                    row[keys["update_ratio"][j]] = math.sqrt(dsq[j]) / w if w > 0 else math.inf
-        return row
-
     def _alert_now(self, reason: str) -> None:
         """Bring the next sampled step forward (gradguard.monitor.schedule.Sampling.alert)."""
         self.sample_every.alert(self._step, reason)
@@ -818,16 +786,7 @@ class Monitor:
         and update ratio, and the findings: a dict (``steps``, ``parameters``, ``findings``) whose ``str()``
         is the table (gradguard.monitor.summary), so ``print(mon.summary())`` prints it."""
         findings = self.findings
-        rows = list(self._window)
-        table: dict[str, dict[str, float]] = {}
-        for p in self.params:
-            fin = sorted(float(r[key]) for r in rows if _isfinite(r.get(key := f"grad_norm/{p.name}")))
-            table[p.name] = {
-                "grad_norm": _last(rows, f"grad_norm/{p.name}"),
-                "median_grad_norm": fin[len(fin) // 2] if fin else math.nan,
-                "weight_norm": _last(rows, f"weight_norm/{p.name}"),
-                "update_ratio": _last(rows, f"update_ratio/{p.name}"),
-            }
+        table = parameter_table([p.name for p in self.params], list(self._window))
         return MonitorSummary(steps=self._step, parameters=table, findings=findings)
 
     def state_dict(self) -> dict[str, Any]:
@@ -923,15 +882,3 @@ class Monitor:
 def _keep_grad(grads: list[Tensor | None], i: int, g: Tensor) -> None:
     """Tensor hook: remember the gradient that reached a model output (a reference, no copy)."""
     grads[i] = g.detach()
-
-
-def _last(rows: Sequence[Mapping[str, Any]], key: str) -> float:
-    for r in reversed(rows):
-        v = r.get(key)
-        if v is not None:
-            return float(v)
-    return float("nan")
-
-
-def _isfinite(x: Any) -> bool:
-    return isinstance(x, float | int) and math.isfinite(x)
