@@ -41,7 +41,7 @@ from gradguard.monitor.params import ParamStats, ReduceFn, RowMeta
 from gradguard.monitor.provenance import (
     Call,
     autocast_state,
-    localize,
+    localize_step,
     replaying_as,
     restore_buffers,
     snapshot_buffers,
@@ -501,38 +501,9 @@ class Monitor:
         return True
 
     def _localize(self, loss_value: float | None) -> Origin | None:
-        """Replay the recorded forwards; a replay that fails must never break the user's training step."""
-        try:
-            origin = localize(self._module, self._calls, loss_value, forwards=self._forwards)
-        except Exception as exc:  # the model's own code runs here: any error is possible
-            return Origin(
-                "", "forward", f"the replay that localises it failed ({type(exc).__name__}: {exc})",
-                {"replay_error": repr(exc)},
-            )
-        compiled = self._compiled()
-        if origin is not None and origin.evidence.get("reproduced") is False and compiled:
-            origin = None  # worded below, with the reason a compiled step may not replay faithfully
-        if origin is not None:
-            if compiled and "replay_error" not in origin.evidence:
-                origin = Origin(origin.module, origin.phase, origin.what + "; the step ran compiled and an eager "
-                                "replay reproduced it", {**origin.evidence, "eager_replay": "reproduced"})
-            return origin
-        if self._forwards > len(self._calls) and self._calls:
-            return Origin("", "forward", f"the step made {self._forwards} training forwards and the monitor keeps the "
-                          f"first {len(self._calls)} (gg.watch(max_calls=...)), which replayed finite: it was born "
-                          "in a later one", {"replay_error": "forward not kept", "forwards": self._forwards})
-        if compiled:
-            random = any(isinstance(m, nn.modules.dropout._DropoutNd) for m in self._module.modules())
-            why = ("the compiled code draws its own random numbers (dropout), so the eager replay cannot be faithful"
-                   if random else "compiled code may draw its own random numbers or round differently, or the inputs "
-                   "changed in place since the step")
-            if not self._calls:
-                return Origin("", "forward", "the step ran compiled without passing the monitor's hooks, so it could "
-                              "not be replayed (watch the compiled wrapper: gg.watch(torch.compile(model)))",
-                              {"replay_error": "forward not seen"})
-            return Origin("", "forward", f"the step ran compiled and an eager replay could not reproduce it ({why})",
-                          {"replay_error": "could not reproduce in eager", "eager_replay": "not reproduced"})
-        return None
+        """Replay the recorded forwards (gradguard.monitor.provenance.localize_step): never raises."""
+        return localize_step(self._module, self._calls, loss_value, forwards=self._forwards,
+                             compiled=self._compiled())
 
     def _compiled(self) -> bool:
         """The step's forward ran compiled (seen through the wrapper, or unseen under compilation)."""
