@@ -24,10 +24,10 @@ from gradguard.adapt import unwrap_compiled
 from gradguard.detect import Observation, ParamInfo, RuleOptions, RunMemory, Sentinel, run_rules
 from gradguard.detect.base import Origin
 from gradguard.detect.forward import is_norm
-from gradguard.errors import ConfigError, InputError, StateError, check_number, check_scalar_loss
+from gradguard.errors import ConfigError, InputError, StateError, check_scalar_loss
 from gradguard.findings import KINDS, Finding
 from gradguard.monitor.activations import ActivationTap, Sample
-from gradguard.monitor.chance import chance_from_options, is_cross_entropy
+from gradguard.monitor.chance import is_cross_entropy
 from gradguard.monitor.history import History
 from gradguard.monitor.hooks import (
     CompiledEntry,
@@ -37,6 +37,7 @@ from gradguard.monitor.hooks import (
     dynamo_compiled_something,
     in_backward,
 )
+from gradguard.monitor.options import check_options
 from gradguard.monitor.params import ParamStats, ReduceFn, RowMeta
 from gradguard.monitor.provenance import (
     Call,
@@ -55,8 +56,8 @@ from gradguard.monitor.summary import MonitorSummary, parameter_table
 from gradguard.sinks.base import Sink
 from gradguard.sinks.console import ConsoleSink
 from gradguard.sinks.jsonl import JsonlSink
-from gradguard.stats.distributed import is_distributed, make_reduce_fn
-from gradguard.stats.scaler import check_scaler, grads_unscaled, init_scale, scale_tensor
+from gradguard.stats.distributed import make_reduce_fn
+from gradguard.stats.scaler import grads_unscaled, init_scale, scale_tensor
 
 #: The default sampling schedule (``watch(sample_every=None)``, see gradguard.monitor.schedule.Sampling and
 #: docs/monitor.md): a sampled step every DENSE_EVERY steps for the first ``dead_window`` sampled steps and
@@ -116,40 +117,12 @@ class Monitor:
         optimizer: torch.optim.Optimizer | None = None,
         rules: RuleOptions | None = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise InputError(f"watch() needs a torch.nn.Module, got {type(model).__name__}: {model!r:.80}")
-        check_number("log_every", log_every, low=1, integer=True)
-        if sample_every is not None:
-            check_number("sample_every", sample_every, low=1, integer=True)
-        if detail_every is not None:
-            check_number("detail_every", detail_every, low=1, integer=True)
-        check_number("window", window, low=10, integer=True)
-        check_number("dead_window", dead_window, low=1, integer=True)
-        check_number("max_calls", max_calls, low=1, integer=True)
-        check_number("history_limit", history_limit, low=1, integer=True)
-        chance, chance_source = chance_from_options(num_classes, chance_loss)
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise InputError(f"optimizer={optimizer!r:.60} must be a torch.optim.Optimizer or None")
-        if rules is not None and not isinstance(rules, RuleOptions):
-            raise InputError(f"rules={rules!r:.60} must be a gradguard.detect.RuleOptions or None")
-        for name, flag in (("console", console), ("replay", replay)):
-            if flag is not None and not isinstance(flag, bool):
-                raise InputError(f"{name}={flag!r} must be True, False or None")
-        if is_distributed():
-            # Under torch.distributed print on rank 0 only, and do not replay by default (a replay re-runs
-            # forward/backward on one rank; with collectives inside, the others would not join).
-            console = torch.distributed.get_rank() == 0 if console is None else console
-            replay = False if replay is None else replay
-        if reduce_fn is not None and not callable(reduce_fn):
-            raise InputError(f"reduce_fn={reduce_fn!r} must be a callable Tensor -> Tensor or None")
-        if scaler is not None:
-            check_scaler(scaler)
-        if log_dir is not None and not isinstance(log_dir, str | os.PathLike):
-            raise InputError(f"log_dir={log_dir!r} must be a path (str or os.PathLike) or None")
-        sink_list = list(sinks)
-        for s in sink_list:
-            if not isinstance(s, Sink):
-                raise InputError(f"sinks must hold gradguard.sinks.Sink instances, got {type(s).__name__}")
+        chance, chance_source, console, replay, sink_list = check_options(
+            model, log_every=log_every, sample_every=sample_every, detail_every=detail_every, window=window,
+            dead_window=dead_window, max_calls=max_calls, history_limit=history_limit, num_classes=num_classes,
+            chance_loss=chance_loss, optimizer=optimizer, rules=rules, console=console, replay=replay,
+            reduce_fn=reduce_fn, scaler=scaler, log_dir=log_dir, sinks=sinks,
+        )
         self.model = model
         # torch.compile(m) wraps m: names, parameters, activation hooks and replay use m itself, while
         # the root hooks go on the wrapper, whose own hooks run eagerly around the compiled forward.
