@@ -1,10 +1,12 @@
-"""``gg.watch(model)``: the training monitor.
+"""The training monitor that ``gg.watch(model)`` returns (:mod:`gradguard.monitor.entry`): the step pipeline.
 
 Data flows one way: hooks and per-step fused statistics (device) → fetched on the logging schedule
-(host) → detection rules → findings → sinks. The steady state costs one fused norm over the gradients
-per step (see :mod:`gradguard.monitor.params`); activation hooks exist only on sampled steps
-(:mod:`gradguard.monitor.activations`); provenance of a NaN/Inf is found by replaying the step
-(:mod:`gradguard.monitor.provenance`).
+(host) → rows (:mod:`gradguard.monitor.rows`), history (:mod:`gradguard.monitor.history`) and sinks →
+detection rules → findings. The steady state costs one fused norm over the gradients per step (see
+:mod:`gradguard.monitor.params`); activation hooks exist only on sampled steps
+(:mod:`gradguard.monitor.activations`, read by :mod:`gradguard.monitor.samples`); provenance of a NaN/Inf is
+found by replaying the step (:mod:`gradguard.monitor.provenance`); the loss scaler's skips are counted by
+:mod:`gradguard.monitor.scaler`. docs/monitor.md ("Code map") lists every module.
 """
 
 from __future__ import annotations
