@@ -64,6 +64,7 @@ class Target:
     value: float
     limit: float
     met: bool
+    unit: str = "×"  # how value and limit read in the Targets table (a ratio unless said otherwise)
 
 
 @dataclass

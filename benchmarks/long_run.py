@@ -90,17 +90,18 @@ def section(r: dict[str, float], judged: bool) -> tuple[str, list[harness.Target
     first, steps = int(r["first"]), int(r["steps"])
     checks = [
         (f"RSS growth from step {first:,} to {steps:,}", f"{growth:+.1f} MiB ({r['rss_first']:.0f} → "
-         f"{r['rss_last']:.0f})", growth, RSS_GROWTH_MIB, f"≤ {RSS_GROWTH_MIB:g} MiB"),
+         f"{r['rss_last']:.0f})", growth, RSS_GROWTH_MIB, f"≤ {RSS_GROWTH_MIB:g} MiB", " MiB"),
         ("metrics.jsonl per step (average)", f"{r['bytes_per_step']:.0f} B ({r['log_mib']:.1f} MiB in all)",
-         r["bytes_per_step"], BYTES_PER_STEP, "≤ 2 KB (2048 B)"),
+         r["bytes_per_step"], BYTES_PER_STEP, "≤ 2 KB (2048 B)", " B"),
     ]
     rows: list[list[object]] = []
     targets = []
-    for what, shown, value, limit, target in checks:
+    for what, shown, value, limit, target, unit in checks:
         met = value <= limit
         rows.append([what, shown, target, harness.mark(met) if judged else "not judged (short run)"])
         if judged:
-            targets.append(harness.Target(f"long run (100-layer MLP, {steps:,} steps): {what}", value, limit, met))
+            targets.append(harness.Target(f"long run (100-layer MLP, {steps:,} steps): {what}", value, limit, met,
+                                          unit))
     rows += [
         ["`mon.history` rows at the end", str(int(r["history_rows"])), "—", "—"],
         ["alerts of the sampling schedule / findings", f"{int(r['alerts'])} / {int(r['findings'])}", "—", "—"],

@@ -241,8 +241,8 @@ def render(sections: list[harness.Section], opts: harness.Options, seconds: floa
     targets = [t for s in sections for t in s.targets]
     summary_rows = []
     for t in targets:
-        value = "see section" if t.value != t.value else f"{t.value:.3f}×"
-        limit = "see section" if t.limit != t.limit else f"≤ {t.limit:.3f}×"
+        value = "see section" if t.value != t.value else f"{t.value:.3f}{t.unit}"
+        limit = "see section" if t.limit != t.limit else f"≤ {t.limit:.3f}{t.unit}"
         summary_rows.append([t.what, value, limit, harness.mark(t.met)])
     head = [
         "# Benchmarks",

@@ -17,7 +17,9 @@ class ParamInfo:
     """A watched parameter: qualified name, owning module, shape facts used to normalise its norms.
 
     ``sparse_rows`` marks lookup tables (``nn.Embedding``): a batch touches only a few rows, so their
-    per-element gradient RMS is diluted by the vocabulary size and says nothing about depth.
+    per-element gradient RMS is diluted by the vocabulary size and says nothing about depth. ``dtype`` is
+    the storage type as ``str(p.dtype)`` (``"torch.bfloat16"`` for a model cast with ``model.to(torch.bfloat16)``):
+    a weight stored in 16 bits drops any step below half a unit in its last place (docs/detection.md).
     """
 
     name: str
@@ -25,6 +27,7 @@ class ParamInfo:
     ndim: int
     numel: int
     sparse_rows: bool = False
+    dtype: str = "torch.float32"
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ labels put the real one lower, so ``ln C`` errs towards silence), a rise must al
 level ``M`` was below
 ``0.8 χ`` and whose loss stays at ``≥ χ`` (and passes test 2) has lost what it learned, even below 2×.
 
-*The start* (Karpathy, "A Recipe for Training Neural Networks": verify the loss at initialisation). Logits
+*The start* (a classifier at initialisation should sit at its chance loss). Logits
 near zero give exactly ``ln C`` whatever the labels (label smoothing, ``ignore_index`` and skewed labels
 included), and logits of std ``s`` independent of the label give about ``ln C + s²/2``. The start level
 ``S`` (median of the first ``level_steps`` losses, so one batch is not a level) is a warning when it is

@@ -18,12 +18,18 @@ and *info* while they are unmeasured or show the layer learning anyway (a deep d
 Adam leaving its plateau).
 
 A NaN is never "vanishing": non-finite and exactly-zero gradients are excluded from the profile
-(zero is dead units or an unused layer, reported by their own rules).
+(zero is dead units or an unused layer, reported by their own rules). One exception is named: weights
+*stored* in float16 (``model.half()``, ``ParamInfo.dtype``) whose gradient is exactly 0 at the input end of
+a collapsing profile. float16 flushes magnitudes below 2^-24 ≈ 6e-8 to zero (IEEE 754 half precision;
+Micikevicius et al. 2018), so a gradient that shrinks through the depth reaches those layers as exact
+zeros: underflow, not dead units. The finding then lists them and carries ``cause: "precision"``. Under
+``torch.autocast`` the weights and their gradients are fp32, so the rule cannot see where a float16
+backward underflowed (docs/detection.md).
 """
 
 from __future__ import annotations
 
-from gradguard.detect.base import Observation, finite_values, fmt
+from gradguard.detect.base import Observation, ParamInfo, finite_values, fmt
 from gradguard.detect.exploding import DEPTH_RATIO, depth_profile
 from gradguard.findings import Finding
 
@@ -41,6 +47,21 @@ def _update_ratio(obs: Observation, module: str) -> float | None:
         for v in finite_values(obs.rows, f"update_ratio/{p.name}")[-5:]
     ]
     return sorted(vals)[len(vals) // 2] if vals else None
+
+
+def _underflowed(obs: Observation, before: str) -> list[str]:
+    """float16-stored modules earlier in the depth than ``before`` whose weight gradients are exactly 0."""
+    order = {name: i for i, name in enumerate(obs.depth)}
+    by_module: dict[str, list[ParamInfo]] = {}
+    for p in obs.params:
+        if p.ndim >= 2 and not p.sparse_rows and order.get(p.module, len(order)) < order[before]:
+            by_module.setdefault(p.module, []).append(p)
+    zero = []
+    for m, ps in by_module.items():
+        vals = [v for p in ps for v in finite_values(obs.rows[-20:], f"grad_norm/{p.name}")]
+        if vals and max(vals) == 0 and all(p.dtype == "torch.float16" for p in ps):
+            zero.append(m)
+    return sorted(zero, key=order.__getitem__)
 
 
 def detect(obs: Observation) -> list[Finding]:
@@ -63,6 +84,30 @@ def detect(obs: Observation) -> list[Finding]:
             f"; update ratios ‖Δw‖/‖w‖ {fmt(ur_first)} there vs {fmt(ur_last)} at the output "
             f"(healthy ≈ {HEALTHY_UPDATE_RATIO:g})"
         )
+    evidence: dict[str, object] = {
+        "ratio": ratio,
+        "profile": dict(prof),
+        "update_ratio_weakest": ur_first,
+        "update_ratio_output": ur_last,
+    }
+    advice = (
+        "Re-initialise with gg.init.apply(model, 'xavier_uniform') for sigmoid/tanh or "
+        "gg.init.apply(model, 'he_normal') with ReLU, replace sigmoid by ReLU/ELU, add BatchNorm "
+        "(torch.nn.BatchNorm1d) before each activation, or add residual connections."
+    )
+    zero = _underflowed(obs, first) if obs.depth else []
+    if zero:
+        names = ", ".join(f"`{m}`" for m in zero[:4]) + (", ..." if len(zero) > 4 else "")
+        updates += (
+            f"; before it, {len(zero)} float16 layers ({names}) have exactly zero gradients: float16 underflow "
+            "(magnitudes below 2^-24 ≈ 6e-8 flush to 0), not dead units"
+        )
+        evidence.update({"cause": "precision", "dtype": "torch.float16", "underflow": zero})
+        advice = (
+            "Keep fp32 weights and train under torch.autocast with a torch.amp.GradScaler (it scales the loss so "
+            "small gradients stay representable), or use bfloat16 (fp32's exponent range); then " + advice[0].lower()
+            + advice[1:]
+        )
     return [
         Finding(
             kind="vanishing",
@@ -74,16 +119,7 @@ def detect(obs: Observation) -> list[Finding]:
                 f"end `{first}` (RMS {fmt(g_first)}) across {len(prof)} layers; weakest at `{weakest}` "
                 f"(RMS {fmt(g_weak)}){updates}."
             ),
-            advice=(
-                "Re-initialise with gg.init.apply(model, 'xavier_uniform') for sigmoid/tanh or "
-                "gg.init.apply(model, 'he_normal') with ReLU, replace sigmoid by ReLU/ELU, add BatchNorm "
-                "(torch.nn.BatchNorm1d) before each activation, or add residual connections."
-            ),
-            evidence={
-                "ratio": ratio,
-                "profile": dict(prof),
-                "update_ratio_weakest": ur_first,
-                "update_ratio_output": ur_last,
-            },
+            advice=advice,
+            evidence=evidence,
         )
     ]

@@ -6,7 +6,8 @@ import inspect
 import warnings
 from typing import Any
 
-from gradguard.monitor.monitor import Monitor, watch
+from gradguard.monitor.entry import watch
+from gradguard.monitor.monitor import Monitor
 from gradguard.monitor.schedule import Sampling, every
 
 

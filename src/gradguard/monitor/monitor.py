@@ -1,10 +1,12 @@
-"""``gg.watch(model)``: the training monitor.
+"""The training monitor that ``gg.watch(model)`` returns (:mod:`gradguard.monitor.entry`): the step pipeline.
 
 Data flows one way: hooks and per-step fused statistics (device) → fetched on the logging schedule
-(host) → detection rules → findings → sinks. The steady state costs one fused norm over the gradients
-per step (see :mod:`gradguard.monitor.params`); activation hooks exist only on sampled steps
-(:mod:`gradguard.monitor.activations`); provenance of a NaN/Inf is found by replaying the step
-(:mod:`gradguard.monitor.provenance`).
+(host) → rows (:mod:`gradguard.monitor.rows`), history (:mod:`gradguard.monitor.history`) and sinks →
+detection rules → findings. The steady state costs one fused norm over the gradients per step (see
+:mod:`gradguard.monitor.params`); activation hooks exist only on sampled steps
+(:mod:`gradguard.monitor.activations`, read by :mod:`gradguard.monitor.samples`); provenance of a NaN/Inf is
+found by replaying the step (:mod:`gradguard.monitor.provenance`); the loss scaler's skips are counted by
+:mod:`gradguard.monitor.scaler`. docs/monitor.md ("Code map") lists every module.
 """
 
 from __future__ import annotations
@@ -20,13 +22,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradguard.adapt import as_module, unwrap_compiled
+from gradguard.adapt import unwrap_compiled
 from gradguard.detect import Observation, ParamInfo, RuleOptions, RunMemory, Sentinel, run_rules
 from gradguard.detect.base import Origin
 from gradguard.detect.forward import is_norm
-from gradguard.errors import ConfigError, InputError, StateError, check_number, check_scalar_loss
+from gradguard.errors import ConfigError, InputError, StateError, check_scalar_loss
 from gradguard.findings import KINDS, Finding
-from gradguard.monitor.activations import ActivationTap, Sample, pool_summaries
+from gradguard.monitor.activations import ActivationTap, Sample
+from gradguard.monitor.chance import is_cross_entropy
+from gradguard.monitor.history import History
 from gradguard.monitor.hooks import (
     CompiledEntry,
     RootPreHook,
@@ -35,24 +39,27 @@ from gradguard.monitor.hooks import (
     dynamo_compiled_something,
     in_backward,
 )
+from gradguard.monitor.options import check_options
 from gradguard.monitor.params import ParamStats, ReduceFn, RowMeta
 from gradguard.monitor.provenance import (
     Call,
     autocast_state,
-    localize,
+    localize_step,
     replaying_as,
     restore_buffers,
     snapshot_buffers,
     tensors_in,
 )
+from gradguard.monitor.rows import history_row
+from gradguard.monitor.samples import SampledActivations
+from gradguard.monitor.scaler import OverflowSkips, is_overflow
 from gradguard.monitor.schedule import Sampling
-from gradguard.monitor.summary import MonitorSummary
+from gradguard.monitor.summary import MonitorSummary, parameter_table
 from gradguard.sinks.base import Sink
 from gradguard.sinks.console import ConsoleSink
 from gradguard.sinks.jsonl import JsonlSink
-from gradguard.stats.activations import SUMMARY_FIELDS
-from gradguard.stats.distributed import is_distributed, make_reduce_fn
-from gradguard.stats.scaler import check_scaler, grads_unscaled, init_scale, scale_tensor
+from gradguard.stats.distributed import make_reduce_fn
+from gradguard.stats.scaler import grads_unscaled, init_scale, scale_tensor
 
 #: The default sampling schedule (``watch(sample_every=None)``, see gradguard.monitor.schedule.Sampling and
 #: docs/monitor.md): a sampled step every DENSE_EVERY steps for the first ``dead_window`` sampled steps and
@@ -63,21 +70,9 @@ from gradguard.stats.scaler import check_scaler, grads_unscaled, init_scale, sca
 DENSE_EVERY = 10
 SPARSE_EVERY = 50
 
-#: Alerts from a sampled step (see Monitor._alert_on_sample): a module's share of zero or of saturated
-#: outputs rose by this much since its previous sampled step (a tenth of the outputs: the dead-unit rule's
-#: info level). Its output scale is not compared across steps: the forward-growth rule judges the growth
-#: along the depth within one step, and the scale of a deep layer's small outputs drifts by ×2 between
-#: sampled steps of healthy training.
-ALERT_SHIFT = 0.1
-#: ... or the largest update ratio ‖Δw‖/‖w‖ grew this many times since the previous detail step.
+#: Alerts from a detail row: the largest update ratio ‖Δw‖/‖w‖ grew this many times since the previous
+#: detail step (a sampled step's own alerts: gradguard.monitor.samples.ALERT_SHIFT).
 ALERT_UPDATE_GROWTH = 2.0
-
-#: A loss-scaler overflow skip is routine; these say it is not. With the default backoff (× 0.5) a run of
-#: 20 skips in a row is a scale 2⁻²⁰ of where it stood and 20 steps without an update; a scale at or
-#: below 1 that still overflows means the fp16 values overflow without any amplification, so no loss
-#: scale can help.
-SCALER_COLLAPSE_RUN = 20
-SCALER_COLLAPSE_SCALE = 1.0
 
 
 #: Steps after watch() at which the rules run at every step: nothing is known about the run yet, and a run
@@ -124,40 +119,12 @@ class Monitor:
         optimizer: torch.optim.Optimizer | None = None,
         rules: RuleOptions | None = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise InputError(f"watch() needs a torch.nn.Module, got {type(model).__name__}: {model!r:.80}")
-        check_number("log_every", log_every, low=1, integer=True)
-        if sample_every is not None:
-            check_number("sample_every", sample_every, low=1, integer=True)
-        if detail_every is not None:
-            check_number("detail_every", detail_every, low=1, integer=True)
-        check_number("window", window, low=10, integer=True)
-        check_number("dead_window", dead_window, low=1, integer=True)
-        check_number("max_calls", max_calls, low=1, integer=True)
-        check_number("history_limit", history_limit, low=1, integer=True)
-        chance, chance_source = _chance(num_classes, chance_loss)
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise InputError(f"optimizer={optimizer!r:.60} must be a torch.optim.Optimizer or None")
-        if rules is not None and not isinstance(rules, RuleOptions):
-            raise InputError(f"rules={rules!r:.60} must be a gradguard.detect.RuleOptions or None")
-        for name, flag in (("console", console), ("replay", replay)):
-            if flag is not None and not isinstance(flag, bool):
-                raise InputError(f"{name}={flag!r} must be True, False or None")
-        if is_distributed():
-            # Under torch.distributed print on rank 0 only, and do not replay by default (a replay re-runs
-            # forward/backward on one rank; with collectives inside, the others would not join).
-            console = torch.distributed.get_rank() == 0 if console is None else console
-            replay = False if replay is None else replay
-        if reduce_fn is not None and not callable(reduce_fn):
-            raise InputError(f"reduce_fn={reduce_fn!r} must be a callable Tensor -> Tensor or None")
-        if scaler is not None:
-            check_scaler(scaler)
-        if log_dir is not None and not isinstance(log_dir, str | os.PathLike):
-            raise InputError(f"log_dir={log_dir!r} must be a path (str or os.PathLike) or None")
-        sink_list = list(sinks)
-        for s in sink_list:
-            if not isinstance(s, Sink):
-                raise InputError(f"sinks must hold gradguard.sinks.Sink instances, got {type(s).__name__}")
+        chance, chance_source, console, replay, sink_list = check_options(
+            model, log_every=log_every, sample_every=sample_every, detail_every=detail_every, window=window,
+            dead_window=dead_window, max_calls=max_calls, history_limit=history_limit, num_classes=num_classes,
+            chance_loss=chance_loss, optimizer=optimizer, rules=rules, console=console, replay=replay,
+            reduce_fn=reduce_fn, scaler=scaler, log_dir=log_dir, sinks=sinks,
+        )
         self.model = model
         # torch.compile(m) wraps m: names, parameters, activation hooks and replay use m itself, while
         # the root hooks go on the wrapper, whose own hooks run eagerly around the compiled forward.
@@ -201,7 +168,7 @@ class Monitor:
                 if isinstance(m, nn.Embedding | nn.EmbeddingBag):
                     lookup.add(id(p))
         self.params = [
-            ParamInfo(n, owner.get(id(p), ""), p.dim(), p.numel(), sparse_rows=id(p) in lookup) for n, p in named
+            ParamInfo(n, owner.get(id(p), ""), p.dim(), p.numel(), id(p) in lookup, str(p.dtype)) for n, p in named
         ]
         self._names = [p.name for p in self.params]
         self._keys = {
@@ -225,30 +192,19 @@ class Monitor:
         self.sinks.extend(sink_list)
 
         self._step = 0
-        self._rows: list[dict[str, Any]] = []  # the newest history_limit rows, every step
-        self._archive: list[dict[str, Any]] = []  # older rows, every stride-th step (see _keep_rows)
-        self._history_limit = history_limit
-        self._stride = 1
-        self._marked: set[int] = set()  # steps of warnings, errors and non-finite rows: archived first
+        self._history = History(history_limit)  # mon.history, bounded (gradguard.monitor.history)
         self._window: deque[dict[str, Any]] = deque(maxlen=window + log_every)
         self._findings: dict[tuple[str, str], Finding] = {}
+        #: kinds whose info findings have already made the schedule dense (one alert per kind at info)
+        self._info_alerted: set[str] = set()
         self._samples: list[Sample] = []
-        self._dead: dict[str, deque[Tensor]] = {}
-        self._peaks: dict[str, Tensor] | None = None  # _dead_peaks() of the windows as they stand
-        self._dead_window = dead_window
-        self._latest_act: dict[str, dict[str, float]] = {}
-        self._act_keys: dict[str, list[str]] = {}
-        self._time_forward: dict[str, Tensor] = {}
-        self._time_grad: dict[str, Tensor] = {}
-        self._depth: list[str] = []
+        self._acts = SampledActivations(dead_window)  # what the sampled steps measured (monitor.samples)
         self._calls: list[Call] = []
         self._forwards = 0  # training forwards seen since the last step (kept: the first max_calls)
         self._eager_done = False
         self._compiled_seen = False
         self._warned: set[str] = set()
-        self._overflows = 0
-        self._overflow_run = 0
-        self._collapse_reported = False
+        self._skips = OverflowSkips()  # the loss scaler's overflow skips (gradguard.monitor.scaler)
         self._replaying = False
         self._bad_episode = False
         self._origin: tuple[int, Origin | None, dict[str, float]] | None = None
@@ -389,7 +345,7 @@ class Monitor:
         step = self._step
         if self._infer_chance and loss is not None and self._width is not None:
             self._infer_chance = False
-            if self._width >= 2 and _is_cross_entropy(loss):
+            if self._width >= 2 and is_cross_entropy(loss):
                 self._run.chance = self._sentinel.chance = math.log(self._width)
                 self._run.chance_source = f"ln {self._width}, inferred from the output width"
         present, grads = self._stats.gradients()
@@ -522,38 +478,9 @@ class Monitor:
         return True
 
     def _localize(self, loss_value: float | None) -> Origin | None:
-        """Replay the recorded forwards; a replay that fails must never break the user's training step."""
-        try:
-            origin = localize(self._module, self._calls, loss_value, forwards=self._forwards)
-        except Exception as exc:  # the model's own code runs here: any error is possible
-            return Origin(
-                "", "forward", f"the replay that localises it failed ({type(exc).__name__}: {exc})",
-                {"replay_error": repr(exc)},
-            )
-        compiled = self._compiled()
-        if origin is not None and origin.evidence.get("reproduced") is False and compiled:
-            origin = None  # worded below, with the reason a compiled step may not replay faithfully
-        if origin is not None:
-            if compiled and "replay_error" not in origin.evidence:
-                origin = Origin(origin.module, origin.phase, origin.what + "; the step ran compiled and an eager "
-                                "replay reproduced it", {**origin.evidence, "eager_replay": "reproduced"})
-            return origin
-        if self._forwards > len(self._calls) and self._calls:
-            return Origin("", "forward", f"the step made {self._forwards} training forwards and the monitor keeps the "
-                          f"first {len(self._calls)} (gg.watch(max_calls=...)), which replayed finite: it was born "
-                          "in a later one", {"replay_error": "forward not kept", "forwards": self._forwards})
-        if compiled:
-            random = any(isinstance(m, nn.modules.dropout._DropoutNd) for m in self._module.modules())
-            why = ("the compiled code draws its own random numbers (dropout), so the eager replay cannot be faithful"
-                   if random else "compiled code may draw its own random numbers or round differently, or the inputs "
-                   "changed in place since the step")
-            if not self._calls:
-                return Origin("", "forward", "the step ran compiled without passing the monitor's hooks, so it could "
-                              "not be replayed (watch the compiled wrapper: gg.watch(torch.compile(model)))",
-                              {"replay_error": "forward not seen"})
-            return Origin("", "forward", f"the step ran compiled and an eager replay could not reproduce it ({why})",
-                          {"replay_error": "could not reproduce in eager", "eager_replay": "not reproduced"})
-        return None
+        """Replay the recorded forwards (gradguard.monitor.provenance.localize_step): never raises."""
+        return localize_step(self._module, self._calls, loss_value, forwards=self._forwards,
+                             compiled=self._compiled())
 
     def _compiled(self) -> bool:
         """The step's forward ran compiled (seen through the wrapper, or unseen under compilation)."""
@@ -595,10 +522,10 @@ class Monitor:
                  ) -> list[dict[str, Any]]:
         """History rows of the fetched steps, with the activation summaries of their sampled steps."""
         lists = {k: v.tolist() for k, v in host.items()}  # Python floats once, not per element
-        rows = [self._row(i, m, lists) for i, m in enumerate(metas)]
+        rows = [history_row(i, m, lists, self._keys) for i, m in enumerate(metas)]
         by_step = {r["step"]: r for r in rows}
         for sample in samples:
-            self._absorb_sample(sample, by_step.get(sample.step))
+            self._acts.absorb(sample, by_step.get(sample.step), self._alert_now)
         return rows
 
     def _account_nonfinite(self, metas: Sequence[RowMeta], rows: Sequence[dict[str, Any]]) -> None:
@@ -622,9 +549,9 @@ class Monitor:
         self._origin = (bad.step, origin, {})
 
     def _remember(self, rows: Sequence[dict[str, Any]]) -> None:
-        """Bounded history (see _keep_rows), the rules' window and the run memory."""
-        self._marked.update(r["step"] for r in rows if not math.isfinite(r["grad_norm"]))
-        self._keep_rows(rows)
+        """Bounded history (gradguard.monitor.history), the rules' window and the run memory."""
+        self._history.mark(r["step"] for r in rows if not math.isfinite(r["grad_norm"]))
+        self._history.keep(rows, self._step)
         self._window.extend(rows)
         if rows:
             self._run.update(rows)
@@ -635,7 +562,7 @@ class Monitor:
             for r in rows:
                 sink.on_step(r)
             if samples:
-                for name, prof in self._time_forward.items():
+                for name, prof in self._acts.time_forward.items():
                     sink.on_histogram(samples[-1].step, f"time_forward/{name}", prof)
 
     def _alert_on_rows(self, rows: Sequence[dict[str, Any]]) -> None:
@@ -673,13 +600,13 @@ class Monitor:
             rows=list(self._window),
             new=len(rows),
             params=self.params,
-            depth=self._depth,
-            activations=self._latest_act,
+            depth=self._acts.depth,
+            activations=self._acts.latest,
             saturation_kinds=self._saturation_kinds,
-            dead_window=self._peaks if self._peaks is not None else self._dead_peaks(),
-            dead_samples={n: len(d) for n, d in self._dead.items()},
-            time_forward=self._time_forward,
-            time_grad=self._time_grad,
+            dead_window=self._acts.peaks if self._acts.peaks is not None else self._acts.dead_peaks(),
+            dead_samples={n: len(d) for n, d in self._acts.dead.items()},
+            time_forward=self._acts.time_forward,
+            time_grad=self._acts.time_grad,
             origin=found,
             nonfinite_step=nonfinite_step,
             nonfinite_counts=counts,
@@ -693,200 +620,37 @@ class Monitor:
         for f in run_rules(obs):
             self._update_finding(f)
 
-    def _keep_rows(self, rows: Sequence[dict[str, Any]]) -> None:
-        """Bounded history: the newest ``history_limit`` rows in full, at most as many older ones.
-
-        A row leaving the recent part is archived if its step is a multiple of the stride (1 at first);
-        whenever the archive outgrows ``history_limit`` the stride doubles and the archive is thinned to
-        it, so old steps stay evenly spread over the whole run. Steps of a warning, an error or a
-        non-finite row are archived whatever the stride, until the stride exceeds the run's length, and
-        keep their per-tensor columns; other archived rows keep the global scalars only (``step``,
-        ``loss``, ``grad_norm``, ``loss_scale``), so the archive costs a few hundred bytes a row whatever
-        the model's size. The rules read their own window (``window`` steps), not this history.
-        """
-        self._rows.extend(rows)
-        excess = len(self._rows) - self._history_limit
-        if excess <= 0:
-            return
-        old = self._rows[:excess]
-        del self._rows[:excess]
-        self._archive.extend(r if r["step"] in self._marked else {k: v for k, v in r.items() if "/" not in k}
-                             for r in old if self._archived(r))
-        while len(self._archive) > self._history_limit:
-            self._stride *= 2
-            self._archive = [r for r in self._archive if self._archived(r)]
-
-    def _archived(self, row: Mapping[str, Any]) -> bool:
-        step = row["step"]
-        return step % self._stride == 0 or (self._stride <= self._step and step in self._marked)
-
     def _row_bad(self, row: Mapping[str, Any]) -> bool:
         loss = row.get("loss")
         if loss is not None and not math.isfinite(loss):
             return True
-        return not math.isfinite(row["grad_norm"]) and not self._is_overflow(row)
-
-    def _is_overflow(self, row: Mapping[str, Any]) -> bool:
-        """A step the loss scaler skips: scaled gradients overflowed while the loss stayed finite."""
-        loss = row.get("loss")
-        return (
-            "loss_scale" in row and not math.isfinite(row["grad_norm"]) and (loss is None or math.isfinite(loss))
-        )
+        return not math.isfinite(row["grad_norm"]) and not is_overflow(row)
 
     def _scaler_rows(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Count the scaler's overflow skips (info); a collapsing loss scale is an error naming the producer."""
-        last = None
-        for r in rows:
-            if self._is_overflow(r):
-                self._overflows += 1
-                self._overflow_run += 1
-                last = r
-            elif "loss_scale" in r:
-                self._overflow_run = 0
-                self._collapse_reported = False
-        if last is None:
+        latest = self._skips.count(rows)
+        if latest is None:
             return
-        step, scale = last["step"], last["loss_scale"]
+        step, scale, collapse = latest
         start = init_scale(self.scaler)  # type: ignore[arg-type]
-        if self._overflow_run >= SCALER_COLLAPSE_RUN or scale <= SCALER_COLLAPSE_SCALE:
-            if not self._collapse_reported:  # once per run of skips: the first diagnosis stands
-                self._collapse_reported = True
-                self._scaler_collapse(step, scale, start)
+        if collapse:
+            origin = None
+            if self.replay_enabled and self._calls and step == self._step - 1:
+                self._replaying = True
+                try:
+                    origin = self._localize(None)
+                finally:
+                    self._replaying = False
+            self._update_finding(self._skips.collapse(step, scale, start, origin))
             return
         old = self._findings.get(("nonfinite", ""))
         if old is not None and old.rank > 0:
             return  # a real non-finite diagnosis stands; the routine count must not replace it
-        self._update_finding(
-            Finding(
-                kind="nonfinite", module="", step=step, severity="info",
-                message=f"the loss scaler skipped {self._overflows} step(s) on fp16 gradient overflow (latest at step "
-                f"{step}, loss scale {scale:g}, started at {start:g}); routine: the skipped step is not applied and "
-                "the scale backs off.",
-                advice="Nothing to do while skips stay rare; many in a row mean the loss scale is collapsing.",
-                evidence={"overflow_skips": self._overflows, "loss_scale": scale, "init_scale": start},
-            )
-        )
+        self._update_finding(self._skips.routine(step, scale, start))
 
-    def _scaler_collapse(self, step: int, scale: float, start: float) -> None:
-        origin = None
-        if self.replay_enabled and self._calls and step == self._step - 1:
-            self._replaying = True
-            try:
-                origin = self._localize(None)
-            finally:
-                self._replaying = False
-        module = origin.module if origin is not None and "replay_error" not in origin.evidence else ""
-        where = f"`{module}` ({origin.phase} pass: {origin.what})" if origin is not None and module else (
-            "a tensor the replay could not name")
-        keep = (f" Keep `{module}` in float32 (run it under torch.autocast(device_type, enabled=False))."
-                if module else "")
-        evidence: dict[str, Any] = {"overflow_run": self._overflow_run, "overflow_skips": self._overflows,
-                                    "loss_scale": scale, "init_scale": start}
-        if origin is not None:
-            evidence.update({"phase": origin.phase, **dict(origin.evidence)})
-        self._update_finding(
-            Finding(
-                kind="nonfinite", module=module, step=step, severity="error",
-                message=f"the loss scale is collapsing: {self._overflow_run} overflow skips in a row up to step "
-                f"{step}, "
-                f"scale {scale:g} from {start:g}, so no update is applied; the fp16 values overflow in {where}.",
-                advice="Train in bfloat16 (torch.autocast(device_type, dtype=torch.bfloat16): the float32 exponent "
-                "range, no loss scaling), lower the learning rate, or let the scale grow less often "
-                f"(GradScaler(growth_interval=...) larger, growth_factor smaller).{keep}",
-                evidence=evidence,
-            )
-        )
-
-    def _row(self, i: int, meta: RowMeta, host: Mapping[str, Any]) -> dict[str, Any]:
-        gsq = host["grad_sq"][i]
-        present = meta.present
-        row: dict[str, Any] = {
-            "step": meta.step,
-            "loss": host["loss"][i] if meta.has_loss else None,
-            "grad_norm": math.sqrt(sum(gsq[j] for j in present)),
-        }
-        if meta.scaled:
-            row["loss_scale"] = host["scale"][i]
-        counts = meta.nonfinite_counts.tolist() if meta.nonfinite_counts is not None else None
-        keys = self._keys
-        for k, j in enumerate(present):
-            g = gsq[j]
-            row[keys["grad_norm"][j]] = math.sqrt(g)
-            if counts is not None:
-                row[keys["nonfinite"][j]] = float(counts[k])
-            else:
-                # Exact counts cost two passes, so they are taken only on flagged steps; a finite norm
-                # proves the count is 0, a non-finite one (seen only on accelerators) means "some".
-                row[keys["nonfinite"][j]] = 0.0 if math.isfinite(g) else math.nan
-        if meta.detail:
-            wsq, dsq, gmax = host["weight_sq"][i], host["delta_sq"][i], host["grad_max"][i]
-            for j in present:
-                row[keys["grad_max"][j]] = gmax[j]
-            for j in range(len(keys["weight_norm"])):
-                w = math.sqrt(wsq[j])
-                row[keys["weight_norm"][j]] = w
-                if math.isfinite(dsq[j]):
-                    # ‖Δw‖/‖w‖ of the optimizer step just taken (Karpathy's ≈1e-3 rule of thumb).
-                    row[keys["update_ratio"][j]] = math.sqrt(dsq[j]) / w if w > 0 else math.inf
-        return row
-
-    def _absorb_sample(self, sample: Sample, row: dict[str, Any] | None) -> None:
-        if sample.order:
-            self._depth = list(sample.order)
-        if sample.matrix is not None:
-            host = sample.matrix.cpu()  # one host transfer for every module's summaries
-            values = host.tolist()
-            for name, idx in sample.rows.items():
-                if len(idx) == 1:
-                    pooled = dict(zip(SUMMARY_FIELDS, values[idx[0]], strict=True))
-                else:
-                    pooled = pool_summaries(host[idx])
-                self._alert_on_sample(name, pooled)
-                self._latest_act[name] = pooled
-                if row is not None:
-                    keys = self._act_keys.get(name)
-                    if keys is None:
-                        keys = self._act_keys[name] = [f"act/{name}/{field}" for field in SUMMARY_FIELDS]
-                    row.update(zip(keys, pooled.values(), strict=True))
-                act = sample.activity.get(name)
-                if act is not None and pooled["nonfinite"] == 0:
-                    # A NaN output is "not > 0" everywhere; counting it would call live units dead.
-                    self._dead.setdefault(name, deque(maxlen=self._dead_window)).append(act.cpu())
-                    self._peaks = None  # recomputed at the next judgement, once per sampled step
-        for name, prof in sample.time_forward.items():
-            self._time_forward[name] = prof.cpu()
-        for name, prof in sample.time_grad.items():
-            self._time_grad[name] = prof.cpu()
-
-    def _alert_on_sample(self, name: str, pooled: Mapping[str, float]) -> None:
-        """Alert when a module's outputs changed since its previous sampled step (see ALERT_SHIFT)."""
-        prev = self._latest_act.get(name)
-        if pooled["nonfinite"] > 0:
-            self.sample_every.alert(self._step, f"non-finite outputs of `{name}`")
-            return
-        if prev is None:
-            return
-        if (pooled["frac_zero"] - prev["frac_zero"] >= ALERT_SHIFT
-                or pooled["frac_saturated"] - prev["frac_saturated"] >= ALERT_SHIFT):
-            self.sample_every.alert(self._step, f"the outputs of `{name}` changed")
-
-    def _dead_peaks(self) -> dict[str, Tensor]:
-        """Per ReLU-like module, each unit's peak output over its window of sampled steps.
-
-        Modules whose windows hold tensors of the same shapes are reduced together: one stack and one
-        ``amax`` for all of them instead of two kernels per module.
-        """
-        groups: dict[tuple[torch.Size, ...], list[str]] = {}
-        for name, d in self._dead.items():
-            if d:
-                groups.setdefault(tuple(t.shape for t in d), []).append(name)
-        out: dict[str, Tensor] = {}
-        for shapes, names in groups.items():
-            block = torch.stack([t for n in names for t in self._dead[n]])
-            peaks = block.reshape(len(names), len(shapes), *shapes[0]).amax(1)
-            out.update(zip(names, peaks.unbind(0), strict=True))
-        self._peaks = out
-        return out
+    def _alert_now(self, reason: str) -> None:
+        """Bring the next sampled step forward (gradguard.monitor.schedule.Sampling.alert)."""
+        self.sample_every.alert(self._step, reason)
 
     def _update_finding(self, finding: Finding) -> None:
         old = self._findings.get(finding.key)
@@ -896,13 +660,17 @@ class Monitor:
             return
         self._findings[finding.key] = finding
         if old is None or finding.rank > old.rank:
-            # A rule newly at (or past) its threshold: watch closely until it is confirmed or gone.
-            self.sample_every.alert(self._step, f"{finding.severity} {finding.kind}")
+            # A rule newly at (or past) its threshold: watch closely until it is confirmed or gone. At info,
+            # once per kind: the dense phase samples every module, so another module of a kind already
+            # under watch adds nothing (a net whose ReLUs die one layer after another would stay dense).
+            if finding.rank >= 1 or finding.kind not in self._info_alerted:
+                self._info_alerted.add(finding.kind)
+                self.sample_every.alert(self._step, f"{finding.severity} {finding.kind}")
             if finding.rank >= 1:
                 # The step a warning or error first appeared is kept whole in the history; the rules
                 # re-report a standing finding at every fetch, and marking each of those would let the
                 # archive of whole rows grow with the run.
-                self._marked.add(finding.step)
+                self._history.mark((finding.step,))
         if old is None or (old.severity, old.message) != (finding.severity, finding.message):
             for sink in self.sinks:
                 sink.on_finding(finding)
@@ -947,8 +715,8 @@ class Monitor:
 
         Bounded (``watch(history_limit=...)``): the newest ``history_limit`` steps in full, older ones
         downsampled to at most as many more, evenly spread, with their global scalars only, except the
-        steps of warnings, errors and non-finite values, kept whole (see ``Monitor._keep_rows`` and
-        docs/monitor.md); ``log_dir`` keeps every step's global scalars on disk.
+        steps of warnings, errors and non-finite values, kept whole (see gradguard.monitor.history
+        and docs/monitor.md); ``log_dir`` keeps every step's global scalars on disk.
 
         Keys: ``grad_norm/<p>`` and ``nonfinite/<p>`` every step for each parameter that had a gradient;
         on sampled steps also ``grad_max/<p>``, ``weight_norm/<p>``, ``update_ratio/<p>`` (from the second
@@ -957,29 +725,20 @@ class Monitor:
         Reading it fetches whatever is still pending on the device.
         """
         self._flush()
-        return [*self._archive, *self._rows]
+        return self._history.rows()
 
     @property
     def time_profiles(self) -> dict[str, dict[str, Tensor]]:
         """Latest per-time-step profiles of recurrent modules: ``{"forward"|"grad": {module: vector}}``."""
         self._flush()
-        return {"forward": dict(self._time_forward), "grad": dict(self._time_grad)}
+        return {"forward": dict(self._acts.time_forward), "grad": dict(self._acts.time_grad)}
 
     def summary(self) -> MonitorSummary:
         """Per parameter the latest and median gradient norm over the rules' window, the latest weight norm
         and update ratio, and the findings: a dict (``steps``, ``parameters``, ``findings``) whose ``str()``
         is the table (gradguard.monitor.summary), so ``print(mon.summary())`` prints it."""
         findings = self.findings
-        rows = list(self._window)
-        table: dict[str, dict[str, float]] = {}
-        for p in self.params:
-            fin = sorted(float(r[key]) for r in rows if _isfinite(r.get(key := f"grad_norm/{p.name}")))
-            table[p.name] = {
-                "grad_norm": _last(rows, f"grad_norm/{p.name}"),
-                "median_grad_norm": fin[len(fin) // 2] if fin else math.nan,
-                "weight_norm": _last(rows, f"weight_norm/{p.name}"),
-                "update_ratio": _last(rows, f"update_ratio/{p.name}"),
-            }
+        table = parameter_table([p.name for p in self.params], list(self._window))
         return MonitorSummary(steps=self._step, parameters=table, findings=findings)
 
     def state_dict(self) -> dict[str, Any]:
@@ -1014,7 +773,7 @@ class Monitor:
         step = int(state["steps"])
         rows = [dict(r) for r in state["rows"]]
         self._step = step
-        self._keep_rows(rows)
+        self._history.keep(rows, self._step)
         self._window.extend(rows)
         for d in state["findings"]:
             f = Finding.from_dict(d)
@@ -1072,148 +831,6 @@ class Monitor:
             pass
 
 
-def _chance(num_classes: Any, chance_loss: Any) -> tuple[float | None, str]:
-    """The chance-level loss from watch()'s options: ``ln C`` for ``num_classes=C``, or ``chance_loss``."""
-    if num_classes is not None and chance_loss is not None:
-        raise ConfigError(
-            f"give num_classes={num_classes!r} or chance_loss={chance_loss!r}, not both (chance_loss overrides ln C)"
-        )
-    if num_classes is not None:
-        check_number("num_classes", num_classes, low=2, integer=True)
-        return math.log(num_classes), f"ln {num_classes}, num_classes={num_classes}"
-    if chance_loss is not None:
-        check_number("chance_loss", chance_loss, low=0.0, low_inclusive=False)
-        return float(chance_loss), "chance_loss"
-    return None, ""
-
-
-def _is_cross_entropy(loss: Tensor) -> bool:
-    """True when the loss graph ends in a negative log-likelihood (F.cross_entropy / nll_loss), possibly
-    scaled or averaged (gradient accumulation): host-side graph metadata only, no device work."""
-    fn = loss.grad_fn
-    for _ in range(4):
-        if fn is None:
-            return False
-        name = fn.name()
-        if name.startswith("NllLoss"):
-            return True
-        if not name.startswith(("DivBackward", "MulBackward", "MeanBackward", "ViewBackward", "SqueezeBackward")):
-            return False
-        fn = next((f for f, _ in fn.next_functions if f is not None), None)
-    return False
-
-
 def _keep_grad(grads: list[Tensor | None], i: int, g: Tensor) -> None:
     """Tensor hook: remember the gradient that reached a model output (a reference, no copy)."""
     grads[i] = g.detach()
-
-
-def _last(rows: Sequence[Mapping[str, Any]], key: str) -> float:
-    for r in reversed(rows):
-        v = r.get(key)
-        if v is not None:
-            return float(v)
-    return float("nan")
-
-
-def _isfinite(x: Any) -> bool:
-    return isinstance(x, float | int) and math.isfinite(x)
-
-
-def watch(
-    model: nn.Module,
-    *,
-    log_every: int = 10,
-    sample_every: int | None = None,
-    detail_every: int | None = None,
-    window: int = 200,
-    dead_window: int = 5,
-    log_dir: str | os.PathLike[str] | None = None,
-    console: bool | None = None,
-    sinks: Iterable[Sink] = (),
-    replay: bool | None = None,
-    reduce_fn: ReduceFn | None = None,
-    max_calls: int = 8,
-    scaler: torch.amp.GradScaler | None = None,
-    history_limit: int = 1000,
-    num_classes: int | None = None,
-    chance_loss: float | None = None,
-    optimizer: torch.optim.Optimizer | None = None,
-    rules: RuleOptions | None = None,
-) -> Monitor:
-    """Attach a :class:`Monitor` to ``model``; usable as ``with gg.watch(model) as mon:``.
-
-    Per step (fused ``torch._foreach_norm``, kept on the device): per-parameter gradient L2 norm, the
-    global norm ‖g‖ = (Σ_i ‖g_i‖²)^½ and a NaN/Inf flag, which makes the per-parameter non-finite count
-    exact (0 when the norm is finite, counted on the step itself when not; on accelerators "some" until
-    the logging schedule). On sampled steps also max|g|, ‖w‖, the update ratio ‖Δw‖/‖w‖ and per-module
-    output summaries (mean, std, fraction of zeros / saturated, non-finite
-    count, per-unit activity, per-time-step profiles of recurrent modules). Statistics reach the host on
-    the logging schedule or when ``history``/``findings``/``summary()`` is read.
-
-    Options:
-        log_every (int, 10): steps between fetches (detection and sinks run then). The rules also run at
-            each of the first 16 steps and, on CPU, whenever a step's loss or gradient norm trips
-            gradguard.detect.Sentinel, so a finding is visible within a step or two of its evidence.
-        sample_every (int or None, None): steps between sampled steps (activation hooks, and the detail
-            statistics below). None: the adaptive schedule of docs/monitor.md, every 10 steps for the first
-            ``dead_window`` sampled steps and again after anything suspicious (a new or worse finding, a
-            loss or gradient-norm jump, a non-finite value, a module whose outputs changed, an update-ratio
-            jump), every 50 steps otherwise; an int: that fixed period (``Monitor.sample_every``).
-        detail_every (int, None → the sampled steps): steps between max|g|, ‖w‖ and update-ratio
-            measurements. 1 = every step, at the cost of one weight copy and four extra passes over
-            gradients and weights per step (see gradguard.monitor.params and BENCHMARKS.md).
-        window (int ≥ 10, 200): steps of history the rules look back on (and the spike test's window).
-        dead_window (int, 5): sampled steps over which a ReLU unit must never fire (peak output 0) to be
-            called dead.
-        log_dir (path, None): also append history and findings to ``<log_dir>/metrics.jsonl``.
-        console (bool or None, None): print each new finding once (rich); None: True, except on the ranks
-            other than 0 under ``torch.distributed``.
-        sinks (iterable of gradguard.sinks.Sink, ()): extra sinks.
-        replay (bool or None, None): keep references to the last inputs and replay a step that produced
-            NaN/Inf to name the module that produced it; None: True, except under ``torch.distributed``.
-        reduce_fn (callable, None): the hook point for torch.distributed. Applied once per fetch to the
-            stacked per-tensor *squared* norms, one block of shape (rows, 3 · n_params) (gradient, weight
-            and update squared norms side by side, columns in named_parameters() order, NaN where not
-            measured), before they become norms; must return the reduced block, e.g. one all-reduce(SUM)
-            across FSDP shards (gradguard.stats.distributed.make_reduce_fn, chosen automatically when
-            parameters are sharded DTensors).
-        max_calls (int, 8): training forwards per step kept for replay (gradient accumulation): the first
-            ``max_calls`` micro-batches of a step are replayed one by one, and a NaN/Inf born in a later one
-            is reported as such (see :mod:`gradguard.monitor.provenance` for the memory this keeps).
-        history_limit (int, 1000): steps of ``mon.history`` kept in full; older steps are downsampled to at
-            most as many more (every 2^j-th step, warnings, errors and non-finite steps kept), of which only
-            the global scalars are kept unless marked, so memory stays flat on long runs (docs/monitor.md).
-            The rules look at their own ``window`` and are unaffected.
-        scaler (torch.amp.GradScaler, None): the loss scaler of a mixed-precision loop. History then holds
-            unscaled norms (‖∇L‖, not ‖S·∇L‖; ``loss_scale`` per row), a step the scaler skips on an fp16
-            overflow is counted as an ``info`` finding instead of a non-finite error, and a collapsing scale
-            (20 skips in a row, or a scale ≤ 1 that still overflows) is an error naming the module whose
-            fp16 values overflow. The scale is read as a device tensor (gradguard.stats.scaler): no sync.
-
-        num_classes (int ≥ 2, None): classes of a classification loss; its chance level is ln C. Without it
-            and ``chance_loss``, ln C is inferred from the width C of a plain 2-d/3-d output tensor when the
-            loss is a cross-entropy. Label smoothing, ``ignore_index`` and skewed labels put the real chance
-            level below ln C: pass ``chance_loss`` then (see docs/detection.md).
-        chance_loss (float > 0, None): the chance-level loss itself (instead of ``num_classes``).
-        optimizer (torch.optim.Optimizer, None): lets the update-size rule name the learning rate that
-            would bring a layer's ‖Δw‖/‖w‖ back to ≈ 3e-3.
-        rules (gradguard.detect.RuleOptions, None): the detection rules' thresholds (docs/detection.md).
-    torch.compile: pass the compiled wrapper (``gg.watch(torch.compile(model))``); names and parameters
-    are the original module's. The monitor's hooks compile to nothing, so a non-sampled step adds no graph
-    break and no recompilation; a sampled step's activation statistics come from one extra eager forward
-    (``Monitor._eager_pass``), and a NaN/Inf is localised by replaying the step eagerly, the finding saying
-    whether the replay reproduced it. Watching a model that is later compiled, or compiled in place
-    (``model.compile()``), keeps the gradient statistics and warns that activations and replay are lost.
-
-    Raises:
-        InputError: ``model`` is not an ``nn.Module`` or an option has the wrong type.
-        ConfigError: a value out of range, or a model without parameters.
-        TypeError: an unknown option name (the signature is explicit).
-    """
-    return Monitor(
-        as_module(model), log_every=log_every, sample_every=sample_every, detail_every=detail_every, window=window,
-        dead_window=dead_window, log_dir=log_dir, console=console, sinks=sinks, replay=replay, reduce_fn=reduce_fn,
-        max_calls=max_calls, scaler=scaler, history_limit=history_limit, num_classes=num_classes,
-        chance_loss=chance_loss, optimizer=optimizer, rules=rules,
-    )

@@ -262,6 +262,43 @@ def localize(
     return None
 
 
+def localize_step(module: nn.Module, calls: Sequence[Call], loss_value: float | None, *, forwards: int,
+                  compiled: bool) -> Origin | None:
+    """:func:`localize`, worded for the monitor's finding, and never raising: a replay that fails must never
+    break the user's training step. ``compiled``: the step's forward ran compiled, so an eager replay may
+    not reproduce it (and a reproduction says so)."""
+    try:
+        origin = localize(module, calls, loss_value, forwards=forwards)
+    except Exception as exc:  # the model's own code runs here: any error is possible
+        return Origin(
+            "", "forward", f"the replay that localises it failed ({type(exc).__name__}: {exc})",
+            {"replay_error": repr(exc)},
+        )
+    if origin is not None and origin.evidence.get("reproduced") is False and compiled:
+        origin = None  # worded below, with the reason a compiled step may not replay faithfully
+    if origin is not None:
+        if compiled and "replay_error" not in origin.evidence:
+            origin = Origin(origin.module, origin.phase, origin.what + "; the step ran compiled and an eager "
+                            "replay reproduced it", {**origin.evidence, "eager_replay": "reproduced"})
+        return origin
+    if forwards > len(calls) and calls:
+        return Origin("", "forward", f"the step made {forwards} training forwards and the monitor keeps the "
+                      f"first {len(calls)} (gg.watch(max_calls=...)), which replayed finite: it was born "
+                      "in a later one", {"replay_error": "forward not kept", "forwards": forwards})
+    if compiled:
+        random = any(isinstance(m, nn.modules.dropout._DropoutNd) for m in module.modules())
+        why = ("the compiled code draws its own random numbers (dropout), so the eager replay cannot be faithful"
+               if random else "compiled code may draw its own random numbers or round differently, or the inputs "
+               "changed in place since the step")
+        if not calls:
+            return Origin("", "forward", "the step ran compiled without passing the monitor's hooks, so it could "
+                          "not be replayed (watch the compiled wrapper: gg.watch(torch.compile(model)))",
+                          {"replay_error": "forward not seen"})
+        return Origin("", "forward", f"the step ran compiled and an eager replay could not reproduce it ({why})",
+                      {"replay_error": "could not reproduce in eager", "eager_replay": "not reproduced"})
+    return None
+
+
 def _where(k: int, n: int) -> str:
     return f" (micro-batch {k} of {n}, counted from 0)" if n > 1 else ""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -52,3 +53,30 @@ def render_summary(summary: Mapping[str, Any]) -> str:
         lines.append(f"[{f.severity}] {f.kind} at {where} (step {f.step}): {f.message}")
         lines.append(f"    advice: {f.advice}")
     return "\n".join(lines)
+
+
+def parameter_table(names: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per parameter, over ``rows`` (the rules' window): the latest gradient norm, the median of the finite
+    ones (the upper median), the latest weight norm and update ratio; NaN where never measured."""
+    table: dict[str, dict[str, float]] = {}
+    for name in names:
+        fin = sorted(float(r[key]) for r in rows if _isfinite(r.get(key := f"grad_norm/{name}")))
+        table[name] = {
+            "grad_norm": _last(rows, f"grad_norm/{name}"),
+            "median_grad_norm": fin[len(fin) // 2] if fin else math.nan,
+            "weight_norm": _last(rows, f"weight_norm/{name}"),
+            "update_ratio": _last(rows, f"update_ratio/{name}"),
+        }
+    return table
+
+
+def _last(rows: Sequence[Mapping[str, Any]], key: str) -> float:
+    for r in reversed(rows):
+        v = r.get(key)
+        if v is not None:
+            return float(v)
+    return float("nan")
+
+
+def _isfinite(x: Any) -> bool:
+    return isinstance(x, float | int) and math.isfinite(x)
