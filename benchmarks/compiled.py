@@ -137,14 +137,29 @@ CONFIGS: tuple[Config, ...] = (
 CONFIGS_BY_KEY = {c.key: c for c in CONFIGS}
 
 
-def by_kind_of_step(t: list[float], bare: list[float], mon: gg.Monitor, warmup: int) -> tuple[float, float]:
+def record_sampled(mon: gg.Monitor) -> set[int]:
+    """The steps ``mon`` samples, recorded as its schedule marks them taken (the adaptive schedule is
+    stateful: asking it afterwards which steps were sampled would answer for the future, not the past)."""
+    seen: set[int] = set()
+    schedule = mon.sample_every
+    taken = schedule.taken
+
+    def record(step: int) -> None:
+        seen.add(step)
+        taken(step)
+
+    schedule.taken = record  # type: ignore[method-assign]
+    return seen
+
+
+def by_kind_of_step(t: list[float], bare: list[float], sampled: set[int], warmup: int) -> tuple[float, float]:
     """(ratio on the monitor's other steps, ratio on its sampled steps): sums of the paired rounds of each
     kind; timed round r is the monitor's step ``warmup + r``."""
     kinds: tuple[list[int], list[int]] = ([], [])
     for r in range(len(t)):
-        kinds[bool(mon.sample_every(warmup + r))].append(r)
-    other, sampled = (sum(t[r] for r in k) / sum(bare[r] for r in k) if k else float("nan") for k in kinds)
-    return other, sampled
+        kinds[warmup + r in sampled].append(r)
+    other, sampled_ratio = (sum(t[r] for r in k) / sum(bare[r] for r in k) if k else float("nan") for k in kinds)
+    return other, sampled_ratio
 
 
 def pick_backend(smoke: bool) -> tuple[str, str]:
@@ -212,16 +227,18 @@ def run(opts: harness.Options) -> harness.Section:
     torch._dynamo.reset()
     steps: dict[str, Step] = {}
     monitors: dict[str, gg.Monitor] = {}
+    sampled: dict[str, set[int]] = {}
     for cfg in CONFIGS:
         w = Workload(base.key, base.label, copy.deepcopy(base.model), base.x, base.y)
         steps[cfg.key], mon = cfg.build(w, backend)
         if mon is not None:
             monitors[cfg.key] = mon
+            sampled[cfg.key] = record_sampled(mon)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         times = harness.interleave_steps(steps, rounds=rounds, warmup=warmup, device=opts.device)
-    split = {k: by_kind_of_step(times[k], times[CONFIGS_BY_KEY[k].baseline], mon, warmup)
-             for k, mon in monitors.items()}
+    split = {k: by_kind_of_step(times[k], times[CONFIGS_BY_KEY[k].baseline], sampled[k], warmup)
+             for k in monitors}
     for mon in monitors.values():
         mon.close()
     torch._dynamo.reset()

@@ -238,15 +238,29 @@ def test_code_shown_for_a_configuration_includes_the_helpers_it_calls() -> None:
 
 
 def test_compiled_split_by_kind_of_step_pairs_the_monitors_own_schedule() -> None:
-    """Timed round r is the monitor's step warmup + r: with warm-up 2 and sampling every 10th step, rounds 8
+    """Timed round r is the monitor's step warmup + r: with warm-up 2 and steps 10 and 20 sampled, rounds 8
     and 18 are the sampled ones; sampled rounds cost 3.0, the others 1.2, the bare loop 1.0 (and 2.0)."""
-    from types import SimpleNamespace
-
-    from gradguard.monitor.schedule import every
-
-    mon = SimpleNamespace(sample_every=every(10))
-    sampled = {8, 18}
+    rounds = {8, 18}
     bare = [2.0 if r % 2 else 1.0 for r in range(20)]
-    t = [(3.0 if r in sampled else 1.2) * b for r, b in enumerate(bare)]
-    other, on_sampled = compiled.by_kind_of_step(t, bare, mon, warmup=2)  # type: ignore[arg-type]
+    t = [(3.0 if r in rounds else 1.2) * b for r, b in enumerate(bare)]
+    other, on_sampled = compiled.by_kind_of_step(t, bare, {10, 20}, warmup=2)
     assert other == pytest.approx(1.2, rel=1e-12) and on_sampled == pytest.approx(3.0, rel=1e-12)
+
+
+def test_compiled_records_the_steps_the_monitor_sampled() -> None:
+    """The adaptive schedule is asked while the run goes: the default samples steps 0, 10, 20 of a fresh run."""
+    from torch import nn
+
+    import gradguard as gg
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    mon = gg.watch(model, console=False)
+    seen = compiled.record_sampled(mon)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    for _ in range(30):
+        model.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        mon.step(loss)
+    mon.close()
+    assert {0, 10, 20} <= seen <= set(range(30)), sorted(seen)
