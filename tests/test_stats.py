@@ -260,3 +260,32 @@ def test_local_norms_match_naive(p: float) -> None:
     want = torch.stack([torch.linalg.vector_norm(t.reshape(-1), p) for t in ts])
     torch.testing.assert_close(local_norms(ts, p), want, rtol=1e-6, atol=0)
     assert local_norms([], p).shape == (0,)
+
+
+def test_host_window_matches_torch_nanmedian_and_the_device_spike_test() -> None:
+    """HostWindow's median and MAD (lower middle values, as torch.nanmedian) and recent maximum over a ring
+    that has wrapped, against torch on the last ``size`` values; SpikeRule.scan (host) against SpikeRule.test
+    (device Window) on the same values."""
+    from gradguard.stats import HostWindow, SpikeRule, Window
+
+    gen = torch.Generator().manual_seed(0)
+    size, pushed = 37, 100
+    series = (torch.randn(pushed, generator=gen, dtype=torch.float64).exp() * 3).tolist()
+    ring = HostWindow(size, rows=1)
+    for k, v in enumerate(series):
+        ring.push((v,))
+        held = torch.tensor(series[max(0, k + 1 - size) : k + 1], dtype=torch.float64)
+        med, mad = ring.median_mad(0)
+        ref_med = float(torch.nanmedian(held))
+        assert med == ref_med
+        assert mad == float(torch.nanmedian((held - ref_med).abs()))
+        assert ring.recent_max(0, 8) == float(held[-8:].max())
+    rule = SpikeRule()
+    window, values = series[-size:], [series[-1] * 20.0, series[-1], 0.5]
+    device = Window(size, rows=len(values), dtype=torch.float64)
+    device.values.copy_(torch.tensor(window, dtype=torch.float64).expand(len(values), -1))
+    device.pushes = size
+    spike, z, _ = rule.test(torch.tensor(values, dtype=torch.float64), device, rule.threshold(size))
+    host = rule.scan(values, window)
+    assert [h[0] for h in host] == spike.tolist() and host[0][0]
+    assert [h[1] for h in host] == pytest.approx(z.tolist(), rel=1e-12)

@@ -33,12 +33,12 @@ from gradguard.clip import POLICIES, ClipPolicy, make_policy
 from gradguard.errors import ConfigError, InputError, StateError, check_number, check_scalar_loss
 from gradguard.findings import Finding
 from gradguard.guard.events import ACTIONS, FindingSink, GuardEvent, clip_finding, rollback_finding, skip_finding
-from gradguard.guard.history import Divergence, HostWindow
+from gradguard.guard.history import Divergence
 from gradguard.guard.measure import Step, measure
 from gradguard.guard.snapshot import SnapshotStore, choose_mode
 from gradguard.stats.distributed import is_dtensor
 from gradguard.stats.scaler import found_inf as scaler_found_inf
-from gradguard.stats.windows import SpikeRule
+from gradguard.stats.windows import HostWindow, SpikeRule
 
 if TYPE_CHECKING:
     from gradguard.guard.optimizer import GuardedOptimizer

@@ -16,9 +16,10 @@ from gradguard.stats.activations import (
 from gradguard.stats.norms import nonfinite_counts, tensor_norms, total_norm
 from gradguard.stats.spectral import activation_derivative, scaled_spectral_radius, spectral_radius
 from gradguard.stats.temporal import gradient_horizon, growth_factor, time_step_norms
-from gradguard.stats.windows import RingBuffer, SpikeRule, Window, robust_zscore, spike_threshold
+from gradguard.stats.windows import HostWindow, RingBuffer, SpikeRule, Window, robust_zscore, spike_threshold
 
 __all__ = [
+    "HostWindow",
     "RingBuffer",
     "SpikeRule",
     "Window",

@@ -18,10 +18,11 @@ Different estimators keep different names: :class:`gradguard.clip.ZClip`'s EMA z
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gradguard.errors import check_number
+from gradguard.errors import StateError, check_number
 
 #: Scale that makes the median absolute deviation a consistent estimator of σ for normal data.
 MAD_TO_SIGMA = 1.4826
@@ -173,15 +174,16 @@ class SpikeRule:
         the same window of finite floats, oldest first (never a spike below ``min_history`` values)."""
         if len(window) < self.min_history or not values:
             return [(False, math.nan, math.nan)] * len(values)
-        ring = Window(len(window), rows=len(values), dtype=torch.float64)
-        ring.values.copy_(torch.tensor(window, dtype=torch.float64).expand(len(values), -1))
-        ring.pushes = len(window)
-        spike, z, med = self.test(torch.tensor(values, dtype=torch.float64), ring, self.threshold(len(window)))
-        m = float(med[0])
-        return [
-            (bool(s), float(zz), x / m if m > 0 else math.inf)
-            for s, zz, x in zip(spike.tolist(), z.tolist(), values, strict=True)
-        ]
+        ring = HostWindow(len(window), rows=1)
+        for v in window:
+            ring.push((v,))
+        med, mad = ring.median_mad(0)
+        top, limit = ring.recent_max(0, self.recent), self.threshold(len(window))
+        out = []
+        for x in values:
+            spike, z = self.judge(x, med, mad, top, limit)
+            out.append((spike, z, x / med if med > 0 else math.inf))
+        return out
 
 
 class Window:
@@ -241,3 +243,86 @@ class RingBuffer(Window):
         warnings.warn("gradguard.stats.RingBuffer is deprecated; use gradguard.stats.Window(size)", DeprecationWarning,
                       stacklevel=2)
         super().__init__(size, device=device)
+
+
+class HostWindow:
+    """The last ``size`` values of ``rows`` scalar series as host floats (:class:`Window`'s host twin, for
+    values that are on the host already: the Guard's fetched loss and gradient norm, the monitor's rows).
+
+    Each row is kept twice: in push order (a ring of slots, for the recent maximum and for the state) and
+    sorted (``bisect``), so the median is one index and the MAD a walk over half the window, with no
+    array built per step. Callers push finite values (a non-finite one is left out of the sorted order but
+    would still count in :meth:`recent_max`).
+    """
+
+    def __init__(self, size: int, rows: int) -> None:
+        self.size = size
+        self.slots = [[math.nan] * size for _ in range(rows)]
+        self.sorted: list[list[float]] = [[] for _ in range(rows)]
+        self.pushes = 0
+
+    def push(self, values: Sequence[float]) -> None:
+        """Store one value per row in the oldest slot."""
+        slot = self.pushes % self.size
+        for ring, order, v in zip(self.slots, self.sorted, values, strict=True):
+            old = ring[slot]
+            if math.isfinite(old):
+                del order[bisect.bisect_left(order, old)]
+            ring[slot] = v
+            if math.isfinite(v):
+                bisect.insort(order, v)
+        self.pushes += 1
+
+    def held(self) -> int:
+        """Slots written so far (at most ``size``)."""
+        return min(self.pushes, self.size)
+
+    def median_mad(self, row: int) -> tuple[float, float]:
+        """Median and median absolute deviation of a row's values, both the lower middle value as
+        ``torch.nanmedian``'s (NaN when the row is empty).
+
+        With ``s`` sorted and the median ``s[k]``, the deviations are two sorted runs outward from it,
+        ``L_i = s[k] − s[k−i]`` and ``R_j = s[k+1+j] − s[k]``; the MAD is the largest of the ``k + 1``
+        smallest of both, found by bisecting how many of them come from ``L``.
+        """
+        s = self.sorted[row]
+        n = len(s)
+        if n == 0:
+            return math.nan, math.nan
+        k = (n - 1) // 2
+        med, take, right = s[k], k + 1, n - k - 1
+        lo, hi = max(0, take - right), take  # i deviations from L, take − i from R
+        while lo < hi:
+            i = (lo + hi) // 2
+            if med - s[k - i] < s[k + take - i] - med:  # L_i < R_(take−i−1): take more from L
+                lo = i + 1
+            else:
+                hi = i
+        from_l = med - s[k - lo + 1] if lo > 0 else -math.inf
+        from_r = s[k + take - lo] - med if lo < take else -math.inf
+        return med, max(from_l, from_r)
+
+    def recent_max(self, row: int, k: int) -> float:
+        """The largest of the row's last ``k`` pushed values."""
+        ring, end = self.slots[row], self.pushes % self.size
+        k = min(k, self.held())
+        if end >= k:
+            return max(ring[end - k : end])
+        return max(ring[self.size - (k - end) :] + ring[:end])
+
+    def state_dict(self) -> dict[str, Any]:
+        """Explicit state: the slots as a CPU tensor (so ``torch.load(weights_only=True)`` reads it)."""
+        return {"values": torch.tensor(self.slots, dtype=torch.float64), "pushes": self.pushes}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (a device ``gradguard.stats.Window``'s state is read too)."""
+        values = torch.as_tensor(state["values"]).detach().to("cpu", torch.float64)
+        if tuple(values.shape) != (len(self.slots), self.size):
+            raise StateError(
+                f"window state of shape {tuple(values.shape)} does not fit this window "
+                f"({len(self.slots)} rows × {self.size} values)"
+            )
+        self.slots = values.tolist()
+        self.pushes = int(state["pushes"])
+        held = self.slots if self.pushes >= self.size else [ring[: self.pushes] for ring in self.slots]
+        self.sorted = [sorted(v for v in ring if math.isfinite(v)) for ring in held]
