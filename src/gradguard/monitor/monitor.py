@@ -195,8 +195,6 @@ class Monitor:
         self._history = History(history_limit)  # mon.history, bounded (gradguard.monitor.history)
         self._window: deque[dict[str, Any]] = deque(maxlen=window + log_every)
         self._findings: dict[tuple[str, str], Finding] = {}
-        #: kinds whose info findings have already made the schedule dense (one alert per kind at info)
-        self._info_alerted: set[str] = set()
         self._samples: list[Sample] = []
         self._acts = SampledActivations(dead_window)  # what the sampled steps measured (monitor.samples)
         self._calls: list[Call] = []
@@ -662,9 +660,8 @@ class Monitor:
         if old is None or finding.rank > old.rank:
             # A rule newly at (or past) its threshold: watch closely until it is confirmed or gone. At info,
             # once per kind: the dense phase samples every module, so another module of a kind already
-            # under watch adds nothing (a net whose ReLUs die one layer after another would stay dense).
-            if finding.rank >= 1 or finding.kind not in self._info_alerted:
-                self._info_alerted.add(finding.kind)
+            # reported adds nothing (a net whose ReLUs die one layer after another would stay dense).
+            if finding.rank >= 1 or not any(k[0] == finding.kind for k in self._findings if k != finding.key):
                 self.sample_every.alert(self._step, f"{finding.severity} {finding.kind}")
             if finding.rank >= 1:
                 # The step a warning or error first appeared is kept whole in the history; the rules
